@@ -1,0 +1,66 @@
+"""Aux-head methods, by name. Each method registers itself with :func:`register_aux`.
+
+A method builds the head that trains block ``b`` from what is known at its cut
+(:class:`HeadSpec`: the boundary tensor's per-sample shape and layout, the class count). The
+last block keeps the model's own head, so methods build K-1 heads.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from torch import nn
+
+from ..errors import UnknownAuxError
+
+__all__ = ["AuxMethod", "HeadSpec", "register_aux", "get_aux", "available_aux"]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head is sized from: the real boundary tensor of one cut."""
+
+    shape: tuple[int, ...]  # per-sample shape of the boundary tensor
+    layout: str  # "nchw", "nhwc", "nlc" or "nc"
+    num_classes: int
+    block: int  # index of the block the head trains
+
+
+class AuxMethod(Protocol):
+    name: str
+
+    def build_head(self, spec: HeadSpec) -> nn.Module: ...
+
+    def describe(self, head: nn.Module) -> str: ...
+
+
+_REGISTRY: dict[str, Callable[[], AuxMethod]] = {}
+
+
+def register_aux(name: str):
+    """Class decorator: make an aux method available under ``name``."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_aux() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_aux(name: str, **options) -> AuxMethod:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownAuxError(f"unknown aux method {name!r}{hint}; choose one of {', '.join(available_aux())}")
+    return _REGISTRY[name](**options)
+
+
+# Methods register on import.
+from . import dgl, none  # noqa: E402,F401

@@ -1,0 +1,184 @@
+"""Measure what a piece of computation costs for one training step, on fake tensors.
+
+``Cost`` is per sample: forward+backward FLOPs counted by :class:`torch.utils.flop_counter.
+FlopCounterMode`, the bytes autograd saves for backward (activations, parameters excluded), and
+parameter bytes. Nothing is allocated: modules are fake copies or live on the meta device.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["Cost", "measure_module", "measure_nodes"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-sample training cost of a piece of a model."""
+
+    flops: float = 0.0  # forward + backward
+    activation_bytes: float = 0.0  # saved for backward
+    param_bytes: float = 0.0
+    params: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(
+            self.flops + other.flops,
+            self.activation_bytes + other.activation_bytes,
+            self.param_bytes + other.param_bytes,
+            self.params + other.params,
+        )
+
+    def metric(self, balance: str) -> float:
+        return {"flops": self.flops, "params": self.param_bytes, "activations": self.activation_bytes}[
+            balance
+        ]
+
+
+BALANCE_METRICS = ("flops", "params", "activations")
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Meter:
+    """Counts FLOPs and saved-for-backward bytes of whatever runs inside :meth:`measure`."""
+
+    def __init__(self, exclude_storages: Iterable[int] = ()):
+        self.seen: set[int] = set(exclude_storages)
+        self.alias: dict[int, int] = {}  # storage of a clone -> storage it stands for
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+        saved = 0.0
+
+        def pack(t: torch.Tensor):
+            nonlocal saved
+            key = _storage_key(t)
+            key = self.alias.get(key, key)
+            if key not in self.seen:
+                self.seen.add(key)
+                saved += t.untyped_storage().nbytes()
+            return t
+
+        flop_counter = FlopCounterMode(display=False)  # entering one resets its counts
+        with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+            grads_for = [
+                t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            if grads_for:
+                torch.autograd.backward(grads_for, [torch.ones_like(t) for t in grads_for])
+        return out, flop_counter.get_total_flops(), saved
+
+
+def _trainable_leaf(meter: _Meter, value: Any, needs_grad: bool) -> Any:
+    """A fresh autograd leaf standing for ``value`` (its storage counts as the original's)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not (needs_grad and value.is_floating_point()):
+        return value.detach()
+    # A non-leaf view of a leaf, so that in-place ops (relu_) are allowed on it.
+    standin = value.detach().requires_grad_().clone()
+    meter.alias[_storage_key(standin)] = meter.alias.get(_storage_key(value), _storage_key(value))
+    return standin
+
+
+def _param_storages(module: nn.Module) -> set[int]:
+    return {_storage_key(p) for p in module.parameters()}
+
+
+def measure_module(module: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> Cost:
+    """Cost of training ``module`` (built on the meta device or fake) on one input of ``input_shape``.
+
+    ``input_shape`` excludes the batch dimension. The input itself needs no gradient (a block's
+    input is detached), so its gradient is not counted.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = _fake_copy(module, mode)
+        fake.train()
+        meter = _Meter(_param_storages(fake))
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        x = torch.empty(batch, *input_shape, device=device)
+        _, flops, saved = meter.measure(lambda: fake(x))
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    params = sum(p.numel() for p in module.parameters())
+    return Cost(flops / batch, saved / batch, float(param_bytes), params)
+
+
+def _fake_copy(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    with FakeCopyMode(mode):
+        return copy.deepcopy(module)
+
+
+def _node_params(gm: fx.GraphModule, node: fx.Node) -> list[nn.Parameter]:
+    if node.op == "call_module":
+        return list(gm.get_submodule(node.target).parameters())
+    if node.op == "get_attr":
+        value = _fetch_attr(gm, node.target)
+        return [value] if isinstance(value, nn.Parameter) else []
+    return []
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _CostInterpreter(fx.Interpreter):
+    """Runs every node alone, as its own autograd graph, to attribute costs to nodes."""
+
+    def __init__(self, gm: fx.GraphModule, meter: _Meter):
+        super().__init__(gm)
+        self.meter = meter
+        self.node_costs: dict[str, tuple[float, float]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr", "output"):
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        # The graph input needs no gradient; every computed tensor does.
+        inputs = {id(self.env[p]) for p in n.all_input_nodes if p.op == "placeholder"}
+        as_leaf = lambda v: _trainable_leaf(self.meter, v, id(v) not in inputs)  # noqa: E731
+        args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
+        out, flops, saved = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
+        self.node_costs[n.name] = (flops, saved)
+        return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+
+def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 2) -> dict[str, Cost]:
+    """Per-node cost of one training step of ``gm`` at ``input_size`` (per sample).
+
+    Saved activations are counted once, at the first node that saves them; parameters are
+    attributed to the node that uses them (call_module or get_attr).
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = _fake_copy(gm, mode)
+        fake.train()
+        meter = _Meter(_param_storages(fake))
+        interp = _CostInterpreter(fake, meter)
+        interp.run(torch.empty(batch, *input_size))
+    costs: dict[str, Cost] = {}
+    for node in gm.graph.nodes:
+        flops, saved = interp.node_costs.get(node.name, (0.0, 0.0))
+        params = _node_params(gm, node)
+        costs[node.name] = Cost(
+            flops / batch,
+            saved / batch,
+            float(sum(p.numel() * p.element_size() for p in params)),
+            sum(p.numel() for p in params),
+        )
+    return costs

@@ -1,0 +1,113 @@
+"""Model names -> randomly initialised ``nn.Module``s, through a registry of model sources.
+
+Sources are tried in order (timm, then torchvision's classification models); a name nobody
+knows raises :class:`UnknownModelError` with the closest names. Nothing is downloaded: weights
+are always random.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from torch import nn
+
+from .errors import InputSizeError, UnknownModelError
+
+__all__ = ["ModelSource", "register_model_source", "create_model", "list_model_names"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    list_models: Callable[[], list[str]]
+    create: Callable[..., nn.Module]  # create(name, num_classes, input_size)
+
+
+_SOURCES: list[ModelSource] = []
+
+
+def register_model_source(source: ModelSource) -> ModelSource:
+    _SOURCES.append(source)
+    return source
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _timm_create(name: str, num_classes: int | None, input_size: tuple[int, ...]) -> nn.Module:
+    import timm
+
+    kwargs: dict = {"pretrained": False}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    # timm models take the input's channel count; fixed-size models (ViT, Swin, Mixer, MaxViT)
+    # must be built for the resolution they will see.
+    kwargs["in_chans"] = input_size[0]
+    cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+    fixed = bool(cfg and getattr(cfg, "fixed_input_size", False))
+    if fixed and tuple(input_size[1:]) != tuple(getattr(cfg, "input_size", (0, 0, 0))[1:]):
+        kwargs["img_size"] = tuple(input_size[1:])
+    return timm.create_model(name, **kwargs)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _torchvision_create(name: str, num_classes: int | None, input_size: tuple[int, ...]) -> nn.Module:
+    import torchvision
+
+    kwargs: dict = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    h, w = input_size[1:]
+    # ViT is built for one resolution (image_size), MaxViT too (input_size); other builders
+    # reject both keywords with a TypeError before building anything.
+    for size_kwargs in ({"image_size": h} if h == w else {}, {"input_size": (h, w)}, {}):
+        try:
+            return torchvision.models.get_model(name, **kwargs, **size_kwargs)
+        except TypeError as exc:
+            if "unexpected keyword" not in str(exc) or not size_kwargs:
+                raise
+    raise AssertionError("unreachable")
+
+
+register_model_source(ModelSource("timm", _timm_names, _timm_create))
+register_model_source(ModelSource("torchvision", _torchvision_names, _torchvision_create))
+
+
+@lru_cache(maxsize=None)
+def _names(source: str) -> frozenset[str]:
+    return frozenset(next(s for s in _SOURCES if s.name == source).list_models())
+
+
+def list_model_names() -> list[str]:
+    return sorted({n for s in _SOURCES for n in _names(s.name)})
+
+
+def create_model(name: str, num_classes: int | None = None, input_size: tuple[int, ...] = (3, 224, 224)) -> nn.Module:
+    """Create ``name`` with random weights; ``source:name`` (``torchvision:resnet50``) picks a source."""
+    source_name, _, model_name = name.rpartition(":")
+    for source in _SOURCES:
+        if source_name and source.name != source_name:
+            continue
+        if model_name in _names(source.name):
+            try:
+                return source.create(model_name, num_classes, tuple(input_size))
+            except (ValueError, AssertionError, RuntimeError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputSizeError(
+                    f"{source.name} cannot build {model_name!r} for input size {tuple(input_size)}: "
+                    f"{reason}; pass an --input-size it supports"
+                ) from exc
+    close = difflib.get_close_matches(model_name, list_model_names(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() or torchvision.models.list_models()"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")

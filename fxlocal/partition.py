@@ -1,0 +1,151 @@
+"""Choose K-1 cuts among the candidates so that the most expensive block is as cheap as possible.
+
+:func:`min_max_partition` is the exact dynamic programme over plain numbers (O(K·C²)); the
+function :func:`partition` applies it to a traced graph and returns a :class:`~fxlocal.plan.Plan`.
+Because blocks are gradient-isolated, a block's cost includes the aux head at its end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch.fx as fx
+
+from .analyze import GraphAnalysis, analyze, covered_module_paths
+from .cost import BALANCE_METRICS, Cost
+from .errors import PartitionError
+from .plan import BlockPlan, Plan
+
+__all__ = ["min_max_partition", "partition", "plan_from_cuts"]
+
+
+def min_max_partition(
+    segment_costs: Sequence[float],
+    k: int,
+    cut_costs: Sequence[float] | None = None,
+    cut_penalties: Sequence[int] | None = None,
+) -> list[int]:
+    """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks.
+
+    Segment ``i`` ends at cut candidate ``i`` (the last segment ends at the output), so a block of
+    segments ``a..b`` costs ``sum(segment_costs[a..b]) + cut_costs[b]`` when ``b`` is not the last
+    segment (its aux head), else just the sum. Returns the ``k - 1`` candidate indices cut after,
+    ascending. Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not
+    end a module cost 1), then the smaller sum of squared block costs (more even).
+    """
+    n = len(segment_costs)
+    if not 1 <= k <= n:
+        raise PartitionError(f"k must be between 1 and {n} here, got {k}")
+    cut_costs = list(cut_costs) if cut_costs is not None else [0.0] * (n - 1)
+    penalty = list(cut_penalties) if cut_penalties is not None else [0] * (n - 1)
+    prefix = [0.0]
+    for c in segment_costs:
+        prefix.append(prefix[-1] + c)
+
+    def block(a: int, b: int) -> float:
+        return prefix[b + 1] - prefix[a] + (cut_costs[b] if b < n - 1 else 0.0)
+
+    inf = (math.inf, math.inf, math.inf)
+    # best[j][b]: (max block cost, penalties, sum of squares) of segments 0..b in j+1 blocks
+    best = [[inf] * n for _ in range(k)]
+    back = [[-1] * n for _ in range(k)]
+    for b in range(n):
+        c = block(0, b)
+        best[0][b] = (c, 0, c * c)
+    for j in range(1, k):
+        for b in range(j, n):
+            for a in range(j, b + 1):  # block j covers segments a..b
+                prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
+                c = block(a, b)
+                cand = (max(prev_max, c), prev_pen + penalty[a - 1], prev_sq + c * c)
+                if cand < best[j][b]:
+                    best[j][b], back[j][b] = cand, a
+    cuts, b = [], n - 1
+    for j in range(k - 1, 0, -1):
+        a = back[j][b]
+        cuts.append(a - 1)
+        b = a - 1
+    return sorted(cuts)
+
+
+def partition(
+    gm: fx.GraphModule,
+    k: int,
+    balance: str = "flops",
+    input_size: tuple[int, ...] | None = None,
+    head_cost: Callable[[int], Cost] | None = None,
+    analysis: GraphAnalysis | None = None,
+    model_name: str = "",
+    aux: str = "dgl",
+) -> Plan:
+    """Balanced K-way partition of a traced graph.
+
+    ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero).
+    ``input_size`` defaults to the size the graph was traced at.
+    """
+    if balance not in BALANCE_METRICS:
+        raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
+    if analysis is None:
+        analysis = analyze(gm, input_size or _traced_input_size(gm))
+    if k < 1 or k > analysis.max_k:
+        raise PartitionError(
+            f"k={k} is out of range: this graph has {len(analysis.candidates)} cut candidates, "
+            f"so k can be 1 to {analysis.max_k}"
+        )
+    heads = [head_cost(i) if head_cost else Cost() for i in range(len(analysis.candidates))]
+    cut_idx = min_max_partition(
+        [c.metric(balance) for c in analysis.segment_costs],
+        k,
+        [h.metric(balance) for h in heads],
+        [0 if c.closes else 1 for c in analysis.candidates],
+    )
+    return plan_from_cuts(gm, analysis, cut_idx, balance, heads, model_name=model_name, aux=aux)
+
+
+def plan_from_cuts(
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    cut_idx: Sequence[int],
+    balance: str,
+    heads: Sequence[Cost],
+    model_name: str = "",
+    aux: str = "dgl",
+) -> Plan:
+    """The Plan for cutting after the given candidate indices (ascending)."""
+    bounds = [-1, *cut_idx, len(analysis.segment_costs) - 1]
+    blocks = []
+    for b in range(len(bounds) - 1):
+        segs = range(bounds[b] + 1, bounds[b + 1] + 1)
+        cost = sum((analysis.segment_costs[s] for s in segs), Cost())
+        head = heads[bounds[b + 1]] if b < len(bounds) - 2 else Cost()
+        names = {name for s in segs for name in analysis.segment_nodes[s]}
+        end = analysis.candidates[bounds[b + 1]] if b < len(bounds) - 2 else None
+        blocks.append(
+            BlockPlan(
+                index=b,
+                module_paths=covered_module_paths(gm, names),
+                params=cost.params,
+                gflops=cost.flops / 1e9,
+                activation_mib=cost.activation_bytes / 2**20,
+                head_params=head.params,
+                head_gflops=head.flops / 1e9,
+                cost=(cost + head).metric(balance),
+                cut_node=end.node if end else None,
+                cut_shape=list(end.shape) if end else None,
+            )
+        )
+    return Plan(
+        model=model_name,
+        input_size=list(analysis.input_size),
+        k=len(blocks),
+        balance=balance,
+        aux=aux,
+        num_candidates=len(analysis.candidates),
+        blocks=blocks,
+    )
+
+
+def _traced_input_size(gm: fx.GraphModule) -> tuple[int, ...]:
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    return tuple(int(s) for s in placeholder.meta["val"].shape[1:])

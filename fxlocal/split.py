@@ -1,0 +1,171 @@
+"""Split a traced graph at cut nodes into K gradient-isolated block GraphModules.
+
+Contract of :func:`split_graph`:
+
+* block ``b`` holds the nodes after cut ``b-1`` up to and including cut ``b``; its modules and
+  parameters are the original objects (shared, never copied);
+* a block takes what crosses into it: the cut tensor first, then any plain values computed
+  earlier (shapes, ints). Every block but the first starts with ``detach()`` of that tensor, so
+  no gradient flows back over a boundary. Non-last blocks return a tuple ``(tensor, *values)``;
+  the last block returns what the model returns;
+* ``get_attr`` values (parameters, buffers, training flags) are fetched inside the block that
+  uses them: passing a parameter in as an input and detaching it would silently freeze it;
+* ops that consume a block's input in place (``relu_``, ``inplace=True``, ``+=``) are rewritten
+  out of place, because the tensor they would overwrite is still the previous block's output;
+* a parameter used by two blocks raises :class:`SharedParameterError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import PlanMismatchError, SharedParameterError
+
+__all__ = ["split_graph"]
+
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _block_of(gm: fx.GraphModule, cuts: list[str]) -> dict[fx.Node, int]:
+    names = {n.name: n for n in gm.graph.nodes}
+    missing = [c for c in cuts if c not in names]
+    if missing:
+        raise PlanMismatchError(
+            f"the plan cuts at {missing[0]!r}, which this graph does not have; "
+            "re-run the partition for this model and input size"
+        )
+    cut_set = set(cuts)
+    block, owner = 0, {}
+    for node in gm.graph.nodes:
+        owner[node] = block if node.op != "get_attr" else -1
+        if node.name in cut_set:
+            block += 1
+    if block != len(cuts):
+        raise PlanMismatchError("the plan's cuts are not in graph order")
+    return owner
+
+
+def _make_out_of_place(node: fx.Node, modules: dict[str, Any], gm: fx.GraphModule) -> None:
+    """Rewrite ``node`` (in a block graph) so that it does not write into its inputs."""
+    if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+        node.target = _OUT_OF_PLACE[node.target]
+    elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+        node.target = node.target[:-1]
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and hasattr(torch, name[:-1]):
+            node.target = getattr(torch, name[:-1])
+            return
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return
+        if bound.arguments.get("inplace") is True:
+            bound.arguments["inplace"] = False
+            node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
+    elif node.op == "call_module":
+        module = modules[node.target]
+        if getattr(module, "inplace", False) is True:
+            safe = copy.copy(module)  # shares parameters; only the flag differs
+            safe.inplace = False
+            new_target = f"{node.target}.out_of_place".replace(".", "_")
+            modules[new_target] = safe
+            node.target = new_target
+
+
+def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
+    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring."""
+    owner = _block_of(gm, cuts)
+    k = len(cuts) + 1
+    order = list(gm.graph.nodes)
+    # Values defined in a block <= b and used in a block > b cross boundary b.
+    crossing: list[list[fx.Node]] = [[] for _ in range(k - 1)]
+    for node in order:
+        if node.op in ("get_attr", "output"):
+            continue
+        later = [owner[u] for u in node.users if u.op != "output"]
+        if any(u.op == "output" for u in node.users):
+            later.append(k - 1)
+        last = max(later, default=owner[node])
+        for b in range(owner[node], last):
+            crossing[b].append(node)
+    for b, cut in enumerate(cuts):
+        # the cut tensor travels first; anything else must be a plain value (a shape)
+        crossing[b].sort(key=lambda n: n.name != cut)
+        for node in crossing[b][1:]:
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                raise PlanMismatchError(
+                    f"cut {cut!r} leaves tensor {node.name!r} live as well; it is not a cut candidate"
+                )
+
+    blocks = []
+    for b in range(k):
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        modules: dict[str, Any] = {}
+        inputs = [n for n in order if n.op == "placeholder"] if b == 0 else crossing[b - 1]
+        for i, node in enumerate(inputs):
+            ph = graph.placeholder(node.name)
+            ph.meta = dict(node.meta)
+            env[node] = ph
+            if b > 0 and i == 0:
+                env[node] = graph.call_method("detach", (ph,))
+                env[node].meta = dict(node.meta)
+
+        def lookup(n: fx.Node) -> fx.Node:
+            if n not in env and n.op == "get_attr":  # fetched where used
+                env[n] = graph.node_copy(n)
+                modules[n.target] = _fetch(gm, n.target)
+            return env[n]
+
+        for node in order:
+            if owner[node] != b or node.op in ("placeholder", "output"):
+                continue
+            new = graph.node_copy(node, lookup)
+            if new.op == "call_module":
+                modules[new.target] = gm.get_submodule(new.target)
+            env[node] = new
+        if b < k - 1:
+            graph.output(tuple(env[n] for n in crossing[b]))
+        else:
+            out = next(n for n in order if n.op == "output")
+            graph.output(torch.fx.map_arg(out.args[0], lookup))
+        if b > 0:
+            for user in list(env[crossing[b - 1][0]].users):
+                _make_out_of_place(user, modules, gm)
+        graph.lint()
+        blocks.append(fx.GraphModule(modules, graph, class_name=f"Block{b}"))
+    _check_no_shared_parameters(blocks)
+    return blocks
+
+
+def _check_no_shared_parameters(blocks: list[fx.GraphModule]) -> None:
+    first_seen: dict[int, tuple[int, str]] = {}
+    for b, block in enumerate(blocks):
+        for name, p in block.named_parameters(remove_duplicate=True):
+            if id(p) in first_seen and first_seen[id(p)][0] != b:
+                other, other_name = first_seen[id(p)]
+                raise SharedParameterError(
+                    f"parameter {name!r} is used by block {other} ({other_name}) and block {b}; "
+                    "choose cuts that keep the module that owns it in one block"
+                )
+            first_seen.setdefault(id(p), (b, name))

@@ -1,0 +1,270 @@
+"""Trace any timm / torchvision model into a torch.fx graph whose nodes know their module path
+and output shape.
+
+Contract of :func:`trace`:
+
+* timm's own not-traceable modules are leaves and its not-traceable functions are wrapped
+  (the same lists timm's FX feature extraction uses);
+* forward arguments after the input that have non-tensor defaults (``attn_mask=None``,
+  ``is_causal=False``) are fixed through ``concrete_args`` and their placeholders removed, so the
+  graph takes exactly one input;
+* ``self.training`` read during tracing becomes a graph value (a ``get_attr`` of the module's
+  ``training`` flag), so ``F.dropout(x, p, self.training)`` still follows ``train()``/``eval()``
+  after tracing. A module whose *control flow* branches on ``self.training`` cannot be captured
+  that way: it becomes a leaf module;
+* a module whose forward still fails to trace becomes a leaf (all modules of its class), and the
+  trace is retried a bounded number of times;
+* every node gets ``meta["module_path"]`` (the module whose forward created it, e.g.
+  ``layer1.0``; for a leaf module call, the module itself), ``meta["qualname"]`` (torchvision's
+  node-path name, e.g. ``layer1.0.add``) and ``meta["val"]`` (a fake tensor, or a plain value
+  for shape arithmetic) from :class:`~torch.fx.passes.fake_tensor_prop.FakeTensorProp`.
+
+What happened is reported on ``gm.meta["fxlocal_trace"]`` as a :class:`TraceReport`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .errors import InputSizeError, TraceError
+
+__all__ = ["TraceReport", "trace", "propagate_shapes"]
+
+MAX_TRACE_RETRIES = 12
+# Shapes are propagated with a batch of 2: batch 1 hides batch/feature dimension mix-ups and
+# some layers (BatchNorm1d in train mode) reject it.
+SHAPE_BATCH = 2
+
+
+@dataclass
+class TraceReport:
+    """What :func:`trace` had to do to get a graph."""
+
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    leaf_modules: list[str] = field(default_factory=list)  # module paths made leaves
+    leaf_reasons: dict[str, str] = field(default_factory=dict)  # path -> why
+    retries: int = 0
+    # The root's forward branches on self.training; its inference path was traced.
+    root_branches_on_mode: bool = False
+
+
+def _timm_notrace() -> tuple[list[type], list[Any]]:
+    from timm.layers import _fx as timm_fx
+
+    return list(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+
+
+class _TrainingFlag(fx.Proxy):
+    """``module.training`` while tracing: a graph value when used as an argument.
+
+    Used in control flow inside a submodule it answers ``True`` and records the module, which the
+    tracer then makes a leaf so that both modes stay correct; in the root's own forward it
+    answers ``False`` (the inference path).
+    """
+
+    def __init__(self, node: fx.Node, tracer: "LocalTracer", owner: str):
+        super().__init__(node, tracer)
+        self.owner = owner
+
+    def __bool__(self) -> bool:
+        if not self.owner:
+            # The root cannot become a leaf: take its inference path, the function the
+            # converted model must reproduce (e.g. GoogLeNet's aux logits exist only in training).
+            self.tracer.root_branches_on_mode = True
+            return False
+        self.tracer.mode_branching.add(self.owner)
+        return True
+
+
+class LocalTracer(NodePathTracer):
+    """NodePathTracer with timm's leaves, leaf-by-path, a traced training flag and failure capture."""
+
+    def __init__(self, leaf_types: list[type], leaf_paths: set[str], autowrap_functions):
+        super().__init__(leaf_modules=leaf_types, autowrap_functions=tuple(autowrap_functions))
+        self.leaf_paths = leaf_paths
+        self.mode_branching: set[str] = set()
+        self.root_branches_on_mode = False
+        self.failed_module: tuple[str, nn.Module] | None = None
+        self._patched: list[tuple[nn.Module, Any]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        return module_qualname in self.leaf_paths or super().is_leaf_module(m, module_qualname)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        node = proxy.node
+        node.meta["module_path"] = target if kind == "call_module" else self.current_module_qualname
+        node.meta["qualname"] = self.node_to_qualname[node]
+        return proxy
+
+    def _install_training_flag(self, m: nn.Module, path: str) -> None:
+        target = f"{path}.training" if path else "training"
+        node = self.create_node("get_attr", target, (), {})
+        node.meta["module_path"] = path
+        node.meta["qualname"] = target
+        self._patched.append((m, m.__dict__["training"]))
+        m.__dict__["training"] = _TrainingFlag(node, self, path)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # Called once the graph exists and before the root's forward runs.
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if is_module:
+            self._install_training_flag(self.root, "")
+        return out
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        path = self.path_of_module(m)
+        leaf = self.is_leaf_module(m, path)
+        if not leaf:
+            self._install_training_flag(m, path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None and not leaf:
+                self.failed_module = (path, m)  # the innermost module fails first
+            raise
+
+    def restore_training_flags(self) -> None:
+        for m, flag in reversed(self._patched):
+            m.__dict__["training"] = flag
+        self._patched.clear()
+
+
+def _concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Forward arguments after the first that have a non-tensor default: fix them to it."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument {p.name!r} besides the input; "
+                "wrap the model so that forward takes one tensor"
+            )
+        if not isinstance(p.default, torch.Tensor):
+            concrete[p.name] = p.default
+    return concrete
+
+
+def _drop_specialised_placeholders(graph: fx.Graph) -> None:
+    """Remove the placeholders of concrete args and the asserts fx adds for them."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        doomed, frontier = [], [ph]
+        while frontier:
+            n = frontier.pop()
+            doomed.append(n)
+            frontier.extend(n.users)
+        for n in reversed(doomed):
+            if n.op != "output":
+                graph.erase_node(n)
+
+
+def _prune_dead_values(graph: fx.Graph) -> None:
+    """Drop unused pure values: training-flag reads, shape lookups fx records for unpacking."""
+    pure_targets = {getattr, __import__("operator").getitem}
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.users:
+                continue
+            if n.op == "get_attr" or (n.op == "call_function" and n.target in pure_targets) or (
+                n.op == "call_method" and n.target in ("size", "dim")
+            ):
+                graph.erase_node(n)
+                changed = True
+
+
+def _trace_once(model: nn.Module, tracer: LocalTracer, concrete: dict[str, Any]) -> fx.Graph:
+    try:
+        return tracer.trace(model, concrete_args=concrete or None)
+    finally:
+        tracer.restore_training_flags()
+
+
+def trace(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule with module paths and fake-tensor shapes on every node.
+
+    See the module docstring for the contract. Raises :class:`TraceError` when the model cannot
+    be traced even with leaves, :class:`InputSizeError` when it rejects ``input_size``.
+    """
+    leaf_types, autowrap = _timm_notrace()
+    concrete = _concrete_args(model)
+    report = TraceReport(concrete_args=dict(concrete))
+    leaf_paths: set[str] = set()
+    for attempt in range(MAX_TRACE_RETRIES + 1):
+        tracer = LocalTracer(leaf_types, leaf_paths, autowrap)
+        try:
+            graph = _trace_once(model, tracer, concrete)
+        except Exception as exc:  # any failure inside a submodule's forward: make it a leaf
+            if tracer.failed_module is None:
+                raise TraceError(
+                    f"cannot trace {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}"
+                ) from exc
+            path, failed = tracer.failed_module
+            same_type = [
+                p for p, m in model.named_modules() if type(m) is type(failed) and p not in leaf_paths
+            ]
+            for p in same_type:
+                report.leaf_reasons[p] = f"trace failed: {type(exc).__name__}: {_first_line(exc)}"
+            leaf_paths.update(same_type)
+            report.retries = attempt + 1
+            continue
+        branching = {p for p in tracer.mode_branching if p}
+        if branching - leaf_paths:
+            for p in sorted(branching - leaf_paths):
+                report.leaf_reasons[p] = "forward branches on self.training"
+            leaf_paths.update(branching)
+            report.retries = attempt + 1
+            continue
+        break
+    else:
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: still failing after {MAX_TRACE_RETRIES} "
+            f"retries; modules made leaves so far: {sorted(leaf_paths)[:5]}"
+        )
+    report.leaf_modules = sorted(leaf_paths)
+    report.root_branches_on_mode = tracer.root_branches_on_mode
+    _drop_specialised_placeholders(graph)
+    _prune_dead_values(graph)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta["fxlocal_trace"] = report
+    propagate_shapes(gm, input_size)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
+    """Store a fake value on every node's ``meta["val"]`` for an input of ``input_size``.
+
+    Runs in eval mode so that no real buffer (BatchNorm statistics) is touched by fake tensors.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    was_training = gm.training
+    gm.eval()
+    try:
+        example = mode.from_tensor(torch.empty(SHAPE_BATCH, *input_size))
+        with torch.no_grad():
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
+    except Exception as exc:
+        raise InputSizeError(
+            f"{gm.__class__.__name__} rejects input size {tuple(input_size)}: "
+            f"{type(exc).__name__}: {_first_line(exc)}; pass --input-size C H W that the model accepts"
+        ) from exc
+    finally:
+        gm.train(was_training)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
