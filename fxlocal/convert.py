@@ -94,6 +94,16 @@ def convert(
         head = method.build_head(HeadSpec(cut.shape, cut.layout, classes, b))
         block_plan.head = method.describe(head)
         heads.append(head)
-    local = LocalModel(blocks, heads, plan)
+    config = dict(
+        model=model_name if isinstance(model_or_name, str) else None,
+        k=plan.k,
+        aux=aux,
+        input_size=list(input_size),
+        balance=plan.balance,
+        num_classes=num_classes,
+        aux_options=dict(aux_options or {}),
+    )
+    local = LocalModel(blocks, heads, plan, config)
+    local.trace_report = gm.meta["fxlocal_trace"]
     local.train(model.training)
     return local

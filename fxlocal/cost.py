@@ -138,21 +138,27 @@ def _fetch_attr(gm: nn.Module, target: str) -> Any:
 
 
 class _CostInterpreter(fx.Interpreter):
-    """Runs every node alone, as its own autograd graph, to attribute costs to nodes."""
+    """Runs every node alone, as its own autograd graph, to attribute costs to nodes.
+
+    A value gets a gradient only if it depends on a parameter, as in real training: the graph
+    input and whatever is computed from it alone (a stem's reshapes) need none.
+    """
 
     def __init__(self, gm: fx.GraphModule, meter: _Meter):
         super().__init__(gm)
         self.meter = meter
         self.node_costs: dict[str, tuple[float, float]] = {}
+        self.depends_on_params: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr", "output"):
+            self.depends_on_params[n] = n.op == "get_attr" and bool(_node_params(self.module, n))
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        # The graph input needs no gradient; every computed tensor does.
-        inputs = {id(self.env[p]) for p in n.all_input_nodes if p.op == "placeholder"}
-        as_leaf = lambda v: _trainable_leaf(self.meter, v, id(v) not in inputs)  # noqa: E731
+        needs_grad = {id(self.env[p]): self.depends_on_params[p] for p in n.all_input_nodes}
+        as_leaf = lambda v: _trainable_leaf(self.meter, v, needs_grad.get(id(v), False))  # noqa: E731
         args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
+        self.depends_on_params[n] = any(needs_grad.values()) or bool(_node_params(self.module, n))
         out, flops, saved = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
         self.node_costs[n.name] = (flops, saved)
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)

@@ -22,13 +22,21 @@ class LocalModel(nn.Module):
     block's graph.
     """
 
-    def __init__(self, blocks: list[fx.GraphModule], heads: list[nn.Module], plan: Plan):
+    def __init__(
+        self,
+        blocks: list[fx.GraphModule],
+        heads: list[nn.Module],
+        plan: Plan,
+        config: dict | None = None,
+    ):
         super().__init__()
         if len(heads) != len(blocks) - 1:
             raise ValueError(f"{len(blocks)} blocks need {len(blocks) - 1} heads, got {len(heads)}")
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
         self.plan = plan
+        # The convert() arguments that rebuild this model (see fxlocal.checkpoint).
+        self.config = dict(config or {})
 
     @property
     def k(self) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
@@ -256,6 +256,11 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
         example = mode.from_tensor(torch.empty(SHAPE_BATCH, *input_size))
         with torch.no_grad():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
+    except DataDependentOutputException as exc:
+        raise TraceError(
+            f"{gm.__class__.__name__} has a module whose control flow depends on tensor values, "
+            "which shape propagation on fake tensors cannot follow"
+        ) from exc
     except Exception as exc:
         raise InputSizeError(
             f"{gm.__class__.__name__} rejects input size {tuple(input_size)}: "

@@ -1,0 +1,160 @@
+"""The ``fxlocal`` command line: convert and inspect models. Rendering lives here, not in the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FxLocalError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Supervised local learning for any timm / torchvision model, from its torch.fx graph.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+InputSize = Tuple[int, int, int]
+INPUT_SIZE_HELP = "input size C H W the model is traced and measured at"
+
+
+def _one_line_errors(command):
+    """Turn fxlocal's own errors into one red line and exit code 2, no traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torchvision/timm init chatter is not ours to show
+                return command(*args, **kwargs)
+        except FxLocalError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return run
+
+
+def _plan_table(plan) -> Table:
+    table = Table(
+        title=f"{plan.model}: K={plan.k}, aux={plan.aux}, balance={plan.balance}, "
+        f"input={tuple(plan.input_size)}, imbalance={plan.imbalance:.3f}",
+        caption="per image: GFLOPs forward+backward, activations saved for backward; +aux head",
+    )
+    for col in ("block", "modules", "params (M)", "GFLOPs", "act (MiB)", "cut after"):
+        table.add_column(col, justify="right" if col in ("params (M)", "GFLOPs", "act (MiB)") else "left")
+    for b in plan.blocks:
+        paths = b.module_paths
+        modules = ", ".join(paths) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]}"
+        table.add_row(
+            str(b.index),
+            modules,
+            f"{b.params / 1e6:.2f}" + (f" +{b.head_params / 1e6:.2f}" if b.head_params else ""),
+            f"{b.gflops:.2f}" + (f" +{b.head_gflops:.2f}" if b.head_gflops else ""),
+            f"{b.activation_mib:.1f}",
+            f"{b.cut_node} {'×'.join(map(str, b.cut_shape))}" if b.cut_node else "-",
+        )
+    return table
+
+
+def _print_heads(plan) -> None:
+    for b in plan.blocks:
+        console.print(f"  head {b.index}: {b.head or 'the model' + chr(39) + 's own head'}", highlight=False)
+
+
+def _print_trace_report(report) -> None:
+    if report.leaf_modules:
+        shown = ", ".join(f"{p} ({report.leaf_reasons[p]})" for p in report.leaf_modules[:4])
+        more = f" and {len(report.leaf_modules) - 4} more" if len(report.leaf_modules) > 4 else ""
+        console.print(f"traced as leaf modules: {shown}{more}", highlight=False)
+    if report.root_branches_on_mode:
+        console.print("the model's forward branches on self.training: its inference path was traced")
+
+
+@app.command()
+@_one_line_errors
+def convert(
+    model: str = typer.Argument(..., help="timm or torchvision model name, e.g. resnet101"),
+    k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
+    aux: str = typer.Option("dgl", "--aux", help="aux head method (dgl, none)"),
+    balance: str = typer.Option("flops", "--balance", help="flops, params or activations"),
+    input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="re-apply a saved plan (JSON)"),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="write the plan as JSON"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="save the converted model"),
+):
+    """Cut MODEL into K balanced gradient-isolated blocks with aux heads and print the plan."""
+    import fxlocal
+    from .checkpoint import save_converted
+
+    local = fxlocal.convert(
+        model,
+        k=k,
+        aux=aux,
+        input_size=input_size,
+        balance=balance,
+        num_classes=num_classes,
+        plan=fxlocal.Plan.load(plan) if plan else None,
+    )
+    console.print(_plan_table(local.plan))
+    _print_heads(local.plan)
+    _print_trace_report(local.trace_report)
+    if save_plan:
+        local.plan.save(save_plan)
+        console.print(f"plan written to {save_plan}")
+    if output:
+        save_converted(local, output)
+        console.print(f"converted model written to {output}")
+
+
+@app.command()
+@_one_line_errors
+def inspect(
+    model: str = typer.Argument(..., help="timm or torchvision model name"),
+    input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
+):
+    """List MODEL's cut candidates, the module each one closes, and the cost of the segment before it."""
+    import fxlocal
+
+    net = fxlocal.create_model(model, None, input_size)
+    gm = fxlocal.trace(net, input_size)
+    analysis = fxlocal.analyze(gm, input_size)
+    report = gm.meta["fxlocal_trace"]
+    table = Table(
+        title=f"{model}: {len(analysis.candidates)} cut candidates, K can be 1 to {analysis.max_k}",
+        caption="cost of the segment that ends at each cut (forward+backward, per image)",
+    )
+    for col in ("#", "cut after", "module path", "closes unit", "shape", "GFLOPs", "act (MiB)", "params (M)"):
+        table.add_column(col, justify="right" if col in ("#", "GFLOPs", "act (MiB)", "params (M)") else "left")
+    rows = list(enumerate(analysis.candidates)) + [(len(analysis.candidates), None)]
+    for i, cand in rows:
+        cost = analysis.segment_costs[i]
+        table.add_row(
+            str(i),
+            cand.node if cand else "(output)",
+            cand.module_path if cand else "",
+            (cand.closes or "") if cand else "",
+            "×".join(map(str, cand.shape)) if cand else "",
+            f"{cost.flops / 1e9:.3f}",
+            f"{cost.activation_bytes / 2**20:.2f}",
+            f"{cost.params / 1e6:.3f}",
+        )
+    console.print(table)
+    _print_trace_report(report)
+
+
+def main() -> None:  # console-script entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

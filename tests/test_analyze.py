@@ -1,0 +1,84 @@
+import torch
+from torch import nn
+
+import fxlocal
+from fxlocal.cost import measure_module
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.zeros(8))  # a get_attr parameter
+
+    def forward(self, x):
+        x = x.flatten(1)
+        h = torch.relu(self.a(x))
+        h = self.b(h) + h  # residual: h is live across b
+        h = h + self.bias
+        return self.c(h)
+
+
+class Tied(nn.Module):
+    """The same Linear is applied twice, far apart: cutting between the uses is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = self.shared(x.flatten(1))
+        x = torch.relu(self.mid(x))
+        return self.shared(x)
+
+
+def names(cands):
+    return [c.node for c in cands]
+
+
+def test_cut_candidates_follow_liveness():
+    gm = fxlocal.trace(Chain(), (2, 2))
+    # not after "a" (h's pre-activation and nothing else... relu is), not inside the residual,
+    # and the get_attr parameter "bias" never counts as a live tensor
+    assert names(fxlocal.find_cut_candidates(gm)) == ["flatten", "a", "relu", "add", "add_1"]
+
+
+def test_shared_parameter_blocks_cuts_between_its_uses():
+    gm = fxlocal.trace(Tied(), (6,))
+    cands = names(fxlocal.find_cut_candidates(gm))
+    assert "mid" not in cands and "relu" not in cands
+    assert cands == ["flatten"]
+
+
+def test_segment_costs_are_measured_flops():
+    gm = fxlocal.trace(Chain(), (2, 2))
+    analysis = fxlocal.analyze(gm, (2, 2))
+    assert len(analysis.segment_costs) == len(analysis.candidates) + 1
+    total = sum(c.flops for c in analysis.segment_costs)
+    # per sample: a needs no input grad (its input is the graph input): 2 matmuls; b, c: 3 each
+    fwd = {"a": 2 * 4 * 8, "b": 2 * 8 * 8, "c": 2 * 8 * 3}
+    assert total == 2 * fwd["a"] + 3 * fwd["b"] + 3 * fwd["c"]
+    params = sum(c.params for c in analysis.segment_costs)
+    assert params == sum(p.numel() for p in Chain().parameters())
+
+
+def test_measure_module_counts_saved_activations():
+    with torch.device("meta"):
+        mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    cost = measure_module(mlp, (16,), batch=2)
+    assert cost.params == 16 * 32 + 32 + 32 * 4 + 4
+    assert cost.flops == 2 * 16 * 32 * 2 + 3 * 2 * 32 * 4  # first layer: no input grad
+    # saved: the input of linear1 and the relu output (shared with linear2's input), fp32
+    assert cost.activation_bytes == (16 + 32) * 4
+
+
+def test_covered_module_paths_reads_like_the_model():
+    local = fxlocal.convert("resnet18", k=2, input_size=(3, 32, 32), num_classes=5)
+    paths = [b.module_paths for b in local.plan.blocks]
+    assert paths[0][0] == "conv1"
+    assert paths[-1][-1] == "fc"
+    flat = [p for ps in paths for p in ps]
+    assert len(flat) == len(set(flat))

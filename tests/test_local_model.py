@@ -1,0 +1,167 @@
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import fxlocal
+from fxlocal.checkpoint import load_converted, save_converted
+from fxlocal.errors import PlanMismatchError, SharedParameterError
+
+
+def local_losses(local, x, y):
+    """Each block's local loss, computed the way train_step computes them."""
+    losses, carried = [], (x,)
+    for b, block in enumerate(local.blocks):
+        out = block(*carried)
+        logits = local.heads[b](out[0]) if b < len(local.heads) else out
+        losses.append(nn.functional.cross_entropy(logits, y))
+        carried = out if b < len(local.heads) else ()
+    return losses
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [("resnet18", (3, 32, 32)), ("vit_tiny_patch16_224", (3, 32, 32)), ("torchvision:resnet18", (3, 32, 32))],
+)
+def test_gradient_isolation(name, size):
+    local = fxlocal.convert(name, k=4, input_size=size, num_classes=5)
+    x, y = torch.randn(4, *size), torch.randint(0, 5, (4,))
+    for j in range(local.k):
+        local.zero_grad(set_to_none=True)
+        local_losses(local, x, y)[j].backward()
+        got = {id(p) for p in local.parameters() if p.grad is not None}
+        own = {id(p) for p in local.block_parameters(j)}
+        # exactly block j and its head: nothing leaks over a boundary, nothing is frozen
+        assert got == own, f"loss {j}: {len(got - own)} foreign, {len(own - got)} missing gradients"
+        assert any(p.grad.abs().sum() > 0 for p in local.block_parameters(j))
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnet50", (3, 64, 64)),
+        ("convnext_atto", (3, 64, 64)),
+        ("vit_tiny_patch16_224", (3, 32, 32)),
+        ("torchvision:swin_t", (3, 64, 64)),
+        ("torchvision:efficientnet_b0", (3, 64, 64)),
+    ],
+)
+def test_eval_equivalence_and_parameter_ownership(name, size):
+    torch.manual_seed(0)
+    model = fxlocal.create_model(name, 7, size).eval()
+    local = fxlocal.convert(model, k=4, input_size=size).eval()
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.allclose(local(x), model(x), atol=1e-5, rtol=1e-4)
+    # parameters are shared, not copied, and each lives in exactly one block
+    owners = {}
+    for b, block in enumerate(local.blocks):
+        for p in block.parameters():
+            assert id(p) not in owners, "a parameter is in two blocks"
+            owners[id(p)] = b
+    head_params = {id(p) for h in local.heads for p in h.parameters()}
+    assert {id(p) for p in model.parameters()} == set(owners)
+    assert not head_params & set(owners)
+    assert {id(p) for p in local.parameters()} == set(owners) | head_params
+
+
+def test_train_mode_follows_the_original():
+    model = timm.create_model("resnet18", num_classes=3, drop_rate=0.5)
+    local = fxlocal.convert(model, k=2, input_size=(3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    local.train()
+    a, b = local(x), local(x)
+    assert not torch.allclose(a, b)  # functional dropout in the classifier is live in training
+    local.eval()
+    assert torch.allclose(local(x), local(x))
+
+
+def test_get_attr_parameters_are_trained():
+    local = fxlocal.convert("vit_tiny_patch16_224", k=3, input_size=(3, 32, 32), num_classes=4)
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    before = [local.blocks[0].cls_token.clone(), local.blocks[0].pos_embed.clone()]
+    local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)), opt)
+    assert not torch.equal(before[0], local.blocks[0].cls_token)
+    assert not torch.equal(before[1], local.blocks[0].pos_embed)
+
+
+def test_inplace_relu_after_a_cut_is_made_safe():
+    # torchvision's BasicBlock ends in relu(inplace=True) on the residual sum; block b+1 starts
+    # with the next block's conv but also keeps the identity: an in-place op there would write
+    # into the previous block's output while its head still needs it.
+    model = torchvision.models.resnet18(num_classes=4)
+    local = fxlocal.convert(model, k=6, input_size=(3, 32, 32), balance="params")
+    for block in local.blocks[1:]:
+        first = next(n for n in block.graph.nodes if n.op == "call_method" and n.target == "detach")
+        for user in first.users:
+            if user.op == "call_module":
+                assert not getattr(block.get_submodule(user.target), "inplace", False)
+            assert user.kwargs.get("inplace") is not True
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    losses = local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)), opt)
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_shared_parameter_across_blocks_is_refused():
+    class TiedNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.mid(self.shared(x))))
+
+    gm = fxlocal.trace(TiedNet(), (4,))
+    with pytest.raises(SharedParameterError, match="shared"):
+        fxlocal.split_graph(gm, ["mid"])
+
+
+def test_plan_round_trip_and_reapply(tmp_path):
+    local = fxlocal.convert("resnet18", k=3, input_size=(3, 32, 32), num_classes=5, balance="activations")
+    path = tmp_path / "plan.json"
+    local.plan.save(path)
+    plan = fxlocal.Plan.load(path)
+    assert plan.to_dict() == local.plan.to_dict()
+    again = fxlocal.convert("resnet18", input_size=(3, 32, 32), num_classes=5, plan=plan)
+    assert again.plan.cuts == local.plan.cuts
+    assert again.plan.balance == "activations"
+    other = fxlocal.Plan.from_dict({**plan.to_dict(), "blocks": [{**b.__dict__, "cut_node": "nope"} for b in plan.blocks]})
+    with pytest.raises(PlanMismatchError, match="nope"):
+        fxlocal.convert("resnet18", input_size=(3, 32, 32), num_classes=5, plan=other)
+
+
+def test_saved_converted_model_reloads_identically(tmp_path):
+    local = fxlocal.convert("resnet18", k=3, input_size=(3, 32, 32), num_classes=5).eval()
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    local.train()
+    local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)), opt)
+    local.eval()
+    save_converted(local, tmp_path / "m.pt")
+    back = load_converted(tmp_path / "m.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x), local(x))
+    assert back.plan.cuts == local.plan.cuts
+
+
+def test_aux_none_is_end_to_end():
+    local = fxlocal.convert("resnet18", k=1, aux="none", input_size=(3, 32, 32), num_classes=3)
+    assert local.k == 1 and len(local.heads) == 0
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    assert len(local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)), opt)) == 1
+
+
+def test_train_step_loss_falls_on_fashion_mnist(fashion_mnist):
+    x, y = fashion_mnist
+    local = fxlocal.convert("resnet18", k=4, input_size=(1, 28, 28), num_classes=10)
+    opt = torch.optim.SGD(local.parameters(), lr=0.05, momentum=0.9)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+    first = last = None
+    for epoch in range(4):
+        epoch_losses = [local.train_step(xb, yb, opt) for xb, yb in batches]
+        mean = torch.tensor(epoch_losses).mean(0)  # per block
+        first = mean if first is None else first
+        last = mean
+    assert (last < first).all(), f"per-block losses did not fall: {first} -> {last}"
+    assert last[-1] < 0.8 * first[-1]

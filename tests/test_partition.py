@@ -1,0 +1,60 @@
+import itertools
+import random
+
+import pytest
+
+from fxlocal import min_max_partition
+from fxlocal.errors import PartitionError
+
+
+def brute_force(costs, k, cut_costs):
+    n = len(costs)
+    best = float("inf")
+    for cuts in itertools.combinations(range(n - 1), k - 1):
+        bounds = [-1, *cuts, n - 1]
+        worst = max(
+            sum(costs[bounds[i] + 1 : bounds[i + 1] + 1]) + (cut_costs[bounds[i + 1]] if i < k - 1 else 0)
+            for i in range(k)
+        )
+        best = min(best, worst)
+    return best
+
+
+def block_max(costs, cuts, cut_costs):
+    bounds = [-1, *cuts, len(costs) - 1]
+    return max(
+        sum(costs[bounds[i] + 1 : bounds[i + 1] + 1]) + (cut_costs[bounds[i + 1]] if i < len(bounds) - 2 else 0)
+        for i in range(len(bounds) - 1)
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 10)
+    k = rng.randint(1, n)
+    costs = [rng.choice([0, rng.randint(1, 100)]) for _ in range(n)]
+    cut_costs = [rng.randint(0, 30) for _ in range(n - 1)] if seed % 2 else [0] * (n - 1)
+    cuts = min_max_partition(costs, k, cut_costs)
+    assert len(cuts) == k - 1 and cuts == sorted(set(cuts))
+    assert all(0 <= c < n - 1 for c in cuts)
+    assert block_max(costs, cuts, cut_costs) == brute_force(costs, k, cut_costs)
+
+
+def test_dp_is_not_equal_count():
+    # one huge segment: equal counts would put it with others; min-max isolates it
+    costs = [1, 1, 1, 50, 1, 1, 1, 1]
+    cuts = min_max_partition(costs, 3)
+    assert block_max(costs, cuts, [0] * 7) == 50
+
+
+def test_penalties_break_ties_only():
+    costs = [5, 0, 5]  # cutting after segment 0 or 1 gives the same max
+    assert min_max_partition(costs, 2, cut_penalties=[1, 0]) == [1]
+    assert min_max_partition(costs, 2, cut_penalties=[0, 1]) == [0]
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_k_out_of_range(k):
+    with pytest.raises(PartitionError):
+        min_max_partition([1, 2, 3], k)
