@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fxlocal.checkpoint import load_converted
+from fxlocal.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_convert_prints_plan_and_saves(tmp_path):
+    out, plan = tmp_path / "local.pt", tmp_path / "plan.json"
+    result = run(
+        "convert", "resnet18", "--k", "3", "--input-size", "3", "32", "32", "--num-classes", "4",
+        "--output", str(out), "--save-plan", str(plan),
+    )
+    assert result.exit_code == 0, result.output
+    assert "K=3" in result.output and "layer" in result.output and "head 0: DGL" in result.output
+    data = json.loads(plan.read_text())
+    assert data["k"] == 3 and len(data["cuts"]) == 2
+    local = load_converted(out).eval()
+    assert local.k == 3 and local.plan.cuts == data["cuts"]
+    assert local(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_inspect_lists_candidates():
+    result = run("inspect", "resnet18", "--input-size", "3", "32", "32")
+    assert result.exit_code == 0, result.output
+    assert "22 cut candidates, K can be 1 to 23" in result.output
+    assert "layer1_0_act2" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["convert", "resnet1O1"], "did you mean resnet101"),
+        (["convert", "resnet18", "--k", "0"], "k must be at least 1"),
+        (["convert", "resnet18", "--k", "99", "--input-size", "3", "32", "32"], "k can be 1 to 23"),
+        (["convert", "resnet18", "--aux", "dgll"], "did you mean 'dgl'"),
+        (["convert", "resnet18", "--balance", "speed"], "choose one of flops, params, activations"),
+        (["convert", "torchvision:resnet18", "--input-size", "1", "32", "32"], "rejects input size"),
+        (["convert", "torchvision:vit_b_16", "--input-size", "3", "30", "30"], "input size"),
+        (["inspect", "no_such_net"], "unknown model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_output_to_missing_folder_is_a_clear_error(tmp_path):
+    result = run("convert", "resnet18", "--k", "2", "--input-size", "3", "32", "32", "--output", str(tmp_path / "no" / "m.pt"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert not (tmp_path / "no").exists()

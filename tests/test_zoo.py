@@ -1,0 +1,48 @@
+"""Models of many families, from timm and torchvision, convert with K=4 and train a step."""
+
+import pytest
+import torch
+
+import fxlocal
+
+SMALL = (3, 64, 64)
+ZOO = [
+    ("resnet50", SMALL),
+    ("convnext_atto", SMALL),
+    ("vit_tiny_patch16_224", SMALL),
+    ("deit_tiny_patch16_224", SMALL),
+    ("swin_tiny_patch4_window7_224", SMALL),
+    ("efficientnet_b0", SMALL),
+    ("mobilenetv3_small_050", SMALL),
+    ("regnetx_002", SMALL),
+    ("densenet121", SMALL),
+    ("inception_v3", (3, 96, 96)),
+    ("mixer_s16_224", SMALL),
+    ("maxvit_tiny_tf_224", SMALL),
+    ("vgg11", SMALL),
+    ("torchvision:resnet18", SMALL),
+    ("torchvision:convnext_tiny", SMALL),
+    ("torchvision:vit_b_16", SMALL),
+    ("torchvision:swin_t", SMALL),
+    ("torchvision:efficientnet_b0", SMALL),
+    ("torchvision:mobilenet_v3_small", SMALL),
+    ("torchvision:regnet_y_400mf", SMALL),
+    ("torchvision:densenet121", SMALL),
+    ("torchvision:inception_v3", (3, 96, 96)),
+    ("torchvision:googlenet", SMALL),
+    ("torchvision:shufflenet_v2_x0_5", SMALL),
+    ("torchvision:squeezenet1_0", SMALL),
+]
+
+
+@pytest.mark.parametrize("name,size", ZOO, ids=[n for n, _ in ZOO])
+def test_converts_and_trains(name, size):
+    local = fxlocal.convert(name, k=4, input_size=size, num_classes=10)
+    assert local.k == 4 and len(local.heads) == 3
+    before = [[p.detach().clone() for p in local.block_parameters(b)] for b in range(4)]
+    opt = torch.optim.SGD(local.parameters(), lr=0.01)
+    losses = local.train_step(torch.randn(4, *size), torch.randint(0, 10, (4,)), opt)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    for b in range(4):
+        after = list(local.block_parameters(b))
+        assert any(not torch.equal(p0, p1) for p0, p1 in zip(before[b], after)), f"block {b} did not train"
