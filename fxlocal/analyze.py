@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .cost import Cost, measure_nodes
+from .cost import Cost, measure_nodes, node_parameters
 
 __all__ = [
     "CutCandidate",
@@ -61,22 +61,10 @@ def _param_spans(gm: fx.GraphModule, index: dict[fx.Node, int]) -> list[tuple[in
     """
     uses: dict[int, list[int]] = {}
     for node, i in index.items():
-        if node.op == "call_module":
-            params, at = list(gm.get_submodule(node.target).parameters()), [i]
-        elif node.op == "get_attr" and isinstance(_fetch(gm, node.target), torch.nn.Parameter):
-            params, at = [_fetch(gm, node.target)], [index[u] for u in node.users]
-        else:
-            continue
-        for p in params:
+        at = [index[u] for u in node.users] if node.op == "get_attr" else [i]
+        for p in node_parameters(gm, node):
             uses.setdefault(id(p), []).extend(at)
     return [(min(v), max(v)) for v in uses.values() if min(v, default=0) != max(v, default=0)]
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def tensor_layout(node: fx.Node) -> str:

@@ -7,6 +7,8 @@ parameter bytes. Nothing is allocated: modules are fake copies or live on the me
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -121,20 +123,16 @@ def _fake_copy(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
         return copy.deepcopy(module)
 
 
-def _node_params(gm: fx.GraphModule, node: fx.Node) -> list[nn.Parameter]:
+def node_parameters(gm: fx.GraphModule, node: fx.Node) -> list[nn.Parameter]:
+    """Parameters a node uses directly: a called module's, or a fetched parameter."""
     if node.op == "call_module":
         return list(gm.get_submodule(node.target).parameters())
     if node.op == "get_attr":
-        value = _fetch_attr(gm, node.target)
+        value = attrgetter(node.target)(gm)
         return [value] if isinstance(value, nn.Parameter) else []
     return []
 
 
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _CostInterpreter(fx.Interpreter):
@@ -152,13 +150,13 @@ class _CostInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "get_attr", "output"):
-            self.depends_on_params[n] = n.op == "get_attr" and bool(_node_params(self.module, n))
+            self.depends_on_params[n] = n.op == "get_attr" and bool(node_parameters(self.module, n))
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         needs_grad = {id(self.env[p]): self.depends_on_params[p] for p in n.all_input_nodes}
         as_leaf = lambda v: _trainable_leaf(self.meter, v, needs_grad.get(id(v), False))  # noqa: E731
         args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
-        self.depends_on_params[n] = any(needs_grad.values()) or bool(_node_params(self.module, n))
+        self.depends_on_params[n] = any(needs_grad.values()) or bool(node_parameters(self.module, n))
         out, flops, saved = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
         self.node_costs[n.name] = (flops, saved)
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
@@ -180,7 +178,7 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
     costs: dict[str, Cost] = {}
     for node in gm.graph.nodes:
         flops, saved = interp.node_costs.get(node.name, (0.0, 0.0))
-        params = _node_params(gm, node)
+        params = node_parameters(gm, node)
         costs[node.name] = Cost(
             flops / batch,
             saved / batch,

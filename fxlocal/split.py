@@ -17,6 +17,8 @@ Contract of :func:`split_graph`:
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import copy
 import inspect
 import operator
@@ -38,11 +40,6 @@ _OUT_OF_PLACE = {
 }
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _block_of(gm: fx.GraphModule, cuts: list[str]) -> dict[fx.Node, int]:
@@ -134,7 +131,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env and n.op == "get_attr":  # fetched where used
                 env[n] = graph.node_copy(n)
-                modules[n.target] = _fetch(gm, n.target)
+                modules[n.target] = attrgetter(n.target)(gm)
             return env[n]
 
         for node in order:

@@ -86,21 +86,29 @@ def test_get_attr_parameters_are_trained():
     assert not torch.equal(before[1], local.blocks[0].pos_embed)
 
 
-def test_inplace_relu_after_a_cut_is_made_safe():
-    # torchvision's BasicBlock ends in relu(inplace=True) on the residual sum; block b+1 starts
-    # with the next block's conv but also keeps the identity: an in-place op there would write
-    # into the previous block's output while its head still needs it.
+def test_inplace_op_after_a_cut_does_not_overwrite_the_previous_output():
+    # torchvision's BasicBlock applies relu(inplace=True) to the residual sum. Cut between the
+    # add and that relu: the next block's relu would overwrite the previous block's output
+    # (detach shares storage), which its aux head still needs for backward.
     model = torchvision.models.resnet18(num_classes=4)
-    local = fxlocal.convert(model, k=6, input_size=(3, 32, 32), balance="params")
-    for block in local.blocks[1:]:
-        first = next(n for n in block.graph.nodes if n.op == "call_method" and n.target == "detach")
-        for user in first.users:
-            if user.op == "call_module":
-                assert not getattr(block.get_submodule(user.target), "inplace", False)
-            assert user.kwargs.get("inplace") is not True
+    gm = fxlocal.trace(model, (3, 32, 32))
+    first, second = fxlocal.split_graph(gm, ["add"])
+    assert model.layer1[0].relu.inplace  # the original module is left alone
+    out = first(torch.randn(2, 3, 32, 32))
+    kept = out[0].clone()
+    second(*out)
+    assert torch.equal(out[0], kept)
+    # and a full local step through such a cut works
+    local = fxlocal.convert(model, k=2, input_size=(3, 32, 32), plan=_plan_cutting_at(model, "add"))
     opt = torch.optim.SGD(local.parameters(), lr=0.1)
     losses = local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)), opt)
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _plan_cutting_at(model, node):
+    plan = fxlocal.convert(model, k=2, input_size=(3, 32, 32)).plan
+    plan.blocks[0].cut_node = node
+    return plan
 
 
 def test_shared_parameter_across_blocks_is_refused():
