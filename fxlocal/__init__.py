@@ -7,6 +7,7 @@
 
 from .analyze import CutCandidate, GraphAnalysis, analyze, find_cut_candidates
 from .aux import available_aux, get_aux, register_aux
+from . import paper_models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .convert import convert
 from .cost import Cost
 from .errors import FxLocalError

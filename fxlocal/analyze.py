@@ -13,7 +13,7 @@ candidates there are ``C + 1`` segments, the last one ending at the output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -209,6 +209,7 @@ class GraphAnalysis:
     segment_costs: list[Cost]
     segment_nodes: list[list[str]]
     input_size: tuple[int, ...]
+    units: list = field(default_factory=list)  # list[fxlocal.units.Unit]
 
     @property
     def max_k(self) -> int:
@@ -229,4 +230,6 @@ def analyze(gm: fx.GraphModule, input_size: tuple[int, ...]) -> GraphAnalysis:
         if i in cut_at:
             segments.append([])
             costs.append(Cost())
-    return GraphAnalysis(candidates, costs, segments, tuple(input_size))
+    from .units import find_units  # units build on candidates
+
+    return GraphAnalysis(candidates, costs, segments, tuple(input_size), find_units(gm, candidates))

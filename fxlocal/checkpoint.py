@@ -66,6 +66,7 @@ def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> L
     if source is None:
         raise CheckpointError(f"{path} was converted from a module object: pass that model to load it")
     config.pop("k")
-    local = convert(source, k=payload["plan"]["k"], plan=Plan.from_dict(payload["plan"]), **config)
+    options = config.pop("aux_options", {})
+    local = convert(source, k=payload["plan"]["k"], plan=Plan.from_dict(payload["plan"]), **config, **options)
     local.load_state_dict(payload["state_dict"])
     return local

@@ -70,6 +70,19 @@ def _print_heads(plan) -> None:
         console.print(f"  head {b.index}: {b.head or 'the model' + chr(39) + 's own head'}", highlight=False)
 
 
+def _parse_aux_options(pairs: list[str]) -> dict:
+    """``["span=3", "momentum=0.99"]`` -> ``{"span": 3, "momentum": 0.99}`` (YAML scalars)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FxLocalError(f"--aux-option takes KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
 def _print_trace_report(report) -> None:
     if report.leaf_modules:
         shown = ", ".join(f"{p} ({report.leaf_reasons[p]})" for p in report.leaf_modules[:4])
@@ -84,7 +97,10 @@ def _print_trace_report(report) -> None:
 def convert(
     model: str = typer.Argument(..., help="timm or torchvision model name, e.g. resnet101"),
     k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
-    aux: str = typer.Option("dgl", "--aux", help="aux head method (dgl, none)"),
+    aux: str = typer.Option("dgl", "--aux", help="aux head method (dgl, auglocal, none)"),
+    aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
+    pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
+    aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
     balance: str = typer.Option("flops", "--balance", help="flops, params or activations"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
@@ -96,6 +112,8 @@ def convert(
     import fxlocal
     from .checkpoint import save_converted
 
+    options = _parse_aux_options(aux_option)
+    options.update({key: v for key, v in (("aux_depth", aux_depth), ("pyramid", pyramid)) if v is not None})
     local = fxlocal.convert(
         model,
         k=k,
@@ -104,6 +122,7 @@ def convert(
         balance=balance,
         num_classes=num_classes,
         plan=fxlocal.Plan.load(plan) if plan else None,
+        **options,
     )
     console.print(_plan_table(local.plan))
     _print_heads(local.plan)
@@ -149,7 +168,22 @@ def inspect(
             f"{cost.params / 1e6:.3f}",
         )
     console.print(table)
+    _print_units(analysis.units, model)
     _print_trace_report(report)
+
+
+def _print_units(units, model: str) -> None:
+    if not units:
+        console.print(f"{model}: no units found (no module-aligned cuts)")
+        return
+    table = Table(title=f"{model}: {len(units)} units in {units[-1].stage + 1} stages")
+    for col in ("unit", "stage", "modules", "in", "out", "cut after"):
+        table.add_column(col, justify="right" if col in ("unit", "stage") else "left")
+    for u in units:
+        table.add_row(
+            str(u.index), str(u.stage), u.name, "×".join(map(str, u.in_shape)), "×".join(map(str, u.out_shape)), u.cut
+        )
+    console.print(table)
 
 
 def main() -> None:  # console-script entry point

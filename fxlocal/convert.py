@@ -7,8 +7,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .analyze import analyze
-from .aux import HeadSpec, get_aux
+from .analyze import GraphAnalysis, analyze
+from .aux import HeadSpec, UnitLibrary, get_aux
 from .cost import BALANCE_METRICS, Cost, measure_module
 from .errors import FxLocalError, PartitionError, PlanMismatchError
 from .local_model import LocalModel
@@ -31,6 +31,17 @@ def _num_classes(gm, num_classes: int | None) -> int:
     raise FxLocalError("cannot tell the number of classes from the model's output; pass num_classes")
 
 
+def _unit_library(gm, analysis: GraphAnalysis) -> UnitLibrary:
+    """The graph's units with what each costs (the segments between its cuts)."""
+    bounds = [-1] + [u.cut_position for u in analysis.units]
+    costs = [
+        sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
+        for i in range(len(analysis.units))
+    ]
+    tail = sum((analysis.segment_costs[s] for s in range(bounds[-1] + 1, len(analysis.segment_costs))), Cost())
+    return UnitLibrary(gm, analysis.units, costs, tail)
+
+
 def convert(
     model_or_name: nn.Module | str,
     k: int = 4,
@@ -39,17 +50,18 @@ def convert(
     balance: str = "flops",
     num_classes: int | None = None,
     plan: Plan | None = None,
-    aux_options: dict | None = None,
+    **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
 
     Names go through ``timm.create_model`` then ``torchvision.models.get_model`` (random init).
-    ``plan`` re-applies a saved :class:`Plan` instead of partitioning.
+    ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``aux_options`` go to the
+    aux method (``aux_depth=3, pyramid=0.5`` for ``auglocal``).
     """
     input_size = tuple(int(s) for s in input_size)
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
-    method = get_aux(aux, **(aux_options or {}))
+    method = get_aux(aux, **aux_options)
     if aux == "none" and k != 1:
         raise PartitionError("aux='none' is plain end-to-end training: use it with k=1")
     if k < 1:
@@ -62,36 +74,50 @@ def convert(
     gm = trace(model, input_size)
     classes = _num_classes(gm, num_classes)
     analysis = analyze(gm, input_size)
+    units = _unit_library(gm, analysis)
+    unit_at = {u.cut_position: u.index for u in analysis.units}
+
+    def spec(position: int, block: int, num_blocks: int) -> HeadSpec:
+        c = analysis.candidates[position]
+        return HeadSpec(c.shape, c.layout, classes, block, num_blocks, unit_at.get(position), units)
 
     @lru_cache(maxsize=None)
-    def head_cost_for(shape: tuple[int, ...], layout: str) -> Cost:
+    def head_cost(position: int) -> Cost:
+        if aux == "none":
+            return Cost()
+        s = spec(position, 0, k)
+        if hasattr(method, "head_cost"):
+            return method.head_cost(s)
         with torch.device("meta"):
-            head = method.build_head(HeadSpec(shape, layout, classes, 0))
-        return measure_module(head, shape)
+            head = method.build_head(s)
+        return measure_module(head, s.shape)
 
-    def head_cost(i: int) -> Cost:
-        c = analysis.candidates[i]
-        return head_cost_for(c.shape, c.layout) if aux != "none" else Cost()
-
+    allowed = None
+    if method.cuts_at_units:
+        if len(analysis.units) < 2:
+            raise FxLocalError(f"aux={aux!r} copies units, but {model_name} has fewer than 2 units")
+        allowed = [u.cut_position for u in analysis.units[:-1]]
     if plan is None:
-        plan = partition(gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux)
+        plan = partition(
+            gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux, allowed=allowed
+        )
     else:
         index = {c.node: i for i, c in enumerate(analysis.candidates)}
-        missing = [c for c in plan.cuts if c not in index]
+        missing = [c for c in plan.cuts if c not in index or (allowed is not None and index[c] not in allowed)]
         if missing:
             raise PlanMismatchError(
-                f"the plan cuts after {missing[0]!r}, which is not a cut candidate of {model_name} "
+                f"the plan cuts after {missing[0]!r}, which is not a "
+                f"{'unit boundary' if allowed is not None else 'cut candidate'} of {model_name} "
                 f"at input size {input_size}; re-run the partition"
             )
         cut_idx = [index[c] for c in plan.cuts]
         heads_cost = [head_cost(i) if i in cut_idx else Cost() for i in range(len(analysis.candidates))]
         plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux)
     blocks = split_graph(gm, plan.cuts)
-    by_node = {c.node: c for c in analysis.candidates}
+    position = {c.node: i for i, c in enumerate(analysis.candidates)}
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
-        cut = by_node[block_plan.cut_node]
-        head = method.build_head(HeadSpec(cut.shape, cut.layout, classes, b))
+        head = method.build_head(spec(position[block_plan.cut_node], b, plan.k))
         block_plan.head = method.describe(head)
         heads.append(head)
     config = dict(
@@ -101,7 +127,7 @@ def convert(
         input_size=list(input_size),
         balance=plan.balance,
         num_classes=num_classes,
-        aux_options=dict(aux_options or {}),
+        aux_options=dict(aux_options),
     )
     local = LocalModel(blocks, heads, plan, config)
     local.trace_report = gm.meta["fxlocal_trace"]

@@ -78,29 +78,39 @@ def partition(
     analysis: GraphAnalysis | None = None,
     model_name: str = "",
     aux: str = "dgl",
+    allowed: Sequence[int] | None = None,
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
     ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero).
-    ``input_size`` defaults to the size the graph was traced at.
+    ``allowed`` restricts the cuts to those candidate indices (e.g. unit boundaries); the
+    segments between allowed cuts are merged. ``input_size`` defaults to the traced size.
     """
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
     if analysis is None:
         analysis = analyze(gm, input_size or _traced_input_size(gm))
-    if k < 1 or k > analysis.max_k:
+    allowed = sorted(allowed) if allowed is not None else list(range(len(analysis.candidates)))
+    if k < 1 or k > len(allowed) + 1:
+        where = "cut candidates" if len(allowed) == len(analysis.candidates) else "unit boundaries to cut at"
         raise PartitionError(
-            f"k={k} is out of range: this graph has {len(analysis.candidates)} cut candidates, "
-            f"so k can be 1 to {analysis.max_k}"
+            f"k={k} is out of range: this graph has {len(allowed)} {where}, so k can be 1 to {len(allowed) + 1}"
         )
-    heads = [head_cost(i) if head_cost else Cost() for i in range(len(analysis.candidates))]
-    cut_idx = min_max_partition(
-        [c.metric(balance) for c in analysis.segment_costs],
+    bounds = [-1, *allowed, len(analysis.segment_costs) - 1]
+    merged = [
+        sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
+        for i in range(len(bounds) - 1)
+    ]
+    heads = {i: head_cost(i) if head_cost else Cost() for i in allowed}
+    chosen = min_max_partition(
+        [c.metric(balance) for c in merged],
         k,
-        [h.metric(balance) for h in heads],
-        [0 if c.closes else 1 for c in analysis.candidates],
+        [heads[i].metric(balance) for i in allowed],
+        [0 if analysis.candidates[i].closes else 1 for i in allowed],
     )
-    return plan_from_cuts(gm, analysis, cut_idx, balance, heads, model_name=model_name, aux=aux)
+    cut_idx = [allowed[c] for c in chosen]
+    head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
+    return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux)
 
 
 def plan_from_cuts(

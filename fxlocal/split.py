@@ -89,8 +89,11 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, Any], gm: fx.GraphModul
             node.target = new_target
 
 
-def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
-    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring."""
+def split_graph(gm: fx.GraphModule, cuts: list[str], detach: bool = True) -> list[fx.GraphModule]:
+    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring.
+
+    ``detach=False`` keeps the pieces connected for autograd (to chain copies of them).
+    """
     owner = _block_of(gm, cuts)
     k = len(cuts) + 1
     order = list(gm.graph.nodes)
@@ -124,7 +127,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
             ph = graph.placeholder(node.name)
             ph.meta = dict(node.meta)
             env[node] = ph
-            if b > 0 and i == 0:
+            if detach and b > 0 and i == 0:
                 env[node] = graph.call_method("detach", (ph,))
                 env[node].meta = dict(node.meta)
 
@@ -146,7 +149,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
         else:
             out = next(n for n in order if n.op == "output")
             graph.output(torch.fx.map_arg(out.args[0], lookup))
-        if b > 0:
+        if detach and b > 0:
             for user in list(env[crossing[b - 1][0]].users):
                 _make_out_of_place(user, modules, gm)
         graph.lint()

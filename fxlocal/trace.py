@@ -36,6 +36,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import InputSizeError, TraceError
+from .units import unit_atoms
 
 __all__ = ["TraceReport", "trace", "propagate_shapes"]
 
@@ -240,6 +241,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> fx.G
     _prune_dead_values(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.meta["fxlocal_trace"] = report
+    gm.meta["fxlocal_unit_atoms"] = unit_atoms(model)
     propagate_shapes(gm, input_size)
     return gm
 

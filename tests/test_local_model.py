@@ -7,17 +7,7 @@ from torch import nn
 import fxlocal
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
-
-
-def local_losses(local, x, y):
-    """Each block's local loss, computed the way train_step computes them."""
-    losses, carried = [], (x,)
-    for b, block in enumerate(local.blocks):
-        out = block(*carried)
-        logits = local.heads[b](out[0]) if b < len(local.heads) else out
-        losses.append(nn.functional.cross_entropy(logits, y))
-        carried = out if b < len(local.heads) else ()
-    return losses
+from helpers import assert_gradient_isolation
 
 
 @pytest.mark.parametrize(
@@ -26,15 +16,7 @@ def local_losses(local, x, y):
 )
 def test_gradient_isolation(name, size):
     local = fxlocal.convert(name, k=4, input_size=size, num_classes=5)
-    x, y = torch.randn(4, *size), torch.randint(0, 5, (4,))
-    for j in range(local.k):
-        local.zero_grad(set_to_none=True)
-        local_losses(local, x, y)[j].backward()
-        got = {id(p) for p in local.parameters() if p.grad is not None}
-        own = {id(p) for p in local.block_parameters(j)}
-        # exactly block j and its head: nothing leaks over a boundary, nothing is frozen
-        assert got == own, f"loss {j}: {len(got - own)} foreign, {len(own - got)} missing gradients"
-        assert any(p.grad.abs().sum() > 0 for p in local.block_parameters(j))
+    assert_gradient_isolation(local, torch.randn(4, *size), torch.randint(0, 5, (4,)))
 
 
 @pytest.mark.parametrize(

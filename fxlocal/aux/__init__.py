@@ -8,28 +8,35 @@ last block keeps the model's own head, so methods build K-1 heads.
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from torch import nn
 
 from ..errors import UnknownAuxError
+from .unit_copies import UnitLibrary
 
-__all__ = ["AuxMethod", "HeadSpec", "register_aux", "get_aux", "available_aux"]
+__all__ = ["AuxMethod", "HeadSpec", "UnitLibrary", "register_aux", "get_aux", "available_aux"]
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """What a head is sized from: the real boundary tensor of one cut."""
+    """What a head is built from: the real boundary tensor of one cut, and the graph around it."""
 
     shape: tuple[int, ...]  # per-sample shape of the boundary tensor
     layout: str  # "nchw", "nhwc", "nlc" or "nc"
     num_classes: int
     block: int  # index of the block the head trains
+    num_blocks: int = 0  # K
+    unit: int | None = None  # index of the unit this cut closes (methods that copy units)
+    units: "UnitLibrary | None" = None  # the graph's units, for methods that copy them
 
 
 class AuxMethod(Protocol):
     name: str
+    # Methods that copy units need their cuts at unit boundaries.
+    cuts_at_units: bool
 
     def build_head(self, spec: HeadSpec) -> nn.Module: ...
 
@@ -44,6 +51,7 @@ def register_aux(name: str):
 
     def wrap(cls):
         cls.name = name
+        cls.cuts_at_units = getattr(cls, "cuts_at_units", False)
         _REGISTRY[name] = cls
         return cls
 
@@ -59,8 +67,14 @@ def get_aux(name: str, **options) -> AuxMethod:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownAuxError(f"unknown aux method {name!r}{hint}; choose one of {', '.join(available_aux())}")
-    return _REGISTRY[name](**options)
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
+        raise UnknownAuxError(
+            f"aux {name!r} does not take {sorted(options)}; its options are: {', '.join(accepted) or 'none'}"
+        ) from exc
 
 
 # Methods register on import.
-from . import dgl, none  # noqa: E402,F401
+from . import auglocal, dgl, none  # noqa: E402,F401

@@ -1,0 +1,174 @@
+"""Find the natural layers ("units") of a traced model: a residual block, a transformer block,
+an MBConv block, a stem. AugLocal and MLAAN sample units, not single ops.
+
+How units are found, from the module tree and the graph together:
+
+1. *Atoms*: walk the module tree from the root, expanding plain containers (``nn.Sequential``,
+   ``nn.ModuleList``, ``nn.ModuleDict``) that hold two or more unit-starting modules, and
+   modules that hold a stack of repeated blocks (a plain container of >= 2 modules of one class,
+   as in a Swin or ConvNeXt stage). Everything else is an atom.
+2. A unit starts at every composite atom (one with parameterised children) and at every plain
+   weight layer (a conv or linear module); norms, activations, pools and functional glue join the
+   unit before them. So a ResNet stem (conv, bn, act, pool) is one unit and so is each block.
+3. The *tail* (the model's own head: pooling and classifier) begins after the last cut
+   candidate whose tensor still has a spatial or token extent; units come before it.
+4. A unit ends at the last cut candidate before the next unit starts; a unit that cannot be cut
+   from the next (no single live tensor between them, as in DenseNet's dense layers) merges
+   into it.
+5. *Stages*: consecutive units with the same output shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from .analyze import CutCandidate, covered_module_paths
+
+__all__ = ["Unit", "find_units", "unit_atoms"]
+
+_PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    modules: tuple[str, ...]  # module paths it covers, e.g. ("layer1.0",)
+    cut: str  # node name of the cut candidate it ends at
+    cut_position: int  # index of that candidate in the candidate list
+    in_shape: tuple[int, ...]  # per-sample shape of its input
+    out_shape: tuple[int, ...]
+    layout: str  # layout of its output
+    stage: int
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.modules) if len(self.modules) <= 2 else f"{self.modules[0]} … {self.modules[-1]}"
+
+
+def _is_plain_container(m: nn.Module) -> bool:
+    return type(m) in _PLAIN_CONTAINERS
+
+
+def _has_param_children(m: nn.Module) -> bool:
+    return any(any(True for _ in c.parameters()) for c in m.children())
+
+
+def _holds_block_stack(m: nn.Module) -> bool:
+    """A module with a plain container of >= 2 same-class composite blocks (a model stage)."""
+    for child in m.children():
+        if not _is_plain_container(child) or len(child) < 2:
+            continue
+        kinds = {type(g) for g in child.children()}
+        first = next(iter(child.children()))
+        if len(kinds) == 1 and not isinstance(first, nn.Sequential) and _has_param_children(first):
+            return True
+    return False
+
+
+def unit_atoms(model: nn.Module) -> dict[str, bool]:
+    """The modules units are made of (step 1 of the module docstring): path -> starts a unit.
+
+    :func:`fxlocal.trace` records this on ``gm.meta["fxlocal_unit_atoms"]``, because the
+    GraphModule keeps only the modules it calls, not the containers around them.
+    """
+    atoms: dict[str, bool] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if _holds_block_stack(child) or (
+                # a container of one weight layer and its norms (a downsample) stays whole
+                _is_plain_container(child) and sum(_starts_unit(g) for g in child.children()) >= 2
+            ):
+                walk(child, path)
+            else:
+                atoms[path] = _starts_unit(child)
+
+    walk(model, "")
+    return atoms
+
+
+def _starts_unit(m: nn.Module) -> bool:
+    if _has_param_children(m):
+        return True
+    return any(p.dim() >= 2 for p in m.parameters(recurse=False))
+
+
+def _atom_of(path: str, atoms: dict[str, bool]) -> str | None:
+    parts = path.split(".") if path else []
+    for j in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:j])
+        if prefix in atoms:
+            return prefix
+    return None
+
+
+def _has_extent(c: CutCandidate) -> bool:
+    spatial = {"nchw": c.shape[1:], "nhwc": c.shape[:-1], "nlc": c.shape[:1]}.get(c.layout, ())
+    n = 1
+    for s in spatial:
+        n *= s
+    return n > 1
+
+
+def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]:
+    """The units of a traced model (see the module docstring), in graph order."""
+    atoms = gm.meta.get("fxlocal_unit_atoms")
+    if not atoms or not candidates:
+        return []
+    order = list(gm.graph.nodes)
+    # where units start: the first node of each unit-starting atom
+    starts: list[int] = []
+    seen: set[str] = set()
+    for i, node in enumerate(order):
+        if node.op not in _COMPUTE_OPS:
+            continue
+        atom = _atom_of(node.meta.get("module_path", ""), atoms)
+        if atom is not None and atom not in seen:
+            seen.add(atom)
+            if atoms[atom]:
+                starts.append(i)
+    trunk = [c for c in candidates if _has_extent(c)]
+    if not trunk:
+        return []
+    tail_from = trunk[-1].index  # the model's own head starts after this candidate
+    starts = [s for s in starts if s <= tail_from]
+    if not starts or starts[0] > 0:
+        starts.insert(0, 0)
+    by_index = {c.index: pos for pos, c in enumerate(candidates)}
+    cuts: list[int] = []  # candidate positions, one per unit
+    boundaries = starts[1:] + [tail_from + 1]
+    for start, next_start in zip(starts, boundaries):
+        inside = [c.index for c in candidates if start <= c.index < next_start]
+        if inside and (not cuts or candidates[cuts[-1]].index < inside[-1]):
+            cuts.append(by_index[inside[-1]])
+    units: list[Unit] = []
+    prev_index, prev_shape, stage = -1, _input_shape(gm), 0
+    for u, pos in enumerate(cuts):
+        c = candidates[pos]
+        names = {n.name for n in order[prev_index + 1 : c.index + 1] if n.op in _COMPUTE_OPS}
+        if units and c.shape != units[-1].out_shape:
+            stage += 1
+        units.append(
+            Unit(
+                index=u,
+                modules=tuple(covered_module_paths(gm, names)),
+                cut=c.node,
+                cut_position=pos,
+                in_shape=prev_shape,
+                out_shape=c.shape,
+                layout=c.layout,
+                stage=stage,
+            )
+        )
+        prev_index, prev_shape = c.index, c.shape
+    return units
+
+
+def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    return tuple(int(s) for s in placeholder.meta["val"].shape[1:])
