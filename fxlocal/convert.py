@@ -82,10 +82,11 @@ def convert(
         return HeadSpec(c.shape, c.layout, classes, block, num_blocks, unit_at.get(position), units)
 
     @lru_cache(maxsize=None)
-    def head_cost(position: int) -> Cost:
+    def head_cost(position: int, block: int = 0) -> Cost:
+        """What the head at ``position`` costs; the DP prices every cut as if for block 0."""
         if aux == "none":
             return Cost()
-        s = spec(position, 0, k)
+        s = spec(position, block, k)
         if hasattr(method, "head_cost"):
             return method.head_cost(s)
         with torch.device("meta"):
@@ -101,20 +102,21 @@ def convert(
         plan = partition(
             gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux, allowed=allowed
         )
-    else:
-        index = {c.node: i for i, c in enumerate(analysis.candidates)}
-        missing = [c for c in plan.cuts if c not in index or (allowed is not None and index[c] not in allowed)]
-        if missing:
-            raise PlanMismatchError(
-                f"the plan cuts after {missing[0]!r}, which is not a "
-                f"{'unit boundary' if allowed is not None else 'cut candidate'} of {model_name} "
-                f"at input size {input_size}; re-run the partition"
-            )
-        cut_idx = [index[c] for c in plan.cuts]
-        heads_cost = [head_cost(i) if i in cut_idx else Cost() for i in range(len(analysis.candidates))]
-        plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux)
-    blocks = split_graph(gm, plan.cuts)
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
+    missing = [c for c in plan.cuts if c not in position or (allowed is not None and position[c] not in allowed)]
+    if missing:
+        raise PlanMismatchError(
+            f"the plan cuts after {missing[0]!r}, which is not a "
+            f"{'unit boundary' if allowed is not None else 'cut candidate'} of {model_name} "
+            f"at input size {input_size}; re-run the partition"
+        )
+    # Re-derive the plan's figures with each block's real head (its depth may depend on the block).
+    cut_idx = [position[c] for c in plan.cuts]
+    heads_cost = [Cost()] * len(analysis.candidates)
+    for b, i in enumerate(cut_idx):
+        heads_cost[i] = head_cost(i, b)
+    plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux)
+    blocks = split_graph(gm, plan.cuts)
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
         head = method.build_head(spec(position[block_plan.cut_node], b, plan.k))

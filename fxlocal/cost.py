@@ -59,12 +59,16 @@ class _Meter:
     def __init__(self, exclude_storages: Iterable[int] = ()):
         self.seen: set[int] = set(exclude_storages)
         self.alias: dict[int, int] = {}  # storage of a clone -> storage it stands for
+        # Storages are keyed by address: keep every keyed tensor alive so that no address is
+        # reused by a later, different storage (fake tensors allocate nothing, this is free).
+        self.keep_alive: list[torch.Tensor] = []
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
         saved = 0.0
 
         def pack(t: torch.Tensor):
             nonlocal saved
+            self.keep_alive.append(t)
             key = _storage_key(t)
             key = self.alias.get(key, key)
             if key not in self.seen:
@@ -91,6 +95,7 @@ def _trainable_leaf(meter: _Meter, value: Any, needs_grad: bool) -> Any:
         return value.detach()
     # A non-leaf view of a leaf, so that in-place ops (relu_) are allowed on it.
     standin = value.detach().requires_grad_().clone()
+    meter.keep_alive += [value, standin]
     meter.alias[_storage_key(standin)] = meter.alias.get(_storage_key(value), _storage_key(value))
     return standin
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,33 @@ def test_covered_module_paths_reads_like_the_model():
     assert paths[-1][-1] == "fc"
     flat = [p for ps in paths for p in ps]
     assert len(flat) == len(set(flat))
+
+
+def _saved_bytes_of_a_real_step(model, x):
+    """Bytes autograd really saves for backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, alive = {}, []
+
+    def pack(t):
+        alive.append(t)  # keep storages alive so that no address is reused
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name,tolerance", [("resnet18", 0.0), ("convnext_atto", 0.0), ("vit_tiny_patch16_224", 0.01)])
+def test_fake_activation_bytes_match_a_real_run(name, tolerance):
+    size = (3, 32, 32)
+    model = fxlocal.create_model(name, 10, size)
+    gm = fxlocal.trace(model, size)
+    first = fxlocal.analyze(gm, size)
+    second = fxlocal.analyze(gm, size)
+    assert first.segment_costs == second.segment_costs  # deterministic
+    predicted = 2 * sum(c.activation_bytes for c in first.segment_costs)  # per sample -> batch 2
+    real = _saved_bytes_of_a_real_step(model, torch.randn(2, *size))
+    assert abs(predicted - real) <= tolerance * real
