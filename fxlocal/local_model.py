@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -10,7 +11,35 @@ from torch import nn
 
 from .plan import Plan
 
-__all__ = ["LocalModel"]
+__all__ = ["LocalModel", "StepContext"]
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _isolated(carried: tuple) -> tuple:
+    """What crosses a boundary: the tensor detached (no gradient flows back), plain values as is."""
+    return (carried[0].detach(), *carried[1:])
+
+
+@dataclass
+class StepContext:
+    """What a block's objective may use during :meth:`LocalModel.train_step`.
+
+    ``inputs`` holds the detached inputs of the current block and of the few before it that an
+    objective asked for (``LocalModel.input_window``), so a cascaded objective can re-run them.
+    """
+
+    model: "LocalModel"
+    target: torch.Tensor
+    criterion: Criterion
+    inputs: dict[int, tuple] = field(default_factory=dict)
+
+    def run_connected(self, first: int, last: int) -> Any:
+        """Re-run blocks ``first..last`` from block ``first``'s input, *without* detaching between."""
+        carried = self.inputs[first]
+        for b in range(first, last + 1):
+            carried = self.model.blocks[b](*carried)
+        return carried
 
 
 class LocalModel(nn.Module):
@@ -19,7 +48,12 @@ class LocalModel(nn.Module):
     ``forward(x)`` computes exactly what the original model computes (the blocks hold the
     original parameters). ``train_step`` trains block by block: forward one block, its local
     loss, backward at once, hand the detached output on, so autograd only ever holds one
-    block's graph.
+    block's graph (or the few blocks a cascaded objective re-runs).
+
+    A head's local loss is ``criterion(head(output), target)`` unless the head defines
+    ``local_loss(ctx, block, output)``; heads may define ``after_backward()`` (EMA updates) and
+    ``input_window`` (how many block inputs their loss re-runs). ``final_objective``, when set,
+    is the last block's ``local_loss``.
     """
 
     def __init__(
@@ -28,12 +62,14 @@ class LocalModel(nn.Module):
         heads: list[nn.Module],
         plan: Plan,
         config: dict | None = None,
+        final_objective: nn.Module | None = None,
     ):
         super().__init__()
         if len(heads) != len(blocks) - 1:
             raise ValueError(f"{len(blocks)} blocks need {len(blocks) - 1} heads, got {len(heads)}")
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
+        self.final_objective = final_objective
         self.plan = plan
         # The convert() arguments that rebuild this model (see fxlocal.checkpoint).
         self.config = dict(config or {})
@@ -42,11 +78,16 @@ class LocalModel(nn.Module):
     def k(self) -> int:
         return len(self.blocks)
 
+    @property
+    def input_window(self) -> int:
+        objectives = [*self.heads, self.final_objective]
+        return max(getattr(o, "input_window", 1) for o in objectives if o is not None) if self.k > 1 else 1
+
     def forward(self, x: torch.Tensor):
         carried: tuple = (x,)
-        for block in self.blocks[:-1]:
-            carried = block(*carried)
-        return self.blocks[-1](*carried)
+        for b, block in enumerate(self.blocks):
+            carried = block(*(_isolated(carried) if b else carried))
+        return carried
 
     def block_parameters(self, b: int) -> Iterator[nn.Parameter]:
         """Parameters trained by block ``b``'s local loss: the block's and its head's."""
@@ -54,33 +95,58 @@ class LocalModel(nn.Module):
         if b < len(self.heads):
             yield from self.heads[b].parameters()
 
+    def _objective(self, b: int) -> Callable:
+        head = self.heads[b] if b < len(self.heads) else self.final_objective
+        if head is not None and hasattr(head, "local_loss"):
+            return head.local_loss
+        if b < len(self.heads):
+            return lambda ctx, _, out: ctx.criterion(head(out[0]), ctx.target)
+        return lambda ctx, _, out: ctx.criterion(out, ctx.target)
+
+    def iter_block_losses(
+        self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(block, local loss)`` block by block; the next block runs when asked for.
+
+        Backpropagating each loss before asking for the next is what keeps only one block's
+        graph alive (:meth:`train_step` does exactly that).
+        """
+        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy)
+        window = self.input_window
+        carried: tuple = (x,)
+        for b, block in enumerate(self.blocks):
+            carried = _isolated(carried) if b else carried
+            ctx.inputs[b] = carried
+            ctx.inputs.pop(b - window, None)
+            out = block(*carried)
+            yield b, self._objective(b)(ctx, b, out)
+            carried = out if b < len(self.heads) else ()
+            del out
+
+    def local_losses(self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None) -> list[torch.Tensor]:
+        """Every block's local loss for one batch, graphs kept (for evaluation and tests)."""
+        return [loss for _, loss in self.iter_block_losses(x, y, criterion)]
+
     def train_step(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
         optimizer: torch.optim.Optimizer,
-        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        criterion: Criterion | None = None,
     ) -> list[float]:
         """One local-learning step; returns each block's loss (the last block's is the model's).
 
         Each block's loss is backpropagated before the next block runs, so only one block's
         activations are alive at a time; the optimizer is stepped once all blocks are done.
         """
-        criterion = criterion or nn.functional.cross_entropy
         optimizer.zero_grad(set_to_none=True)
         losses = []
-        carried: tuple = (x,)
-        for b, block in enumerate(self.blocks):
-            out = block(*carried)
-            if b < len(self.heads):
-                loss = criterion(self.heads[b](out[0]), y)
-            else:
-                loss = criterion(out, y)
+        for b, loss in self.iter_block_losses(x, y, criterion):
             loss.backward()
+            if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
+                self.heads[b].after_backward()
             losses.append(loss.item())
-            # The next block detaches its input itself; drop our reference to this block's graph.
-            carried = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out) if b < len(self.heads) else ()
-            del out, loss
+            del loss
         optimizer.step()
         return losses
 

@@ -5,9 +5,10 @@ Contract of :func:`split_graph`:
 * block ``b`` holds the nodes after cut ``b-1`` up to and including cut ``b``; its modules and
   parameters are the original objects (shared, never copied);
 * a block takes what crosses into it: the cut tensor first, then any plain values computed
-  earlier (shapes, ints). Every block but the first starts with ``detach()`` of that tensor, so
-  no gradient flows back over a boundary. Non-last blocks return a tuple ``(tensor, *values)``;
-  the last block returns what the model returns;
+  earlier (shapes, ints). Non-last blocks return a tuple ``(tensor, *values)``; the last block
+  returns what the model returns. The blocks stay connectable: :class:`~fxlocal.LocalModel`
+  detaches the tensor at every boundary, and aux methods that re-run earlier blocks (MLAAN's
+  cascade) chain them without;
 * ``get_attr`` values (parameters, buffers, training flags) are fetched inside the block that
   uses them: passing a parameter in as an input and detaching it would silently freeze it;
 * ops that consume a block's input in place (``relu_``, ``inplace=True``, ``+=``) are rewritten
@@ -89,11 +90,8 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, Any], gm: fx.GraphModul
             node.target = new_target
 
 
-def split_graph(gm: fx.GraphModule, cuts: list[str], detach: bool = True) -> list[fx.GraphModule]:
-    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring.
-
-    ``detach=False`` keeps the pieces connected for autograd (to chain copies of them).
-    """
+def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
+    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring."""
     owner = _block_of(gm, cuts)
     k = len(cuts) + 1
     order = list(gm.graph.nodes)
@@ -123,13 +121,9 @@ def split_graph(gm: fx.GraphModule, cuts: list[str], detach: bool = True) -> lis
         env: dict[fx.Node, fx.Node] = {}
         modules: dict[str, Any] = {}
         inputs = [n for n in order if n.op == "placeholder"] if b == 0 else crossing[b - 1]
-        for i, node in enumerate(inputs):
-            ph = graph.placeholder(node.name)
-            ph.meta = dict(node.meta)
-            env[node] = ph
-            if detach and b > 0 and i == 0:
-                env[node] = graph.call_method("detach", (ph,))
-                env[node].meta = dict(node.meta)
+        for node in inputs:
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
 
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env and n.op == "get_attr":  # fetched where used
@@ -149,7 +143,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str], detach: bool = True) -> lis
         else:
             out = next(n for n in order if n.op == "output")
             graph.output(torch.fx.map_arg(out.args[0], lookup))
-        if detach and b > 0:
+        if b > 0:
             for user in list(env[crossing[b - 1][0]].users):
                 _make_out_of_place(user, modules, gm)
         graph.lint()

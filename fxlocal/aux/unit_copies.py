@@ -1,7 +1,6 @@
 """Fresh copies of a graph's units and of the model's own head, for aux nets built from the graph.
 
-The traced graph is split at every unit boundary (without detach, so gradients flow through a
-chain of copies); a copy is a deep copy of one piece with every module that can re-initialise
+The traced graph is split at every unit boundary; a copy is a deep copy of one piece with every module that can re-initialise
 itself reset, so it never shares weights or starting values with the backbone unit it mirrors.
 """
 
@@ -49,7 +48,7 @@ class UnitLibrary:
     @cached_property
     def pieces(self) -> list[fx.GraphModule]:
         """One GraphModule per unit, then the tail (the model's own head); shared weights."""
-        return split_graph(self.gm, [u.cut for u in self.units], detach=False)
+        return split_graph(self.gm, [u.cut for u in self.units])
 
     def unit_at(self, cut: str) -> int | None:
         return next((u.index for u in self.units if u.cut == cut), None)
