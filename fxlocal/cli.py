@@ -97,7 +97,7 @@ def _print_trace_report(report) -> None:
 def convert(
     model: str = typer.Argument(..., help="timm or torchvision model name, e.g. resnet101"),
     k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
-    aux: str = typer.Option("dgl", "--aux", help="aux head method (dgl, auglocal, none)"),
+    aux: str = typer.Option("dgl", "--aux", help="aux head method: dgl, auglocal, mlaan, man, none"),
     aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),

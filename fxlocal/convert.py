@@ -131,7 +131,8 @@ def convert(
         num_classes=num_classes,
         aux_options=dict(aux_options),
     )
-    local = LocalModel(blocks, heads, plan, config)
+    final = method.final_objective() if hasattr(method, "final_objective") else None
+    local = LocalModel(blocks, heads, plan, config, final_objective=final)
     local.trace_report = gm.meta["fxlocal_trace"]
     local.train(model.training)
     return local

@@ -77,4 +77,4 @@ def get_aux(name: str, **options) -> AuxMethod:
 
 
 # Methods register on import.
-from . import auglocal, dgl, none  # noqa: E402,F401
+from . import auglocal, dgl, man, mlaan, none  # noqa: E402,F401

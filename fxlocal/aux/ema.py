@@ -1,0 +1,64 @@
+"""Frozen EMA twins of backbone units (MLAAN's LAM, MAN's EMA branch).
+
+A twin is a copy of a live backbone unit whose parameters are turned into *buffers*: it gets
+no gradient, never shows up in ``parameters()`` (so never in an optimizer's parameter groups),
+and is saved in ``state_dict``. :meth:`EMATwin.update` moves it toward the live unit by the
+momentum rule ``θ_ema = m·θ_ema + (1-m)·θ_live``, parameters only: the twin's BatchNorm running
+statistics are its own, as in the reference implementations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMATwin", "ParallelSum"]
+
+
+class EMATwin(nn.Module):
+    def __init__(self, live: nn.Module, momentum: float = 0.995):
+        super().__init__()
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.module = copy.deepcopy(live)
+        for owner in self.module.modules():
+            for name, p in list(owner._parameters.items()):
+                if p is not None:
+                    del owner._parameters[name]
+                    owner.register_buffer(name, p.detach().clone())
+        self._names = [name for name, _ in live.named_parameters()]
+        # The live parameters it follows: a plain list, so they are not this module's parameters.
+        self._live = list(live.parameters())
+
+    def averaged(self) -> list[torch.Tensor]:
+        """The twin's copies of the live parameters, in the live unit's order."""
+        buffers = dict(self.module.named_buffers())
+        return [buffers[n] for n in self._names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for ema, live in zip(self.averaged(), self._live):
+            ema.mul_(self.momentum).add_(live.detach(), alpha=1 - self.momentum)
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}"
+
+
+class ParallelSum(nn.Module):
+    """``a(x) + b(x)``: a trainable unit copy and its EMA twin side by side."""
+
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        ya, yb = self.a(x), self.b(x)
+        if isinstance(ya, tuple):  # unit pieces return (tensor, *values)
+            return (ya[0] + yb[0], *ya[1:])
+        return ya + yb

@@ -1,0 +1,67 @@
+"""MAN (Su et al., ECCV 2024): the aux input first passes through ``LB(x) + EMA(x)``, where both
+copy the next block's first unit U — LB a trainable copy (the "learnable bias"), EMA a frozen
+twin updated from the live U after the block's backward — then DGL's head, sized from U's
+output (the reference's ImageNet code sizes it from the input, which only works when U keeps
+the shape).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..cost import Cost, measure_module
+from ..errors import FxLocalError
+from . import HeadSpec, register_aux
+from .dgl import DGLHead
+from .ema import EMATwin, ParallelSum
+
+__all__ = ["MAN"]
+
+
+class MANHead(nn.Module):
+    def __init__(self, pair: ParallelSum, head: nn.Module, summary: str):
+        super().__init__()
+        self.pair = pair
+        self.head = head
+        self.summary = summary
+
+    def forward(self, x):
+        return self.head(self.pair(x)[0])
+
+    def after_backward(self) -> None:
+        self.pair.b.update()
+
+
+@register_aux("man")
+class MAN:
+    cuts_at_units = True
+
+    def __init__(self, momentum: float = 0.995, conv_layers: int = 3, mlp_layers: int = 3, max_mlp_width: int = 1024):
+        self.momentum = momentum
+        self.dgl_options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
+
+    def build_head(self, spec: HeadSpec) -> nn.Module:
+        if spec.units is None or spec.unit is None or spec.unit + 1 >= len(spec.units):
+            raise FxLocalError("man heads copy the next block's first unit: the cut must be at a unit boundary")
+        u = spec.unit + 1
+        live = spec.units.pieces[u]
+        unit = spec.units.units[u]
+        pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
+        dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)
+        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {dgl.summary}"
+        return MANHead(pair, dgl, summary)
+
+    def head_cost(self, spec: HeadSpec) -> Cost:
+        """LB trains like the unit it copies; the twin only runs forward; then DGL's head."""
+        u = spec.unit + 1
+        unit, lb = spec.units.units[u], spec.units.unit_costs[u]
+        with torch.device("meta"):
+            dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)
+        twin = Cost(flops=lb.flops / 3, param_bytes=lb.param_bytes)
+        return lb + twin + measure_module(dgl, unit.out_shape)
+
+    def describe(self, head: nn.Module) -> str:
+        return head.summary

@@ -1,0 +1,167 @@
+"""MLAAN (Zhang et al., arXiv 2406.16633): multilaminar local modules (MLM) + LAM's EMA twins.
+
+For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)``:
+
+* *independent*: pool + Linear on the block's own output (a small conv1×1 stem first when the
+  map is narrow);
+* *cascade*: the previous ``span - 1`` blocks and block ``b`` re-run, connected, from the
+  detached input of block ``b - span + 1``, so this loss also trains those blocks; then an
+  augmented chain of fresh copies of later units — the "leap" to the first unit of every later
+  stage, then units sampled uniformly up to the last unit (``leap_chain``); earlier blocks get
+  longer chains — then pool + Linear. The reference hand-writes these chains per net and K; we
+  derive them from the graph's units and stages;
+* *LAM*: a frozen EMA twin of the live backbone unit that the chain's first copy mirrors runs
+  beside that copy (their outputs add) and is updated after the block's backward.
+
+The last block's loss is the model's own, cascaded the same way (the reference computes the
+x-path loss there and overwrites it with the y-path loss, a bug we do not copy: both count).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..cost import Cost
+from ..errors import FxLocalError
+from . import HeadSpec, register_aux
+from .adapters import make_adapter
+from .auglocal import sampled_units
+from .ema import EMATwin, ParallelSum
+from .unit_copies import UnitChain
+
+__all__ = ["leap_chain", "PoolLinear", "MLAAN"]
+
+
+def leap_chain(hidden: int, stages: list[int], length: int = 4) -> list[int]:
+    """Units MLAAN's augmented chain copies for hidden unit ``hidden`` (``stages[u]`` = stage of u).
+
+    Outside the last stage: the first unit of each later stage (at most ``length - 1``), then
+    units sampled uniformly after the last leap, ending at the last unit, ``length`` in all.
+    In the last stage: up to ``length - 1`` of the remaining units, ending at the last one.
+    """
+    last = len(stages) - 1
+    if hidden >= last:
+        return []
+    if stages[hidden] == stages[-1]:
+        return sampled_units(hidden, len(stages), max(1, min(length - 1, last - hidden)))
+    leaps = [u for u in range(hidden + 1, last + 1) if stages[u] != stages[u - 1] and stages[u] > stages[hidden]]
+    leaps = leaps[: max(1, length - 1)]
+    rest = length - len(leaps)
+    return leaps + (sampled_units(leaps[-1], len(stages), rest) if rest > 0 and leaps[-1] < last else [])
+
+
+class PoolLinear(nn.Module):
+    """Global average pool + Linear, with two conv1×1 first when the map is narrow."""
+
+    def __init__(self, shape: tuple[int, ...], layout: str, num_classes: int, narrow_width: int = 64):
+        super().__init__()
+        channels = shape[0] if layout == "nchw" else shape[-1]
+        stem: list[nn.Module] = []
+        if layout in ("nchw", "nhwc") and channels < narrow_width:
+            if layout == "nhwc":
+                stem.append(make_adapter(shape, "nhwc", (channels, *shape[:-1]), "nchw"))
+                shape, layout = (channels, *shape[:-1]), "nchw"
+            stem += [nn.Conv2d(channels, narrow_width, 1, bias=False), nn.BatchNorm2d(narrow_width), nn.ReLU()]
+            stem += [nn.Conv2d(narrow_width, narrow_width, 1, bias=False), nn.BatchNorm2d(narrow_width), nn.ReLU()]
+            channels, shape = narrow_width, (narrow_width, *shape[1:])
+        pool = make_adapter(shape, layout, (channels,), "nc")  # pooling only: same width
+        self.layers = nn.Sequential(*stem, pool, nn.Linear(channels, num_classes))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MLAANHead(nn.Module):
+    def __init__(self, independent: nn.Module, cascade: nn.Module, span: int, wx: float, wy: float, summary: str):
+        super().__init__()
+        self.independent = independent
+        self.cascade = cascade
+        self.input_window = span
+        self.wx, self.wy = wx, wy
+        self.summary = summary
+
+    def forward(self, x):
+        """The cascaded path's logits for a block output (evaluation)."""
+        return self.cascade(x)
+
+    def local_loss(self, ctx, b: int, out):
+        loss_x = ctx.criterion(self.independent(out[0]), ctx.target)
+        z = ctx.run_connected(max(0, b - self.input_window + 1), b)[0]
+        loss_y = ctx.criterion(self.cascade(z), ctx.target)
+        return self.wx * loss_x + self.wy * loss_y
+
+    def after_backward(self) -> None:
+        for m in self.modules():
+            if isinstance(m, EMATwin):
+                m.update()
+
+
+class CascadedFinalLoss(nn.Module):
+    """The last block's loss: its own output and the cascaded re-run both through the model head."""
+
+    def __init__(self, span: int, wx: float, wy: float):
+        super().__init__()
+        self.input_window = span
+        self.wx, self.wy = wx, wy
+
+    def local_loss(self, ctx, b: int, out):
+        y_out = ctx.run_connected(max(0, b - self.input_window + 1), b)
+        return self.wx * ctx.criterion(out, ctx.target) + self.wy * ctx.criterion(y_out, ctx.target)
+
+
+@register_aux("mlaan")
+class MLAAN:
+    cuts_at_units = True
+
+    def __init__(
+        self,
+        span: int = 2,
+        wx: float = 0.001,
+        wy: float = 0.999,
+        momentum: float = 0.995,
+        chain_length: int = 4,
+        narrow_width: int = 64,
+    ):
+        if span < 1 or chain_length < 1:
+            raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
+        self.span, self.wx, self.wy = span, wx, wy
+        self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
+
+    def chain(self, spec: HeadSpec) -> list[int]:
+        if spec.units is None or spec.unit is None:
+            raise FxLocalError("mlaan heads copy units: the cut must be at a unit boundary")
+        return leap_chain(spec.unit, [u.stage for u in spec.units.units], self.chain_length)
+
+    def build_head(self, spec: HeadSpec) -> nn.Module:
+        library = spec.units
+        picks = self.chain(spec)
+        stages: list[nn.Module] = []
+        shape, layout = spec.shape, spec.layout
+        for i, u in enumerate(picks):
+            want = library.units[u - 1]
+            adapter = make_adapter(shape, layout, want.out_shape, want.layout)
+            if not isinstance(adapter, nn.Identity):
+                stages.append(adapter)
+            copy_ = library.fresh_unit(u)
+            stages.append(ParallelSum(copy_, EMATwin(library.pieces[u], self.momentum)) if i == 0 else copy_)
+            shape, layout = library.units[u].out_shape, library.units[u].layout
+        stages.append(PoolLinear(shape, layout, spec.num_classes, self.narrow_width))
+        names = ", ".join(library.units[u].name for u in picks)
+        first = max(0, spec.block - self.span + 1)
+        summary = (
+            f"MLAAN: independent pool→fc + cascade re-running blocks {first}..{spec.block} → units {picks} "
+            f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → pool→fc; "
+            f"loss {self.wx}·x + {self.wy}·y"
+        )
+        independent = PoolLinear(spec.shape, spec.layout, spec.num_classes, self.narrow_width)
+        return MLAANHead(independent, UnitChain(stages), self.span, self.wx, self.wy, summary)
+
+    def final_objective(self) -> nn.Module:
+        return CascadedFinalLoss(self.span, self.wx, self.wy)
+
+    def head_cost(self, spec: HeadSpec) -> Cost:
+        """The copies cost what the units they copy cost; the pool/linear heads are negligible."""
+        return sum((spec.units.unit_costs[u] for u in self.chain(spec)), Cost())
+
+    def describe(self, head: nn.Module) -> str:
+        return head.summary

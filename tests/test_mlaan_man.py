@@ -1,0 +1,151 @@
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fxlocal
+from fxlocal.aux.ema import EMATwin
+from fxlocal.aux.mlaan import leap_chain
+from fxlocal.checkpoint import load_converted, save_converted
+from fxlocal.cli import app
+from helpers import assert_gradient_isolation, assert_trains
+
+CIFAR = (3, 32, 32)
+RESNET32_STAGES = [0] * 6 + [1] * 5 + [2] * 5  # stem + layer1 | layer2 | layer3
+
+
+def twins(local):
+    return [m for m in local.modules() if isinstance(m, EMATwin)]
+
+
+def test_leap_chain_follows_the_references_pattern():
+    # the reference's hand-written ResNet-32 chains: [[2,0],[3,0],[3,2],[3,4]] for stage-1 blocks
+    assert leap_chain(0, RESNET32_STAGES) == [6, 11, 13, 15]
+    assert leap_chain(5, RESNET32_STAGES) == [6, 11, 13, 15]
+    # a stage-2 block leaps to stage 3, then samples up to the last unit
+    assert leap_chain(7, RESNET32_STAGES) == [11, 12, 14, 15]
+    # inside the last stage: up to length-1 of the remaining units, shorter for later blocks
+    assert [len(leap_chain(h, RESNET32_STAGES)) for h in (11, 12, 13, 14)] == [3, 3, 2, 1]
+    assert leap_chain(14, RESNET32_STAGES) == [15]
+    for h in range(15):
+        assert leap_chain(h, RESNET32_STAGES)[-1] == 15
+
+
+def test_ema_update_is_exactly_the_momentum_rule():
+    live = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    twin = EMATwin(live, momentum=0.9)
+    assert not list(twin.parameters())  # buffers only
+    before = [t.clone() for t in twin.averaged()]
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(torch.randn_like(p))
+    twin.update()
+    for old, new, p in zip(before, twin.averaged(), live.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * p)
+
+
+@pytest.mark.parametrize("aux", ["mlaan", "man"])
+def test_ema_twins_get_no_gradient_and_no_optimizer_slot_and_all_update(aux):
+    local = fxlocal.convert("resnet32_cifar", k=4, aux=aux, input_size=CIFAR)
+    found = twins(local)
+    assert len(found) == 3  # one per aux head
+    twin_tensors = {id(t) for twin in found for t in twin.averaged()}
+    opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    in_groups = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not twin_tensors & in_groups
+    initial = [[t.clone() for t in twin.averaged()] for twin in found]
+    x, y = torch.randn(4, *CIFAR), torch.randint(0, 10, (4,))
+    for _ in range(2):  # the first step moves the live units, the second moves every twin
+        local.train_step(x, y, opt)
+    for twin, start in zip(found, initial):
+        assert all(not t.requires_grad and t.grad is None for t in twin.averaged())
+        assert any(not torch.equal(a, b) for a, b in zip(start, twin.averaged())), "a twin was not updated"
+
+
+def test_mlaan_cascade_reaches_exactly_span_blocks():
+    local = fxlocal.convert("resnet32_cifar", k=6, aux="mlaan", input_size=CIFAR)
+    x, y = torch.randn(2, *CIFAR), torch.randint(0, 10, (2,))
+    assert_gradient_isolation(local, x, y, window=2)
+    local.local_losses(x, y)[3].backward()
+    assert all(p.grad is not None for p in local.blocks[2].parameters())  # the cascade
+    assert all(p.grad is None for p in local.blocks[1].parameters())  # but no further
+
+
+def test_mlaan_options_reach_the_heads():
+    local = fxlocal.convert(
+        "resnet32_cifar", k=4, aux="mlaan", input_size=CIFAR, span=3, chain_length=2, momentum=0.9, wx=0.5, wy=0.5
+    )
+    head = local.heads[0]
+    assert head.input_window == 3 and local.input_window == 3
+    assert (head.wx, head.wy) == (0.5, 0.5)
+    assert all(t.momentum == 0.9 for t in twins(local))
+    assert "units [6, 15]" in local.plan.blocks[0].head
+
+
+def test_mlaan_loss_is_the_weighted_sum_of_both_paths():
+    local = fxlocal.convert("resnet32_cifar", k=3, aux="mlaan", input_size=CIFAR, wx=0.25, wy=0.75).eval()
+    x, y = torch.randn(4, *CIFAR), torch.randint(0, 10, (4,))
+    loss = local.local_losses(x, y)[1]
+    out0 = local.blocks[0](x)
+    out1 = local.blocks[1](*out0)
+    ce = torch.nn.functional.cross_entropy
+    head = local.heads[1]
+    expected = 0.25 * ce(head.independent(out1[0]), y) + 0.75 * ce(head.cascade(out1[0]), y)
+    assert torch.allclose(loss, expected)
+
+
+@pytest.mark.parametrize("aux", ["mlaan", "man"])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("resnet50", (3, 64, 64)),
+        ("torchvision:resnet101", (3, 64, 64)),
+        ("convnext_atto", (3, 64, 64)),
+        ("vit_tiny_patch16_224", (3, 32, 32)),
+        ("efficientnet_b0", (3, 64, 64)),
+    ],
+)
+def test_converts_trains_and_isolates(aux, name, size):
+    local = fxlocal.convert(name, k=4, aux=aux, input_size=size, num_classes=10)
+    assert len(twins(local)) == 3
+    assert_trains(local, size)
+    x, y = torch.randn(2, *size), torch.randint(0, 10, (2,))
+    assert_gradient_isolation(local, x, y, window=2 if aux == "mlaan" else 1)
+
+
+def test_man_head_is_sized_from_the_copied_units_output():
+    local = fxlocal.convert("resnet32_cifar", k=4, aux="man", input_size=CIFAR)
+    for head, block in zip(local.heads, local.plan.blocks):
+        assert "LB(unit" in block.head and "EMA twin" in block.head
+        out = head(torch.randn(2, *block.cut_shape))
+        assert out.shape == (2, 10)
+
+
+def test_checkpoint_keeps_ema_twins(tmp_path):
+    local = fxlocal.convert("resnet32_cifar", k=3, aux="mlaan", input_size=CIFAR)
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    for _ in range(2):
+        local.train_step(torch.randn(4, *CIFAR), torch.randint(0, 10, (4,)), opt)
+    save_converted(local, tmp_path / "m.pt")
+    back = load_converted(tmp_path / "m.pt")
+    for a, b in zip(twins(local), twins(back)):
+        assert all(torch.equal(x, y) for x, y in zip(a.averaged(), b.averaged()))
+
+
+@pytest.mark.parametrize("aux,marker", [("mlaan", "EMA twin on unit"), ("man", "MAN: LB(unit")])
+def test_cli_prints_each_heads_structure(aux, marker):
+    result = CliRunner().invoke(
+        app, ["convert", "resnet101", "--k", "4", "--aux", aux, "--input-size", "3", "64", "64"], env={"COLUMNS": "250"}
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count(marker) == 3
+
+
+def test_cli_aux_options_reach_mlaan():
+    result = CliRunner().invoke(
+        app,
+        ["convert", "resnet32_cifar", "--k", "4", "--aux", "mlaan", "--input-size", "3", "32", "32",
+         "--aux-option", "span=3", "--aux-option", "momentum=0.9"],
+        env={"COLUMNS": "250"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "re-running blocks 0..2" in result.output and "m=0.9" in result.output
