@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -184,6 +185,127 @@ def _print_units(units, model: str) -> None:
             str(u.index), str(u.stage), u.name, "×".join(map(str, u.in_shape)), "×".join(map(str, u.out_shape)), u.cut
         )
     console.print(table)
+
+
+class _RichReporter:
+    """Progress bars per epoch (loss, images/s) and a line per epoch with local accuracies."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+        self.main = os.environ.get("RANK", "0") == "0"
+
+    def run_start(self, recipe, local, start_epoch, steps):
+        self.steps, self.epochs = steps, recipe.epochs
+        if self.main:
+            console.print(_plan_table(local.plan))
+            if start_epoch:
+                console.print(f"resuming after epoch {start_epoch}")
+            self.progress.start()
+
+    def step(self, epoch, step, losses, ips):
+        if not self.main:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=self.steps, epoch=f"{epoch + 1}/{self.epochs}", loss="-", ips="-")
+        self.progress.update(
+            self.task, completed=step + 1, epoch=f"{epoch + 1}/{self.epochs}",
+            loss="/".join(f"{v:.3f}" for v in losses), ips=f"{ips:.0f}",
+        )
+
+    def epoch_end(self, record):
+        if not self.main:
+            return
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        local = " ".join(f"{a:.3f}" for a in record["train_local_top1"])
+        test = f" | test top-1 {record['test_top1']:.4f} top-5 {record['test_top5']:.4f}" if "test_top1" in record else ""
+        console.print(
+            f"epoch {record['epoch']}: loss {' '.join(f'{v:.3f}' for v in record['train_loss'])} | "
+            f"local acc {local} | {record['images_per_s']:.0f} img/s | peak {record['peak_memory_mib']:.0f} MiB{test}",
+            highlight=False,
+        )
+
+    def close(self):
+        self.progress.stop()
+
+
+@app.command()
+@_one_line_errors
+def train(
+    recipe: Path = typer.Argument(..., help="YAML training recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe field: key.sub=value (repeatable)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from <output_dir>/last.pt"),
+):
+    """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir)."""
+    from .recipe import load_recipe
+    from .train import fit
+
+    parsed = load_recipe(recipe, set_)
+    reporter = _RichReporter()
+    try:
+        result = fit(parsed, resume=resume, reporter=reporter)
+    finally:
+        reporter.close()
+    if reporter.main:
+        _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    table = Table(title=f"summary ({result.output_dir})")
+    for col in ("epoch", "train loss (last block)", "test top-1", "test top-5", "local test top-1", "img/s"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        table.add_row(
+            str(r["epoch"]),
+            f"{r['train_loss'][-1]:.4f}",
+            f"{r['test_top1']:.4f}" if "test_top1" in r else "-",
+            f"{r['test_top5']:.4f}" if "test_top5" in r else "-",
+            " ".join(f"{a:.3f}" for a in r.get("test_local_top1", [])) or "-",
+            f"{r['images_per_s']:.0f}",
+        )
+    console.print(table)
+    console.print(f"checkpoint: {result.output_dir / 'last.pt'}  metrics: {result.output_dir / 'metrics.jsonl'}")
+
+
+@app.command()
+@_one_line_errors
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint written by fxlocal train"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the recipe's"),
+):
+    """Report top-1 / top-5 of CHECKPOINT on its dataset's test split."""
+    import torch
+
+    from .recipe import load_recipe
+    from .train import build_model, evaluate as run_eval, load_training_checkpoint, _loaders, _Distributed, _device
+
+    state = load_training_checkpoint(checkpoint)
+    recipe = load_recipe(data=state["recipe"], overrides=[f"batch_size={batch_size}"] if batch_size else [])
+    device = _device(recipe, 0)
+    local = build_model(recipe).to(device)
+    local.load_state_dict(state["model"])
+    _, _, _, test_loader = _loaders(recipe, _Distributed(), device)
+    with torch.no_grad():
+        result = run_eval(local, test_loader, device, recipe.amp)
+    console.print(
+        f"{checkpoint}: epoch {state['epoch']}, {result['images']} test images: "
+        f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}; "
+        f"aux heads top-1 {' '.join(f'{a:.3f}' for a in result['local_top1']) or '-'}",
+        highlight=False,
+    )
 
 
 def main() -> None:  # console-script entry point

@@ -50,13 +50,15 @@ def convert(
     balance: str = "flops",
     num_classes: int | None = None,
     plan: Plan | None = None,
+    model_kwargs: dict | None = None,
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
 
     Names go through ``timm.create_model`` then ``torchvision.models.get_model`` (random init).
-    ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``aux_options`` go to the
-    aux method (``aux_depth=3, pyramid=0.5`` for ``auglocal``).
+    ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``model_kwargs`` go to the
+    model's constructor; ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
+    ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
     """
     input_size = tuple(int(s) for s in input_size)
     if balance not in BALANCE_METRICS:
@@ -68,7 +70,7 @@ def convert(
         raise PartitionError(f"k must be at least 1, got {k}")
     if isinstance(model_or_name, str):
         model_name = model_or_name
-        model = create_model(model_or_name, num_classes, input_size)
+        model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
     else:
         model_name, model = type(model_or_name).__name__, model_or_name
     gm = trace(model, input_size)
@@ -129,6 +131,7 @@ def convert(
         input_size=list(input_size),
         balance=plan.balance,
         num_classes=num_classes,
+        model_kwargs=dict(model_kwargs or {}),
         aux_options=dict(aux_options),
     )
     final = method.final_objective() if hasattr(method, "final_objective") else None

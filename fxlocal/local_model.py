@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -51,9 +51,9 @@ class LocalModel(nn.Module):
     block's graph (or the few blocks a cascaded objective re-runs).
 
     A head's local loss is ``criterion(head(output), target)`` unless the head defines
-    ``local_loss(ctx, block, output)``; heads may define ``after_backward()`` (EMA updates) and
-    ``input_window`` (how many block inputs their loss re-runs). ``final_objective``, when set,
-    is the last block's ``local_loss``.
+    ``local_loss(ctx, block, output) -> (loss, logits)``; heads may define ``after_backward()``
+    (EMA updates) and ``input_window`` (how many block inputs their loss re-runs).
+    ``final_objective``, when set, is the last block's ``local_loss``.
     """
 
     def __init__(
@@ -96,17 +96,23 @@ class LocalModel(nn.Module):
             yield from self.heads[b].parameters()
 
     def _objective(self, b: int) -> Callable:
+        """``(ctx, block, output) -> (loss, logits)`` for block ``b``."""
         head = self.heads[b] if b < len(self.heads) else self.final_objective
         if head is not None and hasattr(head, "local_loss"):
             return head.local_loss
         if b < len(self.heads):
-            return lambda ctx, _, out: ctx.criterion(head(out[0]), ctx.target)
-        return lambda ctx, _, out: ctx.criterion(out, ctx.target)
+
+            def head_loss(ctx, _, out):
+                logits = head(out[0])
+                return ctx.criterion(logits, ctx.target), logits
+
+            return head_loss
+        return lambda ctx, _, out: (ctx.criterion(out, ctx.target), out)
 
     def iter_block_losses(
         self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(block, local loss)`` block by block; the next block runs when asked for.
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(block, local loss, logits)`` block by block; the next block runs when asked for.
 
         Backpropagating each loss before asking for the next is what keeps only one block's
         graph alive (:meth:`train_step` does exactly that).
@@ -119,36 +125,70 @@ class LocalModel(nn.Module):
             ctx.inputs[b] = carried
             ctx.inputs.pop(b - window, None)
             out = block(*carried)
-            yield b, self._objective(b)(ctx, b, out)
+            loss, logits = self._objective(b)(ctx, b, out)
+            yield b, loss, logits
             carried = out if b < len(self.heads) else ()
             del out
 
     def local_losses(self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None) -> list[torch.Tensor]:
         """Every block's local loss for one batch, graphs kept (for evaluation and tests)."""
-        return [loss for _, loss in self.iter_block_losses(x, y, criterion)]
+        return [loss for _, loss, _ in self.iter_block_losses(x, y, criterion)]
 
     def train_step(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         criterion: Criterion | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        grad_hook: Callable[[list[nn.Parameter]], None] | None = None,
+        metrics: dict | None = None,
     ) -> list[float]:
         """One local-learning step; returns each block's loss (the last block's is the model's).
 
         Each block's loss is backpropagated before the next block runs, so only one block's
-        activations are alive at a time; the optimizer is stepped once all blocks are done.
+        activations are alive at a time. ``optimizer`` is one optimizer, stepped once all blocks
+        are done, or one per block (DGL style), each stepped right after its block's backward.
+        ``scaler`` scales the losses for fp16 autocast; ``grad_hook(params)`` runs before
+        parameters are stepped (data-parallel gradient averaging); ``metrics``, if given,
+        receives each block's top-1 ``accuracy`` on this batch.
         """
-        optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for b, loss in self.iter_block_losses(x, y, criterion):
-            loss.backward()
+        per_block = isinstance(optimizer, (list, tuple))
+        if per_block and len(optimizer) != self.k:
+            raise ValueError(f"{self.k} blocks need {self.k} per-block optimizers, got {len(optimizer)}")
+        if per_block and self.input_window > 1:
+            raise ValueError("per-block optimizers need strictly local losses; this aux method re-runs earlier blocks")
+        optimizers = list(optimizer) if per_block else [optimizer]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        losses, correct = [], []
+        for b, loss, logits in self.iter_block_losses(x, y, criterion):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
                 self.heads[b].after_backward()
             losses.append(loss.item())
-            del loss
-        optimizer.step()
+            if metrics is not None:
+                correct.append((logits.detach().argmax(-1) == y).float().mean().item())
+            if per_block:
+                self._step(optimizers[b], list(self.block_parameters(b)), scaler, grad_hook)
+            del loss, logits
+        if not per_block:
+            self._step(optimizers[0], list(self.parameters()), scaler, grad_hook)
+        if scaler is not None:
+            scaler.update()
+        if metrics is not None:
+            metrics["accuracy"] = correct
         return losses
+
+    @staticmethod
+    def _step(optimizer, params, scaler, grad_hook) -> None:
+        if grad_hook is not None:
+            grad_hook(params)
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     def extra_repr(self) -> str:
         return f"k={self.k}, aux={self.plan.aux!r}, balance={self.plan.balance!r}"

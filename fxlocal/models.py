@@ -8,6 +8,7 @@ are always random.
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -23,7 +24,7 @@ __all__ = ["ModelSource", "register_model_source", "create_model", "list_model_n
 class ModelSource:
     name: str
     list_models: Callable[[], list[str]]
-    create: Callable[..., nn.Module]  # create(name, num_classes, input_size)
+    create: Callable[..., nn.Module]  # create(name, num_classes, input_size, **kwargs)
 
 
 _SOURCES: list[ModelSource] = []
@@ -40,7 +41,7 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def _timm_create(name: str, num_classes: int | None, input_size: tuple[int, ...]) -> nn.Module:
+def _timm_create(name: str, num_classes: int | None, input_size: tuple[int, ...], **extra) -> nn.Module:
     import timm
 
     kwargs: dict = {"pretrained": False}
@@ -53,7 +54,7 @@ def _timm_create(name: str, num_classes: int | None, input_size: tuple[int, ...]
     fixed = bool(cfg and getattr(cfg, "fixed_input_size", False))
     if fixed and tuple(input_size[1:]) != tuple(getattr(cfg, "input_size", (0, 0, 0))[1:]):
         kwargs["img_size"] = tuple(input_size[1:])
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **{**kwargs, **extra})
 
 
 def _torchvision_names() -> list[str]:
@@ -62,10 +63,10 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _torchvision_create(name: str, num_classes: int | None, input_size: tuple[int, ...]) -> nn.Module:
+def _torchvision_create(name: str, num_classes: int | None, input_size: tuple[int, ...], **extra) -> nn.Module:
     import torchvision
 
-    kwargs: dict = {"weights": None}
+    kwargs: dict = {"weights": None, **extra}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     h, w = input_size[1:]
@@ -93,15 +94,35 @@ def list_model_names() -> list[str]:
     return sorted({n for s in _SOURCES for n in _names(s.name)})
 
 
-def create_model(name: str, num_classes: int | None = None, input_size: tuple[int, ...] = (3, 224, 224)) -> nn.Module:
-    """Create ``name`` with random weights; ``source:name`` (``torchvision:resnet50``) picks a source."""
+def _from_factory(path: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    """``package.module:factory`` -> ``factory(num_classes=..., **kwargs)``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownModelError(f"cannot import model factory {path!r}: {exc}") from None
+    if num_classes is not None:
+        kwargs = {"num_classes": num_classes, **kwargs}
+    return factory(**kwargs)
+
+
+def create_model(
+    name: str, num_classes: int | None = None, input_size: tuple[int, ...] = (3, 224, 224), **kwargs
+) -> nn.Module:
+    """Create ``name`` with random weights.
+
+    ``source:name`` (``torchvision:resnet50``) picks a source; ``package.module:factory`` calls
+    that function. ``kwargs`` go to the model's constructor.
+    """
     source_name, _, model_name = name.rpartition(":")
+    if source_name and source_name not in {s.name for s in _SOURCES}:
+        return _from_factory(name, num_classes, kwargs)
     for source in _SOURCES:
         if source_name and source.name != source_name:
             continue
         if model_name in _names(source.name):
             try:
-                return source.create(model_name, num_classes, tuple(input_size))
+                return source.create(model_name, num_classes, tuple(input_size), **kwargs)
             except (ValueError, AssertionError, RuntimeError) as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputSizeError(

@@ -87,8 +87,9 @@ class MLAANHead(nn.Module):
     def local_loss(self, ctx, b: int, out):
         loss_x = ctx.criterion(self.independent(out[0]), ctx.target)
         z = ctx.run_connected(max(0, b - self.input_window + 1), b)[0]
-        loss_y = ctx.criterion(self.cascade(z), ctx.target)
-        return self.wx * loss_x + self.wy * loss_y
+        logits = self.cascade(z)
+        loss_y = ctx.criterion(logits, ctx.target)
+        return self.wx * loss_x + self.wy * loss_y, logits
 
     def after_backward(self) -> None:
         for m in self.modules():
@@ -106,7 +107,7 @@ class CascadedFinalLoss(nn.Module):
 
     def local_loss(self, ctx, b: int, out):
         y_out = ctx.run_connected(max(0, b - self.input_window + 1), b)
-        return self.wx * ctx.criterion(out, ctx.target) + self.wy * ctx.criterion(y_out, ctx.target)
+        return self.wx * ctx.criterion(out, ctx.target) + self.wy * ctx.criterion(y_out, ctx.target), out
 
 
 @register_aux("mlaan")

@@ -1,0 +1,145 @@
+"""Training recipes: a YAML file validated against a schema, with ``--set key.sub=value`` overrides.
+
+A wrong or missing field raises :class:`RecipeError` with one line naming the field and what it
+accepts. The schema is a pydantic model (``extra="forbid"``: a misspelt key is an error, not a
+silently ignored default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import FxLocalError
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides"]
+
+
+class RecipeError(FxLocalError, ValueError):
+    """A recipe that does not validate."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    name: str  # timm / torchvision name, "source:name", or "package.module:factory"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: Optional[int] = Field(default=None, ge=1)
+
+
+class ConvertSection(_Section):
+    k: int = Field(default=4, ge=1)
+    aux: str = "dgl"
+    aux_options: dict[str, Any] = Field(default_factory=dict)
+    balance: Literal["flops", "params", "activations"] = "flops"
+
+
+class DataSection(_Section):
+    dataset: str = "fashion_mnist_mini"
+    root: Optional[str] = None  # None: the dataset's default location
+    download: bool = False
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    augment: Literal["none", "crop_flip", "timm"] = "crop_flip"
+    train_subset: Optional[int] = Field(default=None, ge=1)  # first N training images
+    test_subset: Optional[int] = Field(default=None, ge=1)
+
+
+class OptimizerSection(_Section):
+    name: Literal["sgd", "nesterov", "momentum", "adamw", "adam", "lamb", "lars"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    per_block: bool = False  # one optimizer per block, stepped right after its backward (DGL)
+
+
+class SchedulerSection(_Section):
+    name: Literal["cosine", "step", "multistep", "plateau", "none"] = "cosine"
+    warmup_epochs: int = Field(default=0, ge=0)
+    warmup_lr: float = Field(default=1e-5, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    decay_epochs: float = 30
+    decay_milestones: list[int] = Field(default_factory=lambda: [30, 60])
+    decay_rate: float = 0.1
+
+
+class Recipe(_Section):
+    source: str = ""  # where the settings come from (paper, table)
+    model: ModelSection
+    convert: ConvertSection = Field(default_factory=ConvertSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    amp: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0
+    workers: int = Field(default=2, ge=0)
+    output_dir: str = "runs/fxlocal"
+    checkpoint_interval: int = Field(default=1, ge=1)  # epochs
+    eval_interval: int = Field(default=1, ge=1)  # epochs
+    max_steps_per_epoch: Optional[int] = Field(default=None, ge=1)  # for smoke runs
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set takes key.sub=value, got {item!r}")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<recipe>"
+    if err["type"] == "missing":
+        return f"recipe field {field!r} is required"
+    if err["type"] == "extra_forbidden":
+        return f"recipe field {field!r} is not a recipe field (misspelt?)"
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"recipe field {field!r}: {err['msg']}{got}"
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Recipe:
+    """Read, override and validate a recipe (from ``path`` or an already-parsed ``data`` dict)."""
+    if data is None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"no recipe at {path}") from None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping of recipe sections")
+    data = apply_overrides(dict(data), overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_one_line(exc)) from None
+    from .aux import available_aux
+
+    if recipe.convert.aux not in available_aux():
+        raise RecipeError(
+            f"recipe field 'convert.aux': unknown method {recipe.convert.aux!r}; choose one of {', '.join(available_aux())}"
+        )
+    from .data import available_datasets
+
+    if recipe.data.dataset not in available_datasets():
+        raise RecipeError(
+            f"recipe field 'data.dataset': unknown dataset {recipe.data.dataset!r}; "
+            f"choose one of {', '.join(available_datasets())}"
+        )
+    return recipe

@@ -1,0 +1,423 @@
+"""Train a converted model from a recipe: data, optimizers and schedules from timm, checkpoints
+(atomic, resumable), metrics, data-parallel training on torch.distributed.
+
+Library code: nothing is printed. Progress goes to a :class:`Reporter` (the CLI renders it with
+rich); metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when it is installed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .convert import convert
+from .data import build_dataset, dataset_info
+from .errors import FxLocalError
+from .local_model import LocalModel
+from .plan import atomic_write_bytes
+from .recipe import Recipe
+
+__all__ = ["Reporter", "TrainingDiverged", "fit", "evaluate", "build_model", "load_training_checkpoint"]
+
+CHECKPOINT_FORMAT = "fxlocal.training/1"
+
+
+class TrainingDiverged(FxLocalError, RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+class Reporter:
+    """Receives progress; the default ignores it. The CLI subclasses it to draw progress bars."""
+
+    def run_start(self, recipe: Recipe, local: LocalModel, start_epoch: int, steps_per_epoch: int) -> None: ...
+
+    def step(self, epoch: int, step: int, losses: list[float], images_per_s: float) -> None: ...
+
+    def epoch_end(self, record: dict) -> None: ...
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(recipe: Recipe, local_rank: int) -> torch.device:
+    if recipe.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if recipe.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FxLocalError(f"recipe field 'device' is {recipe.device!r} but no CUDA device is available")
+    return torch.device(recipe.device)
+
+
+def build_model(recipe: Recipe) -> LocalModel:
+    """The converted model a recipe describes (random init, seeded)."""
+    info = dataset_info(recipe.data.dataset)
+    torch.manual_seed(recipe.seed)
+    return convert(
+        recipe.model.name,
+        k=recipe.convert.k,
+        aux=recipe.convert.aux,
+        input_size=tuple(recipe.data.input_size),
+        balance=recipe.convert.balance,
+        num_classes=recipe.model.num_classes or info.num_classes or None,
+        model_kwargs=recipe.model.kwargs,
+        **recipe.convert.aux_options,
+    )
+
+
+def _optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
+    from timm.optim import create_optimizer_v2
+
+    o = recipe.optimizer
+
+    def make(module: nn.Module) -> torch.optim.Optimizer:
+        return create_optimizer_v2(module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+
+    if not o.per_block:
+        return [make(local)]
+    groups = [nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])]) for b in range(local.k)]
+    return [make(g) for g in groups]
+
+
+def _schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.scheduler
+    if s.name == "none":
+        return []
+    return [
+        create_scheduler_v2(
+            opt,
+            sched=s.name,
+            num_epochs=recipe.epochs,
+            decay_epochs=s.decay_epochs,
+            decay_milestones=s.decay_milestones,
+            decay_rate=s.decay_rate,
+            min_lr=s.min_lr,
+            warmup_lr=s.warmup_lr,
+            warmup_epochs=s.warmup_epochs,
+        )[0]
+        for opt in optimizers
+    ]
+
+
+def _loaders(recipe: Recipe, dist_: _Distributed, device: torch.device):
+    d = recipe.data
+    train = build_dataset(d.dataset, d.root, True, tuple(d.input_size), d.augment, d.download, d.train_subset)
+    test = build_dataset(d.dataset, d.root, False, tuple(d.input_size), "none", d.download, d.test_subset)
+    common = dict(batch_size=recipe.batch_size, num_workers=recipe.workers, pin_memory=device.type == "cuda")
+    # Epoch e's order depends on (seed, e) only, so a resumed run sees the same batches.
+    order = torch.Generator()
+    if dist_.enabled:
+        sampler = torch.utils.data.DistributedSampler(train, dist_.world, dist_.rank, shuffle=True, seed=recipe.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(train, generator=order)
+    train_loader = torch.utils.data.DataLoader(train, sampler=sampler, generator=order, drop_last=True, **common)
+    test_loader = torch.utils.data.DataLoader(test, shuffle=False, **common)
+    return train_loader, sampler, order, test_loader
+
+
+def _reseed_epoch(sampler, order: torch.Generator, seed: int, epoch: int) -> None:
+    order.manual_seed(seed * 1000 + epoch)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, recipe: Recipe, local: LocalModel, optimizers, schedulers, scaler, epoch: int, history) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "recipe": recipe.model_dump(mode="json"),
+        "plan": local.plan.to_dict(),
+        "config": local.config,
+        "epoch": epoch,  # epochs completed
+        "model": local.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+        "schedulers": [s.state_dict() for s in schedulers],
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+        "history": history,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`fit`; a file that is not one is a clear error."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FxLocalError(f"no checkpoint at {path}") from None
+    except Exception as exc:
+        raise FxLocalError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise FxLocalError(f"{path} is not an fxlocal training checkpoint")
+    return payload
+
+
+@torch.no_grad()
+def evaluate(local: LocalModel, loader, device: torch.device, amp: bool = False) -> dict:
+    """Top-1/top-5 of the whole model and top-1 of every aux head on its block's output."""
+    was_training = local.training
+    local.eval()
+    correct1 = correct5 = total = 0
+    local_correct = [0] * len(local.heads)
+    autocast = _autocast(device, amp)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            carried: tuple = (x,)
+            for b, block in enumerate(local.blocks):
+                carried = block(*carried)
+                if b < len(local.heads):
+                    local_correct[b] += (local.heads[b](carried[0]).argmax(-1) == y).sum().item()
+            logits = carried
+        top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(-1).sum().item()
+        total += y.numel()
+    local.train(was_training)
+    return {
+        "top1": correct1 / max(total, 1),
+        "top5": correct5 / max(total, 1),
+        "local_top1": [c / max(total, 1) for c in local_correct],
+        "images": total,
+    }
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _grad_allreduce(world: int):
+    def hook(params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    return hook
+
+
+def _replicas_in_sync(local: LocalModel) -> bool:
+    checksum = torch.stack([p.detach().double().sum() for p in local.parameters()]).sum().reshape(1)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool((high - low).abs().item() <= 1e-6 * max(1.0, checksum.abs().item()))
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    epochs_done: int
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+
+
+def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train ``recipe``; with ``resume`` continue from ``<output_dir>/last.pt``."""
+    reporter = reporter or Reporter()
+    device_kind = "cuda" if recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dist_ = _init_distributed(device_kind)
+    device = _device(recipe, dist_.local_rank)
+    out_dir = Path(recipe.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = out_dir / "last.pt"
+
+    local = build_model(recipe).to(device)
+    if dist_.enabled:  # same start everywhere, whatever each rank's RNG did
+        for t in [*local.parameters(), *local.buffers()]:
+            dist.broadcast(t.data, src=0)
+    optimizers = _optimizers(recipe, local)
+    schedulers = _schedulers(recipe, optimizers)
+    scaler = torch.amp.GradScaler("cuda") if recipe.amp and device.type == "cuda" else None
+    start_epoch, history = 0, []
+    if resume:
+        if not last.exists():
+            raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
+        state = load_training_checkpoint(last)
+        local.load_state_dict(state["model"])
+        for opt, s in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        for sch, s in zip(schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+    else:
+        torch.manual_seed(recipe.seed + dist_.rank)
+        random.seed(recipe.seed + dist_.rank)
+        np.random.seed(recipe.seed + dist_.rank)
+
+    train_loader, sampler, order, test_loader = _loaders(recipe, dist_, device)
+    steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
+    reporter.run_start(recipe, local, start_epoch, steps)
+    grad_hook = _grad_allreduce(dist_.world) if dist_.enabled else None
+    writer = _tensorboard(out_dir) if dist_.main else None
+    optimizer_arg = optimizers if recipe.optimizer.per_block else optimizers[0]
+    autocast = _autocast(device, recipe.amp)
+
+    for epoch in range(start_epoch, recipe.epochs):
+        local.train()
+        _reseed_epoch(sampler, order, recipe.seed, epoch)
+        sums = np.zeros(local.k)
+        accs = np.zeros(local.k)
+        seen, started = 0, time.perf_counter()
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            metrics: dict = {}
+            with autocast:
+                losses = local.train_step(x, y, optimizer_arg, scaler=scaler, grad_hook=grad_hook, metrics=metrics)
+            if not all(math.isfinite(v) for v in losses):
+                bad = next(b for b, v in enumerate(losses) if not math.isfinite(v))
+                raise TrainingDiverged(
+                    f"loss of block {bad} is {losses[bad]} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is {last if last.exists() else 'none (no epoch finished)'}; "
+                    "lower optimizer.lr or enable warm-up"
+                )
+            sums += losses
+            accs += metrics["accuracy"]
+            seen += len(y)
+            reporter.step(epoch, step, losses, seen / max(time.perf_counter() - started, 1e-9))
+        for sch in schedulers:
+            sch.step(epoch + 1)
+        elapsed = time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": (sums / max(steps, 1)).round(5).tolist(),
+            "train_local_top1": (accs / max(steps, 1)).round(5).tolist(),
+            "images_per_s": round(seen * dist_.world / max(elapsed, 1e-9), 2),
+            "lr": optimizers[0].param_groups[0]["lr"],
+            "peak_memory_mib": round(_peak_memory_mib(device), 1),
+            "world_size": dist_.world,
+            "steps": steps,
+        }
+        if dist_.enabled:
+            record["replicas_in_sync"] = _replicas_in_sync(local)
+        if dist_.main and ((epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs):
+            record.update({f"test_{k}": v for k, v in evaluate(local, test_loader, device, recipe.amp).items()})
+        history.append(record)
+        if dist_.main:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                _log_tensorboard(writer, record)
+            if (epoch + 1) % recipe.checkpoint_interval == 0 or epoch + 1 == recipe.epochs:
+                _save_checkpoint(last, recipe, local, optimizers, schedulers, scaler, epoch + 1, history)
+        reporter.epoch_end(record)
+    if writer is not None:
+        writer.close()
+    if dist_.main:
+        _plot_curves(history, out_dir / "curves.png")
+    return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {})
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _log_tensorboard(writer, record: dict) -> None:
+    for key, value in record.items():
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                writer.add_scalar(f"{key}/block{i}", v, record["epoch"])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, record["epoch"])
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional
+        return
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for b in range(len(history[0]["train_loss"])):
+        ax1.plot(epochs, [r["train_loss"][b] for r in history], label=f"block {b}")
+    ax1.set(xlabel="epoch", ylabel="train loss", title="local losses")
+    ax1.legend()
+    tested = [r for r in history if "test_top1" in r]
+    ax2.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], marker="o", label="model top-1")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="test accuracy")
+    ax2.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
