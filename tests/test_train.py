@@ -1,0 +1,182 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import fxlocal
+from fxlocal.cli import app
+from fxlocal.data import DatasetError, build_dataset
+from fxlocal.recipe import RecipeError, load_recipe
+from fxlocal.train import Reporter, TrainingDiverged, build_model, fit, load_training_checkpoint
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def tiny(tmp_path, **changes):
+    """The quickstart recipe, shrunk to a few seconds."""
+    data = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
+    data.update(epochs=2, batch_size=32, output_dir=str(tmp_path / "run"))
+    data["data"].update(train_subset=128, test_subset=64)
+    data["convert"]["k"] = 2
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    return load_recipe(data=data)
+
+
+# --- recipes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"convert": {"balance": "speed"}}, "'convert.balance': Input should be 'flops', 'params' or 'activations'"),
+        ({"convert": {"aux": "dgll"}}, "'convert.aux': unknown method 'dgll'; choose one of"),
+        ({"epochs": 0}, "'epochs': Input should be greater than or equal to 1"),
+        ({"optimizr": {}}, "'optimizr' is not a recipe field"),
+        ({"data": {"dataset": "mnist2"}}, "'data.dataset': unknown dataset 'mnist2'"),
+    ],
+)
+def test_bad_recipe_fields_are_named(change, message):
+    data = {"model": {"name": "resnet32_cifar"}, **change}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(data=data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_field_is_named():
+    with pytest.raises(RecipeError, match="recipe field 'model' is required"):
+        load_recipe(data={"epochs": 3})
+
+
+def test_set_overrides_any_field():
+    recipe = load_recipe(
+        RECIPES[0],
+        ["epochs=3", "convert.aux_options.span=3", "optimizer.lr=0.05", "data.input_size=[3, 64, 64]"],
+    )
+    assert recipe.epochs == 3 and recipe.optimizer.lr == 0.05
+    assert recipe.convert.aux_options["span"] == 3
+    assert recipe.data.input_size == (3, 64, 64)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate_name_a_source_and_build(path):
+    recipe = load_recipe(path)
+    assert recipe.source
+    local = build_model(recipe)
+    assert local.k == recipe.convert.k and local.plan.aux == recipe.convert.aux
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    with pytest.raises(DatasetError, match=f"not found at {tmp_path}"):
+        build_dataset("cifar10", str(tmp_path), True, (3, 32, 32))
+    with pytest.raises(DatasetError, match="fashion_mnist"):
+        build_dataset("fashion_mnist", str(tmp_path), True, (1, 28, 28))
+
+
+def test_shared_fashion_mnist_reads_straight_from_gz(fashion_mnist):
+    data = build_dataset("fashion_mnist", str(Path(__file__).parents[2] / "shared/datasets/fashion-mnist"), False, (1, 28, 28))
+    assert len(data) == 10000
+    x, y = data[0]
+    assert x.shape == (1, 28, 28) and 0 <= y < 10
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class StopAfter(Reporter):
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def epoch_end(self, record):
+        if record["epoch"] == self.epochs:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("aux", ["dgl", "mlaan"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, aux):
+    straight = tiny(tmp_path / "a", convert__aux=aux)
+    fit(straight)
+    interrupted = tiny(tmp_path / "b", convert__aux=aux)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, reporter=StopAfter(1))
+    assert load_training_checkpoint(tmp_path / "b/run/last.pt")["epoch"] == 1
+    fit(interrupted, resume=True)
+    a = load_training_checkpoint(tmp_path / "a/run/last.pt")
+    b = load_training_checkpoint(tmp_path / "b/run/last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "test_top1" in json.loads(lines[-1])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    recipe = tiny(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        fit(recipe, reporter=StopAfter(1))
+    good = (tmp_path / "run/last.pt").read_bytes()
+    real_step = fxlocal.LocalModel.train_step
+
+    def poisoned(self, *args, **kwargs):
+        losses = real_step(self, *args, **kwargs)
+        return [math.nan] + losses[1:]
+
+    monkeypatch.setattr(fxlocal.LocalModel, "train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss of block 0 is nan at epoch 2, step 1"):
+        fit(recipe, resume=True)
+    assert (tmp_path / "run/last.pt").read_bytes() == good
+
+
+def test_per_block_optimizers(tmp_path):
+    result = fit(tiny(tmp_path, optimizer__per_block=True, epochs=1))
+    assert result.history[0]["train_loss"][0] > 0
+    with pytest.raises(ValueError, match="per-block optimizers need strictly local losses"):
+        fit(tiny(tmp_path / "m", optimizer__per_block=True, convert__aux="mlaan", epochs=1))
+
+
+def test_cli_train_and_evaluate(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny(tmp_path).model_dump(mode="json")))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(recipe), "--set", "epochs=1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "test top-1" in result.output and "summary" in result.output
+    top1 = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run/last.pt")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"top-1 {top1:.4f}" in result.output
+
+
+def test_cli_bad_recipe_and_checkpoint_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: resnet32_cifar}\nconvert: {balance: speed}\n")
+    result = CliRunner().invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "convert.balance" in result.output
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "not an fxlocal checkpoint" in result.output
+
+
+def test_data_parallel_with_two_processes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny(tmp_path, epochs=1).model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fxlocal.cli", "train", str(recipe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert record["world_size"] == 2
+    assert record["steps"] == 128 // 32 // 2  # each rank sees half the data
+    assert record["replicas_in_sync"] is True
