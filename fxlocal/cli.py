@@ -236,6 +236,7 @@ class _RichReporter:
             f"epoch {record['epoch']}: loss {' '.join(f'{v:.3f}' for v in record['train_loss'])} | "
             f"local acc {local} | {record['images_per_s']:.0f} img/s | peak {record['peak_memory_mib']:.0f} MiB{test}",
             highlight=False,
+            soft_wrap=True,
         )
 
     def close(self):
