@@ -309,6 +309,26 @@ def evaluate(
     )
 
 
+@app.command()
+@_one_line_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="a training checkpoint or a converted-model file"),
+    format: str = typer.Option("state_dict", "--format", help="state_dict, safetensors or pt2"),
+    output: Path = typer.Option(..., "--output", "-o", help="where to write the backbone"),
+    with_aux: bool = typer.Option(False, "--with-aux", help="also write the aux heads beside it"),
+):
+    """Write the trained backbone under the original model's parameter names (heads and twins gone)."""
+    from .export import EXPORT_FORMATS, ExportError, export as run_export, load_local_model
+
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not output.parent.is_dir():
+        raise ExportError(f"cannot write {output}: folder {output.parent} does not exist")
+    local = load_local_model(checkpoint)
+    for path in run_export(local, format, output, with_aux):
+        console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
 def main() -> None:  # console-script entry point
     sys.exit(app())
 

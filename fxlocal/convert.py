@@ -9,6 +9,7 @@ from torch import nn
 
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
+from .backbone import map_backbone
 from .cost import BALANCE_METRICS, Cost, measure_module
 from .errors import FxLocalError, PartitionError, PlanMismatchError
 from .local_model import LocalModel
@@ -135,7 +136,8 @@ def convert(
         aux_options=dict(aux_options),
     )
     final = method.final_objective() if hasattr(method, "final_objective") else None
-    local = LocalModel(blocks, heads, plan, config, final_objective=final)
+    backbone_map, untraced = map_backbone(model, blocks)
+    local = LocalModel(blocks, heads, plan, config, final_objective=final, backbone=(backbone_map, untraced))
     local.trace_report = gm.meta["fxlocal_trace"]
     local.train(model.training)
     return local

@@ -63,6 +63,7 @@ class LocalModel(nn.Module):
         plan: Plan,
         config: dict | None = None,
         final_objective: nn.Module | None = None,
+        backbone: tuple[dict, nn.Module] | None = None,
     ):
         super().__init__()
         if len(heads) != len(blocks) - 1:
@@ -73,6 +74,8 @@ class LocalModel(nn.Module):
         self.plan = plan
         # The convert() arguments that rebuild this model (see fxlocal.checkpoint).
         self.config = dict(config or {})
+        # Where the original model's state_dict entries live (see fxlocal.backbone).
+        self.backbone_map, self.untraced = backbone if backbone is not None else ({}, None)
 
     @property
     def k(self) -> int:
@@ -88,6 +91,16 @@ class LocalModel(nn.Module):
         for b, block in enumerate(self.blocks):
             carried = block(*(_isolated(carried) if b else carried))
         return carried
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained backbone under the original model's own keys (aux heads, EMA twins and
+        boundaries gone): ``original.load_state_dict(local.backbone_state_dict())`` is strict."""
+        block_states = [block.state_dict() for block in self.blocks]
+        untraced = self.untraced.state_dict() if self.untraced is not None else {}
+        out = {}
+        for key, where in self.backbone_map.items():
+            out[key] = block_states[where[1]][where[2]] if where[0] == "block" else untraced[where[1]]
+        return out
 
     def block_parameters(self, b: int) -> Iterator[nn.Parameter]:
         """Parameters trained by block ``b``'s local loss: the block's and its head's."""

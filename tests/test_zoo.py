@@ -1,6 +1,8 @@
-"""Models of many families, from timm and torchvision, convert with K=4 and train a step."""
+"""Models of many families, from timm and torchvision, convert with K=4, train a step, and give
+their trained backbone back to a fresh instance of the original model."""
 
 import pytest
+import torch
 
 import fxlocal
 from helpers import assert_trains
@@ -40,3 +42,8 @@ def test_converts_and_trains(name, size):
     local = fxlocal.convert(name, k=4, input_size=size, num_classes=10)
     assert local.k == 4 and len(local.heads) == 3
     assert_trains(local, size)
+    fresh = fxlocal.create_model(name, 10, size)
+    fresh.load_state_dict(local.backbone_state_dict(), strict=True)
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), local.eval()(x))

@@ -1,0 +1,43 @@
+"""Where each entry of the original model's ``state_dict`` lives inside a converted model.
+
+Blocks hold the original parameters and buffers (the same tensor objects), under the same
+qualified names; a few entries belong to modules the traced graph never calls (an inference
+path without GoogLeNet's aux classifier, say) and are kept aside as buffers. The map is plain
+data computed once at conversion, so ``LocalModel.backbone_state_dict()`` can give the original
+keys back even after ``.to(device)`` replaced buffer tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BackboneMap", "UntracedState", "map_backbone"]
+
+# key -> ("block", block index, key in that block) or ("untraced", buffer name)
+BackboneMap = dict[str, tuple]
+
+
+class UntracedState(nn.Module):
+    """State of the original model that no block uses; saved so that export stays strict."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t.detach().clone())
+
+
+def map_backbone(model: nn.Module, blocks: list[nn.Module]) -> tuple[BackboneMap, UntracedState]:
+    by_tensor: dict[int, tuple] = {}
+    for b, block in enumerate(blocks):
+        for key, t in block.state_dict(keep_vars=True).items():
+            by_tensor.setdefault(id(t), ("block", b, key))
+    mapping: BackboneMap = {}
+    untraced: list[torch.Tensor] = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in by_tensor:
+            mapping[key] = by_tensor[id(t)]
+        else:
+            mapping[key] = ("untraced", f"t{len(untraced)}")
+            untraced.append(t)
+    return mapping, UntracedState(untraced)
