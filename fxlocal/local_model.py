@@ -157,7 +157,8 @@ class LocalModel(nn.Module):
         scaler: torch.amp.GradScaler | None = None,
         grad_hook: Callable[[list[nn.Parameter]], None] | None = None,
         metrics: dict | None = None,
-    ) -> list[float]:
+        as_tensors: bool = False,
+    ) -> list[float] | list[torch.Tensor]:
         """One local-learning step; returns each block's loss (the last block's is the model's).
 
         Each block's loss is backpropagated before the next block runs, so only one block's
@@ -165,7 +166,8 @@ class LocalModel(nn.Module):
         are done, or one per block (DGL style), each stepped right after its block's backward.
         ``scaler`` scales the losses for fp16 autocast; ``grad_hook(params)`` runs before
         parameters are stepped (data-parallel gradient averaging); ``metrics``, if given,
-        receives each block's top-1 ``accuracy`` on this batch.
+        receives each block's top-1 ``accuracy`` on this batch. ``as_tensors`` returns the losses
+        as detached tensors: no host synchronisation per block (GPU), and it runs on fake tensors.
         """
         per_block = isinstance(optimizer, (list, tuple))
         if per_block and len(optimizer) != self.k:
@@ -180,7 +182,7 @@ class LocalModel(nn.Module):
             (scaler.scale(loss) if scaler is not None else loss).backward()
             if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
                 self.heads[b].after_backward()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if metrics is not None:
                 correct.append((logits.detach().argmax(-1) == y).float().mean().item())
             if per_block:
@@ -192,7 +194,7 @@ class LocalModel(nn.Module):
             scaler.update()
         if metrics is not None:
             metrics["accuracy"] = correct
-        return losses
+        return losses if as_tensors else [loss.item() for loss in losses]
 
     @staticmethod
     def _step(optimizer, params, scaler, grad_hook) -> None:
