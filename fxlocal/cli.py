@@ -329,6 +329,48 @@ def export(
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
+@app.command()
+@_one_line_errors
+def memory(
+    model: str = typer.Argument(..., help="timm or torchvision model name"),
+    k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
+    aux: str = typer.Option("dgl", "--aux", help="aux head method"),
+    batch: int = typer.Option(64, "--batch", min=1, help="batch size of the step"),
+    input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) or adamw"),
+    balance: str = typer.Option("activations", "--balance", help="flops, params or activations"),
+    device: str = typer.Option("fake", "--device", help="fake (predict on CPU, no allocation) or cuda (measure)"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
+):
+    """Peak memory of one training step: end to end vs local, with a per-block table."""
+    import fxlocal
+
+    from .memory import OPTIMIZERS, predict_memory
+
+    if optimizer not in OPTIMIZERS:
+        raise FxLocalError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if device not in ("fake", "cuda"):
+        raise FxLocalError(f"unknown device {device!r}; choose fake or cuda")
+    original = fxlocal.create_model(model, num_classes, input_size)
+    local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance)
+    report = predict_memory(original, local, batch, optimizer, device, name=model)
+    table = Table(
+        title=f"{model}: one {optimizer} step, batch {batch}, input {tuple(input_size)}, K={k}, aux={aux}, "
+        f"balance={balance} ({'predicted on fake tensors' if device == 'fake' else 'measured on CUDA'})",
+        caption="MiB = 2^20 bytes; activations are saved for backward by the block and its head",
+    )
+    for col in ("block", "activations", "params", "grads", "optimizer state", "aux head params"):
+        table.add_column(col, justify="right")
+    for b in report.blocks:
+        table.add_row(str(b.index), *(f"{v:.1f}" for v in (b.activations_mib, b.params_mib, b.grads_mib, b.optimizer_mib, b.head_params_mib)))
+    console.print(table)
+    console.print(
+        f"peak: end-to-end {report.e2e_peak_mib:.1f} MiB, local {report.local_peak_mib:.1f} MiB "
+        f"= {report.ratio:.3f}× end-to-end",
+        highlight=False,
+    )
+
+
 def main() -> None:  # console-script entry point
     sys.exit(app())
 

@@ -140,6 +140,7 @@ def plan_from_cuts(
                 activation_mib=cost.activation_bytes / 2**20,
                 head_params=head.params,
                 head_gflops=head.flops / 1e9,
+                head_activation_mib=head.activation_bytes / 2**20,
                 cost=(cost + head).metric(balance),
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,

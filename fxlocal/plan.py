@@ -29,6 +29,7 @@ class BlockPlan:
     activation_mib: float  # saved for backward, per sample
     head_params: int = 0
     head_gflops: float = 0.0
+    head_activation_mib: float = 0.0  # saved for backward by the head, per sample
     cost: float = 0.0  # the balanced metric, block + head
     cut_node: str | None = None  # fx node the block ends after (None for the last block)
     cut_shape: list[int] | None = None  # per-sample shape of the tensor at that cut

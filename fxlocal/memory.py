@@ -1,0 +1,134 @@
+"""Predict the peak memory of one training step, end to end vs local, without allocating.
+
+The model (and the converted model) are copied under ``FakeCopyMode(FakeTensorMode())`` and a
+full step — forward, backward, optimizer step — runs under
+``torch.distributed._tools.mem_tracker.MemTracker``; fake and real CPU runs report the same
+peaks, and the fake run allocates nothing. One untracked step runs first so that optimizer state
+exists (and so that MemTracker sees a steady state). With ``device="cuda"`` the same step runs
+for real and ``torch.cuda.max_memory_allocated`` is read instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+from .local_model import LocalModel
+
+__all__ = ["BlockMemory", "MemoryReport", "step_peak_bytes", "predict_memory", "OPTIMIZERS"]
+
+MIB = 2**20
+
+# optimizer name -> (factory, state tensors per parameter)
+OPTIMIZERS: dict[str, tuple[Callable, int]] = {
+    "sgd": (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), 1),
+    "adamw": (lambda params: torch.optim.AdamW(params, lr=1e-3), 2),
+}
+
+
+@dataclass
+class BlockMemory:
+    index: int
+    activations_mib: float  # saved for backward by the block and its head, at this batch
+    params_mib: float
+    grads_mib: float
+    optimizer_mib: float
+    head_params_mib: float
+
+
+@dataclass
+class MemoryReport:
+    model: str
+    k: int
+    aux: str
+    batch: int
+    input_size: tuple[int, ...]
+    optimizer: str
+    device: str
+    e2e_peak_mib: float
+    local_peak_mib: float
+    blocks: list[BlockMemory] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.local_peak_mib / self.e2e_peak_mib
+
+
+def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None],
+                    batch: int, input_size: tuple[int, ...], num_classes: int, optimizer: str = "sgd",
+                    device: str = "fake") -> int:
+    """Peak bytes of ``step(module, optimizer, x, y)`` after a warm-up step."""
+    make_optimizer = OPTIMIZERS[optimizer][0]
+    if device == "cuda":
+        module = copy.deepcopy(module).cuda()
+        opt = make_optimizer([p for p in module.parameters() if p.requires_grad])
+        x = torch.randn(batch, *input_size, device="cuda")
+        y = torch.randint(0, num_classes, (batch,), device="cuda")
+        step(module, opt, x, y)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(module, opt, x, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mode = FakeTensorMode()
+    with FakeCopyMode(mode):
+        fake = copy.deepcopy(module)
+    with mode:
+        opt = make_optimizer([p for p in fake.parameters() if p.requires_grad])
+        x = torch.randn(batch, *input_size)
+        y = torch.randint(0, num_classes, (batch,))
+        step(fake, opt, x, y)
+        tracker = MemTracker()
+        tracker.track_external(fake, opt)
+        with tracker:
+            step(fake, opt, x, y)
+    return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+
+
+def _e2e_step(model, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _local_step(local, opt, x, y) -> None:
+    local.train_step(x, y, opt, as_tensors=True)
+
+
+def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer: str = "sgd",
+                   device: str = "fake", name: str = "") -> MemoryReport:
+    """End-to-end vs local peak of one step, with a per-block breakdown."""
+    size = tuple(local.config["input_size"])
+    classes = local.config.get("num_classes") or _num_classes(local)
+    e2e = step_peak_bytes(original, _e2e_step, batch, size, classes, optimizer, device)
+    loc = step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device)
+    states = OPTIMIZERS[optimizer][1]
+    blocks = []
+    for b, bp in enumerate(local.plan.blocks):
+        params = sum(p.numel() * p.element_size() for p in local.blocks[b].parameters())
+        head = sum(p.numel() * p.element_size() for p in local.heads[b].parameters()) if b < len(local.heads) else 0
+        blocks.append(
+            BlockMemory(
+                index=b,
+                activations_mib=(bp.activation_mib + bp.head_activation_mib) * batch,
+                params_mib=params / MIB,
+                grads_mib=params / MIB,
+                optimizer_mib=states * params / MIB,
+                head_params_mib=head / MIB,
+            )
+        )
+    return MemoryReport(name or local.plan.model, local.k, local.plan.aux, batch, size, optimizer, device,
+                        e2e / MIB, loc / MIB, blocks)
+
+
+def _num_classes(local: LocalModel) -> int:
+    last = local.blocks[-1]
+    out = next(n for n in last.graph.nodes if n.op == "output").args[0]
+    return int(out.meta["val"].shape[-1])

@@ -1,0 +1,42 @@
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from typer.testing import CliRunner
+
+import fxlocal
+from fxlocal.cli import app
+from fxlocal.memory import _e2e_step, predict_memory, step_peak_bytes
+
+
+def test_fake_prediction_equals_a_real_cpu_step():
+    model = fxlocal.create_model("resnet18", 10, (3, 32, 32))
+    predicted = step_peak_bytes(model, _e2e_step, 8, (3, 32, 32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _e2e_step(model, opt, x, y)
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        _e2e_step(model, opt, x, y)
+    real = max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    assert predicted == real
+
+
+def test_local_step_needs_less_memory_than_end_to_end():
+    original = fxlocal.create_model("resnet32_cifar", 10, (3, 32, 32))
+    local = fxlocal.convert(original, k=4, input_size=(3, 32, 32), balance="activations")
+    report = predict_memory(original, local, 128)
+    assert report.local_peak_mib < 0.6 * report.e2e_peak_mib
+    assert len(report.blocks) == 4
+    assert sum(b.params_mib for b in report.blocks) * 2**20 == sum(p.numel() * 4 for p in original.parameters())
+    assert all(b.activations_mib > 0 for b in report.blocks)
+
+
+def test_memory_cli():
+    result = CliRunner().invoke(
+        app, ["memory", "resnet32_cifar", "--k", "4", "--batch", "32", "--input-size", "3", "32", "32"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "peak: end-to-end" in result.output and "× end-to-end" in result.output
+    result = CliRunner().invoke(app, ["memory", "resnet32_cifar", "--optimizer", "lion"])
+    assert result.exit_code == 2 and "choose one of sgd, adamw" in result.output
