@@ -102,7 +102,7 @@ def convert(
     aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
-    balance: str = typer.Option("flops", "--balance", help="flops, params or activations"),
+    balance: str = typer.Option("flops", "--balance", help="flops, params, activations or memory"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="re-apply a saved plan (JSON)"),
@@ -338,7 +338,7 @@ def memory(
     batch: int = typer.Option(64, "--batch", min=1, help="batch size of the step"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) or adamw"),
-    balance: str = typer.Option("activations", "--balance", help="flops, params or activations"),
+    balance: str = typer.Option("memory", "--balance", help="flops, params, activations or memory"),
     device: str = typer.Option("fake", "--device", help="fake (predict on CPU, no allocation) or cuda (measure)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
 ):
@@ -352,7 +352,10 @@ def memory(
     if device not in ("fake", "cuda"):
         raise FxLocalError(f"unknown device {device!r}; choose fake or cuda")
     original = fxlocal.create_model(model, num_classes, input_size)
-    local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance)
+    from .cost import MemoryModel
+
+    priced = MemoryModel(batch=batch, optimizer_states=OPTIMIZERS[optimizer][1])
+    local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced)
     report = predict_memory(original, local, batch, optimizer, device, name=model)
     table = Table(
         title=f"{model}: one {optimizer} step, batch {batch}, input {tuple(input_size)}, K={k}, aux={aux}, "

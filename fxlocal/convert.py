@@ -10,7 +10,7 @@ from torch import nn
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
 from .backbone import map_backbone
-from .cost import BALANCE_METRICS, Cost, measure_module
+from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module
 from .errors import FxLocalError, PartitionError, PlanMismatchError
 from .local_model import LocalModel
 from .models import create_model
@@ -52,13 +52,15 @@ def convert(
     num_classes: int | None = None,
     plan: Plan | None = None,
     model_kwargs: dict | None = None,
+    memory: MemoryModel | None = None,
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
 
     Names go through ``timm.create_model`` then ``torchvision.models.get_model`` (random init).
     ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``model_kwargs`` go to the
-    model's constructor; ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
+    model's constructor; ``memory`` prices ``balance="memory"`` (batch size, optimizer state,
+    pipeline mode; default batch 64, SGD momentum, one process); ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
     ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
     """
     input_size = tuple(int(s) for s in input_size)
@@ -103,7 +105,8 @@ def convert(
         allowed = [u.cut_position for u in analysis.units[:-1]]
     if plan is None:
         plan = partition(
-            gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux, allowed=allowed
+            gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux,
+            allowed=allowed, memory=memory,
         )
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
     missing = [c for c in plan.cuts if c not in position or (allowed is not None and position[c] not in allowed)]
@@ -118,7 +121,7 @@ def convert(
     heads_cost = [Cost()] * len(analysis.candidates)
     for b, i in enumerate(cut_idx):
         heads_cost[i] = head_cost(i, b)
-    plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux)
+    plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory)
     blocks = split_graph(gm, plan.cuts)
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):

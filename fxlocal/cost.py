@@ -41,12 +41,32 @@ class Cost:
         )
 
     def metric(self, balance: str) -> float:
+        """The additive metrics; ``balance="memory"`` is priced by :class:`MemoryModel`."""
         return {"flops": self.flops, "params": self.param_bytes, "activations": self.activation_bytes}[
             balance
         ]
 
 
-BALANCE_METRICS = ("flops", "params", "activations")
+@dataclass(frozen=True)
+class MemoryModel:
+    """What one block (with its head) adds to a training step's peak, for ``balance="memory"``.
+
+    Its activations at ``batch`` plus the resident parameters, gradients and optimizer state
+    (``optimizer_states`` tensors per parameter: 1 for SGD momentum, 2 for Adam) of what lives
+    on its device: in one process only the aux head's count here (the backbone's are resident
+    whatever the cuts); in pipeline mode, one block per device, the block's own count too.
+    """
+
+    batch: int = 64
+    optimizer_states: int = 1
+    pipeline: bool = False
+
+    def bytes(self, cost: "Cost", head: bool = False) -> float:
+        resident = cost.param_bytes * (2 + self.optimizer_states)
+        return cost.activation_bytes * self.batch + (resident if (head or self.pipeline) else 0.0)
+
+
+BALANCE_METRICS = ("flops", "params", "activations", "memory")
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch.fx as fx
 
 from .analyze import GraphAnalysis, analyze, covered_module_paths
-from .cost import BALANCE_METRICS, Cost
+from .cost import BALANCE_METRICS, Cost, MemoryModel
 from .errors import PartitionError
 from .plan import BlockPlan, Plan
 
@@ -79,12 +79,14 @@ def partition(
     model_name: str = "",
     aux: str = "dgl",
     allowed: Sequence[int] | None = None,
+    memory: MemoryModel | None = None,
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
     ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero).
     ``allowed`` restricts the cuts to those candidate indices (e.g. unit boundaries); the
     segments between allowed cuts are merged. ``input_size`` defaults to the traced size.
+    ``memory`` prices ``balance="memory"`` (batch, optimizer state, pipeline mode).
     """
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
@@ -103,14 +105,20 @@ def partition(
     ]
     heads = {i: head_cost(i) if head_cost else Cost() for i in allowed}
     chosen = min_max_partition(
-        [c.metric(balance) for c in merged],
+        [_score(c, balance, memory) for c in merged],
         k,
-        [heads[i].metric(balance) for i in allowed],
+        [_score(heads[i], balance, memory, head=True) for i in allowed],
         [0 if analysis.candidates[i].closes else 1 for i in allowed],
     )
     cut_idx = [allowed[c] for c in chosen]
     head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
-    return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux)
+    return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux, memory=memory)
+
+
+def _score(cost: Cost, balance: str, memory: MemoryModel | None, head: bool = False) -> float:
+    if balance == "memory":
+        return (memory or MemoryModel()).bytes(cost, head=head)
+    return cost.metric(balance)
 
 
 def plan_from_cuts(
@@ -121,6 +129,7 @@ def plan_from_cuts(
     heads: Sequence[Cost],
     model_name: str = "",
     aux: str = "dgl",
+    memory: MemoryModel | None = None,
 ) -> Plan:
     """The Plan for cutting after the given candidate indices (ascending)."""
     bounds = [-1, *cut_idx, len(analysis.segment_costs) - 1]
@@ -141,7 +150,7 @@ def plan_from_cuts(
                 head_params=head.params,
                 head_gflops=head.flops / 1e9,
                 head_activation_mib=head.activation_bytes / 2**20,
-                cost=(cost + head).metric(balance),
+                cost=_score(cost, balance, memory) + _score(head, balance, memory, head=True),
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,
             )

@@ -36,7 +36,7 @@ class ConvertSection(_Section):
     k: int = Field(default=4, ge=1)
     aux: str = "dgl"
     aux_options: dict[str, Any] = Field(default_factory=dict)
-    balance: Literal["flops", "params", "activations"] = "flops"
+    balance: Literal["flops", "params", "activations", "memory"] = "flops"
 
 
 class DataSection(_Section):

@@ -1,0 +1,81 @@
+"""Peak memory of one training step: end to end, the papers' hand-written split, and fxlocal.
+
+Prints a markdown table. On CPU the peaks are predicted on fake tensors (FakeCopyMode +
+MemTracker, identical to a real CPU step); with ``--device cuda`` they are measured with
+``torch.cuda.max_memory_allocated``. MiB = 2^20 bytes.
+
+    python benchmarks/memory.py                         # resnet101, K=4, batch 64, 224², SGD momentum
+    python benchmarks/memory.py --model resnet32_cifar --k 16 --batch 128 --input-size 3 32 32 --no-hand-split
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import fxlocal
+from fxlocal.cost import MemoryModel
+from fxlocal.memory import OPTIMIZERS, _e2e_step, _local_step, step_peak_bytes
+from fxlocal.plan import BlockPlan, Plan
+
+# The split the local-learning papers hand-write for torchvision ResNet-101 at K=4.
+HAND_SPLIT = ("layer2.2", "layer3.8", "layer3.16")
+
+
+def hand_plan(model, input_size, closes=HAND_SPLIT) -> Plan:
+    """A Plan cutting where the given modules end (the hand-written split)."""
+    gm = fxlocal.trace(model, input_size)
+    by_module = {c.closes: c.node for c in fxlocal.find_cut_candidates(gm)}
+    cuts = [by_module[m] for m in closes]
+    blocks = [BlockPlan(index=i, module_paths=[], params=0, gflops=0.0, activation_mib=0.0, cut_node=c) for i, c in enumerate(cuts)]
+    blocks.append(BlockPlan(index=len(cuts), module_paths=[], params=0, gflops=0.0, activation_mib=0.0))
+    return Plan("hand", list(input_size), len(blocks), "flops", "dgl", 0, blocks)
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="torchvision:resnet101")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--input-size", type=int, nargs=3, default=(3, 224, 224))
+    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS))
+    p.add_argument("--device", default="fake", choices=("fake", "cuda"))
+    p.add_argument("--no-hand-split", action="store_true", help="the model is not a torchvision ResNet-101")
+    p.add_argument("--aux", nargs="*", default=["dgl", "auglocal", "mlaan", "man"])
+    args = p.parse_args(argv)
+    size = tuple(args.input_size)
+    priced = MemoryModel(batch=args.batch, optimizer_states=OPTIMIZERS[args.optimizer][1])
+    original = fxlocal.create_model(args.model, None, size)
+    classes = original(__import__("torch").zeros(2, *size)).shape[-1]
+
+    def peak(module, step) -> float:
+        return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, args.device) / 2**20
+
+    rows = []
+    started = time.perf_counter()
+    e2e = peak(original, _e2e_step)
+    rows.append(("end-to-end", 1, "-", "-", e2e))
+    if not args.no_hand_split:
+        local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
+        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", peak(local, _local_step)))
+    configs = [("dgl", "flops"), ("dgl", "activations"), ("dgl", "memory")]
+    configs += [(aux, "memory") for aux in args.aux if aux != "dgl"]
+    for aux, balance in configs:
+        local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced)
+        cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
+        rows.append((f"fxlocal (ends: {cuts})", local.k, aux, balance, peak(local, _local_step)))
+    cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
+          f"{'predicted on fake tensors (CPU)' if args.device == 'fake' else 'measured on CUDA'}, "
+          f"{time.perf_counter() - started:.0f} s\n")
+    print("| configuration | K | aux | balance | peak MiB | × end-to-end |")
+    print("|---|---|---|---|---|---|")
+    for name, k, aux, balance, mib in rows:
+        print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
