@@ -20,7 +20,9 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Cost", "measure_module", "measure_nodes"]
+__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes"]
+
+COMPUTE = ("call_function", "call_method", "call_module")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Cost:
     activation_bytes: float = 0.0  # saved for backward
     param_bytes: float = 0.0
     params: int = 0
+    # the largest activation computed: its gradient and its input's coexist in backward, so a
+    # piece's transient need is set by its largest tensor (combined by max, not sum)
+    largest_activation_bytes: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(
@@ -38,6 +43,7 @@ class Cost:
             self.activation_bytes + other.activation_bytes,
             self.param_bytes + other.param_bytes,
             self.params + other.params,
+            max(self.largest_activation_bytes, other.largest_activation_bytes),
         )
 
     def metric(self, balance: str) -> float:
@@ -60,10 +66,17 @@ class MemoryModel:
     batch: int = 64
     optimizer_states: int = 1
     pipeline: bool = False
+    # gradient buffers alive at once in backward, in units of the largest activation
+    transient_factor: float = 2.0
 
     def bytes(self, cost: "Cost", head: bool = False) -> float:
+        """The additive part: saved activations and, where they count, resident parameters."""
         resident = cost.param_bytes * (2 + self.optimizer_states)
         return cost.activation_bytes * self.batch + (resident if (head or self.pipeline) else 0.0)
+
+    def transient(self, cost: "Cost") -> float:
+        """The non-additive part: backward's gradient buffers around the largest activation."""
+        return self.transient_factor * cost.largest_activation_bytes * self.batch
 
 
 BALANCE_METRICS = ("flops", "params", "activations", "memory")
@@ -204,10 +217,17 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
     for node in gm.graph.nodes:
         flops, saved = interp.node_costs.get(node.name, (0.0, 0.0))
         params = node_parameters(gm, node)
+        val = node.meta.get("val")  # traced shapes: per sample is a 1/len(batch) share
+        largest = (
+            float(val.numel() * val.element_size()) / max(val.shape[0], 1)
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and val.is_floating_point() and node.op in COMPUTE
+            else 0.0
+        )
         costs[node.name] = Cost(
             flops / batch,
             saved / batch,
             float(sum(p.numel() * p.element_size() for p in params)),
             sum(p.numel() for p in params),
+            largest,
         )
     return costs

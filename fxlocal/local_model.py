@@ -33,6 +33,16 @@ class StepContext:
     target: torch.Tensor
     criterion: Criterion
     inputs: dict[int, tuple] = field(default_factory=dict)
+    backward: Callable[[torch.Tensor], None] | None = None  # set by train_step
+
+    def backward_now(self, part: torch.Tensor) -> torch.Tensor:
+        """Backpropagate one part of a block's loss at once, freeing its graph before the
+        objective builds the next part (gradients add up, so the result is the same). Returns
+        the part for the reported total: detached when it was backpropagated here."""
+        if self.backward is None:  # local_losses(): keep every graph
+            return part
+        self.backward(part)
+        return part.detach()
 
     def run_connected(self, first: int, last: int) -> Any:
         """Re-run blocks ``first..last`` from block ``first``'s input, *without* detaching between."""
@@ -123,14 +133,18 @@ class LocalModel(nn.Module):
         return lambda ctx, _, out: (ctx.criterion(out, ctx.target), out)
 
     def iter_block_losses(
-        self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        criterion: Criterion | None = None,
+        backward: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(block, local loss, logits)`` block by block; the next block runs when asked for.
 
         Backpropagating each loss before asking for the next is what keeps only one block's
         graph alive (:meth:`train_step` does exactly that).
         """
-        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy)
+        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
         window = self.input_window
         carried: tuple = (x,)
         for b, block in enumerate(self.blocks):
@@ -178,8 +192,13 @@ class LocalModel(nn.Module):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         losses, correct = [], []
-        for b, loss, logits in self.iter_block_losses(x, y, criterion):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        def backward(loss: torch.Tensor) -> None:
+            if loss.requires_grad:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        for b, loss, logits in self.iter_block_losses(x, y, criterion, backward):
+            backward(loss)
             if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
                 self.heads[b].after_backward()
             losses.append(loss.detach())

@@ -25,6 +25,7 @@ def min_max_partition(
     k: int,
     cut_costs: Sequence[float] | None = None,
     cut_penalties: Sequence[int] | None = None,
+    segment_peaks: Sequence[float] | None = None,
 ) -> list[int]:
     """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks.
 
@@ -33,6 +34,8 @@ def min_max_partition(
     segment (its aux head), else just the sum. Returns the ``k - 1`` candidate indices cut after,
     ascending. Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not
     end a module cost 1), then the smaller sum of squared block costs (more even).
+    ``segment_peaks`` add a non-additive term: a block also costs the largest peak among its
+    segments (backward's transient buffers).
     """
     n = len(segment_costs)
     if not 1 <= k <= n:
@@ -43,21 +46,25 @@ def min_max_partition(
     for c in segment_costs:
         prefix.append(prefix[-1] + c)
 
-    def block(a: int, b: int) -> float:
-        return prefix[b + 1] - prefix[a] + (cut_costs[b] if b < n - 1 else 0.0)
+    peaks = list(segment_peaks) if segment_peaks is not None else [0.0] * n
+
+    def block(a: int, b: int, peak: float) -> float:
+        return prefix[b + 1] - prefix[a] + (cut_costs[b] if b < n - 1 else 0.0) + peak
 
     inf = (math.inf, math.inf, math.inf)
     # best[j][b]: (max block cost, penalties, sum of squares) of segments 0..b in j+1 blocks
     best = [[inf] * n for _ in range(k)]
     back = [[-1] * n for _ in range(k)]
     for b in range(n):
-        c = block(0, b)
+        c = block(0, b, max(peaks[: b + 1]))
         best[0][b] = (c, 0, c * c)
     for j in range(1, k):
         for b in range(j, n):
-            for a in range(j, b + 1):  # block j covers segments a..b
+            peak = 0.0
+            for a in range(b, j - 1, -1):  # block j covers segments a..b
+                peak = max(peak, peaks[a])
                 prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
-                c = block(a, b)
+                c = block(a, b, peak)
                 cand = (max(prev_max, c), prev_pen + penalty[a - 1], prev_sq + c * c)
                 if cand < best[j][b]:
                     best[j][b], back[j][b] = cand, a
@@ -109,6 +116,7 @@ def partition(
         k,
         [_score(heads[i], balance, memory, head=True) for i in allowed],
         [0 if analysis.candidates[i].closes else 1 for i in allowed],
+        [(memory or MemoryModel()).transient(c) for c in merged] if balance == "memory" else None,
     )
     cut_idx = [allowed[c] for c in chosen]
     head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
@@ -150,7 +158,9 @@ def plan_from_cuts(
                 head_params=head.params,
                 head_gflops=head.flops / 1e9,
                 head_activation_mib=head.activation_bytes / 2**20,
-                cost=_score(cost, balance, memory) + _score(head, balance, memory, head=True),
+                cost=_score(cost, balance, memory)
+                + _score(head, balance, memory, head=True)
+                + ((memory or MemoryModel()).transient(cost + head) if balance == "memory" else 0.0),
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,
             )

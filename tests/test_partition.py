@@ -58,3 +58,22 @@ def test_penalties_break_ties_only():
 def test_k_out_of_range(k):
     with pytest.raises(PartitionError):
         min_max_partition([1, 2, 3], k)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_dp_with_peaks_matches_brute_force(seed):
+    rng = random.Random(100 + seed)
+    n = rng.randint(2, 9)
+    k = rng.randint(1, n)
+    costs = [rng.randint(0, 50) for _ in range(n)]
+    peaks = [rng.randint(0, 80) for _ in range(n)]
+    cuts = min_max_partition(costs, k, segment_peaks=peaks)
+
+    def worst(cs):
+        bounds = [-1, *cs, n - 1]
+        return max(
+            sum(costs[bounds[i] + 1 : bounds[i + 1] + 1]) + max(peaks[bounds[i] + 1 : bounds[i + 1] + 1])
+            for i in range(len(bounds) - 1)
+        )
+
+    assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))

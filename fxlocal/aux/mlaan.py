@@ -85,11 +85,11 @@ class MLAANHead(nn.Module):
         return self.cascade(x)
 
     def local_loss(self, ctx, b: int, out):
-        loss_x = ctx.criterion(self.independent(out[0]), ctx.target)
+        # the x path's graph is freed before the cascade re-runs the blocks
+        weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(out[0]), ctx.target))
         z = ctx.run_connected(max(0, b - self.input_window + 1), b)[0]
         logits = self.cascade(z)
-        loss_y = ctx.criterion(logits, ctx.target)
-        return self.wx * loss_x + self.wy * loss_y, logits
+        return weighted_x + self.wy * ctx.criterion(logits, ctx.target), logits
 
     def after_backward(self) -> None:
         for m in self.modules():
@@ -106,8 +106,9 @@ class CascadedFinalLoss(nn.Module):
         self.wx, self.wy = wx, wy
 
     def local_loss(self, ctx, b: int, out):
+        loss_x = ctx.backward_now(self.wx * ctx.criterion(out, ctx.target))
         y_out = ctx.run_connected(max(0, b - self.input_window + 1), b)
-        return self.wx * ctx.criterion(out, ctx.target) + self.wy * ctx.criterion(y_out, ctx.target), out
+        return loss_x + self.wy * ctx.criterion(y_out, ctx.target), out
 
 
 @register_aux("mlaan")
