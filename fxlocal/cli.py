@@ -288,19 +288,13 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the recipe's"),
 ):
     """Report top-1 / top-5 of CHECKPOINT on its dataset's test split."""
-    import torch
-
     from .recipe import load_recipe
-    from .train import build_model, evaluate as run_eval, load_training_checkpoint, _loaders, _Distributed, _device
+    from .train import evaluate as run_eval, evaluation_loader, load_training_checkpoint, model_from_checkpoint
 
     state = load_training_checkpoint(checkpoint)
+    local = model_from_checkpoint(state)
     recipe = load_recipe(data=state["recipe"], overrides=[f"batch_size={batch_size}"] if batch_size else [])
-    device = _device(recipe, 0)
-    local = build_model(recipe).to(device)
-    local.load_state_dict(state["model"])
-    _, _, _, test_loader = _loaders(recipe, _Distributed(), device)
-    with torch.no_grad():
-        result = run_eval(local, test_loader, device, recipe.amp)
+    result = run_eval(local, evaluation_loader(recipe), next(local.parameters()).device, recipe.amp)
     console.print(
         f"{checkpoint}: epoch {state['epoch']}, {result['images']} test images: "
         f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}; "

@@ -30,21 +30,14 @@ class ExportError(FxLocalError, ValueError):
 
 
 def load_local_model(path: str | os.PathLike) -> LocalModel:
-    """A LocalModel from either a converted-model file or a training checkpoint."""
+    """A LocalModel from either a training checkpoint or a converted-model file."""
     from .checkpoint import CheckpointError, load_converted
-    from .train import CHECKPOINT_FORMAT, build_model
-    from .recipe import load_recipe
+    from .train import load_training_checkpoint, model_from_checkpoint
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise ExportError(f"no such checkpoint: {path}") from None
-    except Exception as exc:
-        raise ExportError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from None
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        local = build_model(load_recipe(data=payload["recipe"]))
-        local.load_state_dict(payload["model"])
-        return local
+        return model_from_checkpoint(load_training_checkpoint(path))
+    except CheckpointError:
+        pass  # not a training checkpoint: maybe a converted model
     try:
         return load_converted(path)
     except CheckpointError as exc:

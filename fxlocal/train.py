@@ -25,12 +25,22 @@ from torch import nn
 
 from .convert import convert
 from .data import build_dataset, dataset_info
+from .checkpoint import CheckpointError
 from .errors import FxLocalError
 from .local_model import LocalModel
 from .plan import atomic_write_bytes
 from .recipe import Recipe
 
-__all__ = ["Reporter", "TrainingDiverged", "fit", "evaluate", "build_model", "load_training_checkpoint"]
+__all__ = [
+    "Reporter",
+    "TrainingDiverged",
+    "build_model",
+    "evaluate",
+    "fit",
+    "load_training_checkpoint",
+    "model_from_checkpoint",
+    "evaluation_loader",
+]
 
 CHECKPOINT_FORMAT = "fxlocal.training/1"
 
@@ -145,8 +155,8 @@ def _loaders(recipe: Recipe, dist_: _Distributed, device: torch.device):
     else:
         sampler = torch.utils.data.RandomSampler(train, generator=order)
     train_loader = torch.utils.data.DataLoader(train, sampler=sampler, generator=order, drop_last=True, **common)
-    test_loader = torch.utils.data.DataLoader(test, shuffle=False, **common)
-    return train_loader, sampler, order, test_loader
+    eval_loader = torch.utils.data.DataLoader(test, shuffle=False, **common)
+    return train_loader, sampler, order, eval_loader
 
 
 def _reseed_epoch(sampler, order: torch.Generator, seed: int, epoch: int) -> None:
@@ -194,12 +204,26 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise FxLocalError(f"no checkpoint at {path}") from None
+        raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as exc:
-        raise FxLocalError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise FxLocalError(f"{path} is not an fxlocal training checkpoint")
+        raise CheckpointError(f"{path} is not an fxlocal training checkpoint")
     return payload
+
+
+def model_from_checkpoint(state: dict) -> LocalModel:
+    """The trained LocalModel of a loaded training checkpoint (rebuilt from its recipe)."""
+    from .recipe import load_recipe
+
+    local = build_model(load_recipe(data=state["recipe"]))
+    local.load_state_dict(state["model"])
+    return local
+
+
+def evaluation_loader(recipe: Recipe):
+    """The recipe's test split, as evaluation sees it."""
+    return _loaders(recipe, _Distributed(), torch.device("cpu"))[3]
 
 
 @torch.no_grad()
@@ -314,7 +338,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         random.seed(recipe.seed + dist_.rank)
         np.random.seed(recipe.seed + dist_.rank)
 
-    train_loader, sampler, order, test_loader = _loaders(recipe, dist_, device)
+    train_loader, sampler, order, eval_loader = _loaders(recipe, dist_, device)
     steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
     reporter.run_start(recipe, local, start_epoch, steps)
     grad_hook = _grad_allreduce(dist_.world) if dist_.enabled else None
@@ -362,7 +386,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         if dist_.enabled:
             record["replicas_in_sync"] = _replicas_in_sync(local)
         if dist_.main and ((epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs):
-            record.update({f"test_{k}": v for k, v in evaluate(local, test_loader, device, recipe.amp).items()})
+            record.update({f"test_{k}": v for k, v in evaluate(local, eval_loader, device, recipe.amp).items()})
         history.append(record)
         if dist_.main:
             with open(out_dir / "metrics.jsonl", "a") as f:
