@@ -39,7 +39,7 @@ def tiny(tmp_path, **changes):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"convert": {"balance": "speed"}}, "'convert.balance': Input should be 'flops', 'params' or 'activations'"),
+        ({"convert": {"balance": "speed"}}, "'convert.balance': Input should be 'flops', 'params', 'activations' or 'memory'"),
         ({"convert": {"aux": "dgll"}}, "'convert.aux': unknown method 'dgll'; choose one of"),
         ({"epochs": 0}, "'epochs': Input should be greater than or equal to 1"),
         ({"optimizr": {}}, "'optimizr' is not a recipe field"),
