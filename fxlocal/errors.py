@@ -36,3 +36,7 @@ class UnknownAuxError(FxLocalError, ValueError):
 
 class PlanMismatchError(FxLocalError, ValueError):
     """A saved plan names cut nodes that the traced graph does not have."""
+
+
+class IncompatibleOptionsError(FxLocalError, ValueError):
+    """Options that cannot be used together."""

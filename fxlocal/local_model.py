@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .errors import IncompatibleOptionsError
 from .plan import Plan
 
 __all__ = ["LocalModel", "StepContext"]
@@ -185,9 +186,12 @@ class LocalModel(nn.Module):
         """
         per_block = isinstance(optimizer, (list, tuple))
         if per_block and len(optimizer) != self.k:
-            raise ValueError(f"{self.k} blocks need {self.k} per-block optimizers, got {len(optimizer)}")
+            raise IncompatibleOptionsError(f"{self.k} blocks need {self.k} per-block optimizers, got {len(optimizer)}")
         if per_block and self.input_window > 1:
-            raise ValueError("per-block optimizers need strictly local losses; this aux method re-runs earlier blocks")
+            raise IncompatibleOptionsError(
+                "per-block optimizers need strictly local losses; this aux method re-runs earlier blocks: "
+                "use one optimizer (optimizer.per_block=false)"
+            )
         optimizers = list(optimizer) if per_block else [optimizer]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
