@@ -108,23 +108,33 @@ def convert(
     plan: Optional[Path] = typer.Option(None, "--plan", help="re-apply a saved plan (JSON)"),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="write the plan as JSON"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="save the converted model"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="pick the smallest K whose step peak fits, e.g. 8GiB"),
+    batch: int = typer.Option(64, "--batch", min=1, help="batch size that --max-memory and balance=memory price"),
 ):
     """Cut MODEL into K balanced gradient-isolated blocks with aux heads and print the plan."""
     import fxlocal
     from .checkpoint import save_converted
 
+    from .cost import MemoryModel
+
     options = _parse_aux_options(aux_option)
     options.update({key: v for key, v in (("aux_depth", aux_depth), ("pyramid", pyramid)) if v is not None})
-    local = fxlocal.convert(
-        model,
-        k=k,
-        aux=aux,
-        input_size=input_size,
-        balance=balance,
-        num_classes=num_classes,
-        plan=fxlocal.Plan.load(plan) if plan else None,
-        **options,
-    )
+    priced = MemoryModel(batch=batch)
+    if max_memory is not None:
+        original = fxlocal.create_model(model, num_classes, input_size)
+        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, "sgd", "fake", **options)
+    else:
+        local = fxlocal.convert(
+            model,
+            k=k,
+            aux=aux,
+            input_size=input_size,
+            balance=balance,
+            num_classes=num_classes,
+            plan=fxlocal.Plan.load(plan) if plan else None,
+            memory=priced,
+            **options,
+        )
     console.print(_plan_table(local.plan))
     _print_heads(local.plan)
     _print_trace_report(local.trace_report)
@@ -323,6 +333,25 @@ def export(
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
+def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, **options):
+    """The smallest K whose predicted step peak fits ``max_memory``, and its converted model."""
+    import fxlocal
+
+    from .memory import max_blocks, parse_bytes, smallest_k_that_fits
+
+    limit = parse_bytes(max_memory)
+    k, local, peak = smallest_k_that_fits(
+        lambda k: fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced, **options),
+        limit,
+        priced.batch,
+        max_blocks(original, aux, input_size),
+        optimizer,
+        device,
+    )
+    console.print(f"K={k} is the smallest that fits {max_memory}: predicted peak {peak:.0f} MiB", highlight=False)
+    return k, local
+
+
 @app.command()
 @_one_line_errors
 def memory(
@@ -335,6 +364,7 @@ def memory(
     balance: str = typer.Option("memory", "--balance", help="flops, params, activations or memory"),
     device: str = typer.Option("fake", "--device", help="fake (predict on CPU, no allocation) or cuda (measure)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="pick the smallest K whose peak fits, e.g. 8GiB"),
 ):
     """Peak memory of one training step: end to end vs local, with a per-block table."""
     import fxlocal
@@ -349,7 +379,10 @@ def memory(
     from .cost import MemoryModel
 
     priced = MemoryModel(batch=batch, optimizer_states=OPTIMIZERS[optimizer][1])
-    local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced)
+    if max_memory is not None:
+        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device)
+    else:
+        local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced)
     report = predict_memory(original, local, batch, optimizer, device, name=model)
     table = Table(
         title=f"{model}: one {optimizer} step, batch {batch}, input {tuple(input_size)}, K={k}, aux={aux}, "

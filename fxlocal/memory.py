@@ -18,9 +18,19 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
+from .errors import FxLocalError
 from .local_model import LocalModel
 
-__all__ = ["BlockMemory", "MemoryReport", "step_peak_bytes", "predict_memory", "OPTIMIZERS"]
+__all__ = [
+    "BlockMemory",
+    "MemoryLimitError",
+    "MemoryReport",
+    "OPTIMIZERS",
+    "parse_bytes",
+    "predict_memory",
+    "smallest_k_that_fits",
+    "step_peak_bytes",
+]
 
 MIB = 2**20
 
@@ -153,3 +163,73 @@ def _num_classes(local: LocalModel) -> int:
     last = local.blocks[-1]
     out = next(n for n in last.graph.nodes if n.op == "output").args[0]
     return int(out.meta["val"].shape[-1])
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GiB"``, ``"500MiB"``, ``"8G"`` (binary), ``"8GB"`` (decimal) -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MemoryLimitError(f"cannot read memory size {text!r}; write it like 8GiB, 512MiB or 8GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class MemoryLimitError(FxLocalError, ValueError):
+    """A memory limit that cannot be read or met."""
+
+
+def smallest_k_that_fits(
+    convert_k: Callable[[int], LocalModel],
+    limit_bytes: int,
+    batch: int,
+    max_k: int,
+    optimizer: str = "sgd",
+    device: str = "fake",
+) -> tuple[int, LocalModel, float]:
+    """The smallest K whose predicted step peak fits ``limit_bytes``: (K, model, peak MiB).
+
+    Peaks do not fall monotonically with K (more cuts, more heads), so K is scanned upward on
+    a sparse grid (1-6, 8, 10, 12, 16, 24, 32, …, max_k) and, at the first fit, the gap below it
+    is filled in. If nothing fits, the error names the smallest peak seen and its K.
+    """
+    cache: dict[int, tuple[LocalModel, int]] = {}
+
+    def peak(k: int) -> int:
+        if k not in cache:
+            local = convert_k(k)
+            size = tuple(local.config["input_size"])
+            classes = local.config.get("num_classes") or _num_classes(local)
+            cache[k] = (local, step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device))
+        return cache[k][1]
+
+    grid = sorted({k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12) if k <= max_k} | {2**i for i in range(4, 12) if 2**i <= max_k}
+                  | {3 * 2**i for i in range(3, 11) if 3 * 2**i <= max_k} | {max_k})
+    previous = 0
+    for k in grid:
+        if peak(k) <= limit_bytes:
+            for smaller in range(previous + 1, k):
+                if peak(smaller) <= limit_bytes:
+                    k = smaller
+                    break
+            return k, cache[k][0], cache[k][1] / MIB
+        previous = k
+    best_k = min(cache, key=lambda k: cache[k][1])
+    raise MemoryLimitError(
+        f"no K fits {limit_bytes / MIB:.0f} MiB: the smallest predicted peak is {cache[best_k][1] / MIB:.0f} MiB "
+        f"(K={best_k}, of K in {grid}); lower the batch size or raise the limit"
+    )
+
+
+def max_blocks(model: nn.Module, aux: str, input_size: tuple[int, ...]) -> int:
+    """The largest K ``convert`` accepts for this model and aux method."""
+    from .analyze import analyze
+    from .aux import get_aux
+    from .trace import trace
+
+    analysis = analyze(trace(model, input_size), input_size)
+    return len(analysis.units) if get_aux(aux).cuts_at_units else analysis.max_k
