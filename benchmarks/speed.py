@@ -1,0 +1,92 @@
+"""Train-step time: fxlocal's DGL conversion vs the same split written by hand, same weights.
+
+Both run torchvision ResNet-101 cut after layer2.2, layer3.8 and layer3.16 (the papers' split)
+with the same DGL heads and the same optimizer; the hand-written version is plain
+``nn.Sequential`` blocks and an eager loop, fxlocal's is the traced, split GraphModules and
+``LocalModel.train_step``. Steps alternate between the two; the median is reported.
+
+    python benchmarks/speed.py --batch 64 --steps 10          # the issue's setting (GPU)
+    python benchmarks/speed.py --batch 8 --steps 5 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torchvision
+from torch import nn
+
+import fxlocal
+from memory import HAND_SPLIT, hand_plan
+
+
+class HandSplit(nn.Module):
+    """The papers' hand-written K=4 ResNet-101 split, sharing modules with ``local``."""
+
+    def __init__(self, model: torchvision.models.ResNet, heads: nn.ModuleList):
+        super().__init__()
+        m = model
+        self.blocks = nn.ModuleList([
+            nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2[:3]),
+            nn.Sequential(m.layer2[3:], m.layer3[:9]),
+            nn.Sequential(m.layer3[9:17]),
+            nn.Sequential(m.layer3[17:], m.layer4, m.avgpool, nn.Flatten(1), m.fc),
+        ])
+        self.heads = heads
+
+    def train_step(self, x, y, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        h = x
+        for b, block in enumerate(self.blocks):
+            h = block(h.detach() if b else h)
+            out = self.heads[b](h) if b < len(self.heads) else h
+            nn.functional.cross_entropy(out, y).backward()
+        optimizer.step()
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    size = (3, args.size, args.size)
+    device = torch.device(args.device)
+    model = torchvision.models.resnet101()
+    local = fxlocal.convert(model, input_size=size, plan=hand_plan(model, size)).to(device)
+    hand = HandSplit(model, local.heads).to(device)
+    params = list(local.parameters())
+    assert {id(p) for p in hand.parameters()} == {id(p) for p in params}  # same weights, same heads
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch, *size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    runs = {"hand-written": lambda: hand.train_step(x, y, opt), "fxlocal": lambda: local.train_step(x, y, opt, as_tensors=True)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(args.steps + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:  # the first step warms up
+                times[name].append(time.perf_counter() - start)
+    hand_s = statistics.median(times["hand-written"])
+    print(f"`python benchmarks/speed.py --batch {args.batch} --steps {args.steps} --size {args.size} --device {args.device}`"
+          f" — torchvision resnet101, cuts after {', '.join(HAND_SPLIT)}, DGL heads, SGD momentum, fp32, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| implementation | median step (s) | × hand-written |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.3f} | {statistics.median(ts) / hand_s:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
