@@ -151,6 +151,9 @@ def convert(
 def inspect(
     model: str = typer.Argument(..., help="timm or torchvision model name"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
+    k: int = typer.Option(4, "--k", help="blocks of the plan --plot draws"),
+    balance: str = typer.Option("flops", "--balance", help="balance of the plan --plot draws"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-segment costs and the K-way cuts to a PNG"),
 ):
     """List MODEL's cut candidates, the module each one closes, and the cost of the segment before it."""
     import fxlocal
@@ -181,6 +184,14 @@ def inspect(
     console.print(table)
     _print_units(analysis.units, model)
     _print_trace_report(report)
+    if plot is not None:
+        from .plot import plot_plan
+
+        if not plot.parent.is_dir():
+            raise FxLocalError(f"cannot write {plot}: folder {plot.parent} does not exist")
+        plan = fxlocal.partition(gm, k, balance, analysis=analysis, model_name=model)
+        plot_plan(plan, analysis, plot)
+        console.print(f"plan drawn to {plot}")
 
 
 def _print_units(units, model: str) -> None:

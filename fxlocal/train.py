@@ -2,7 +2,8 @@
 (atomic, resumable), metrics, data-parallel training on torch.distributed.
 
 Library code: nothing is printed. Progress goes to a :class:`Reporter` (the CLI renders it with
-rich); metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when it is installed).
+rich); metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when it is installed), the
+curves to ``<output_dir>/curves.png``.
 """
 
 from __future__ import annotations
@@ -421,13 +422,11 @@ def _log_tensorboard(writer, record: dict) -> None:
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is optional
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not history:
         return
     epochs = [r["epoch"] for r in history]

@@ -61,3 +61,10 @@ def test_output_to_missing_folder_is_a_clear_error(tmp_path):
     result = run("convert", "resnet18", "--k", "2", "--input-size", "3", "32", "32", "--output", str(tmp_path / "no" / "m.pt"))
     assert result.exit_code == 2 and "does not exist" in result.output
     assert not (tmp_path / "no").exists()
+
+
+def test_inspect_plot_draws_the_plan(tmp_path):
+    out = tmp_path / "plan.png"
+    result = run("inspect", "resnet32_cifar", "--input-size", "3", "32", "32", "--k", "4", "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

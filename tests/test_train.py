@@ -152,6 +152,7 @@ def test_cli_train_and_evaluate(tmp_path):
     result = runner.invoke(app, ["train", str(recipe), "--set", "epochs=1"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "test top-1" in result.output and "summary" in result.output
+    assert (tmp_path / "run/curves.png").read_bytes()[:4] == b"\x89PNG"
     top1 = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run/last.pt")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
