@@ -34,6 +34,8 @@ class ModelSection(_Section):
 
 class ConvertSection(_Section):
     k: int = Field(default=4, ge=1)
+    # "8GiB": instead of k, the smallest K whose predicted step peak (at batch_size) fits
+    max_memory: Optional[str] = None
     aux: str = "dgl"
     aux_options: dict[str, Any] = Field(default_factory=dict)
     balance: Literal["flops", "params", "activations", "memory"] = "flops"

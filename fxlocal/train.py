@@ -93,19 +93,43 @@ def _device(recipe: Recipe, local_rank: int) -> torch.device:
 
 
 def build_model(recipe: Recipe) -> LocalModel:
-    """The converted model a recipe describes (random init, seeded)."""
+    """The converted model a recipe describes (random init, seeded).
+
+    With ``convert.max_memory`` set, K is the smallest whose predicted step peak fits it at the
+    recipe's batch size and optimizer (``convert.k`` is then ignored).
+    """
+    from .cost import MemoryModel
+    from .memory import max_blocks, parse_bytes, smallest_k_that_fits
+    from .models import create_model
+
     info = dataset_info(recipe.data.dataset)
+    size = tuple(recipe.data.input_size)
+    states = 2 if recipe.optimizer.name.startswith(("adam", "lamb")) else 1
+    priced = MemoryModel(batch=recipe.batch_size, optimizer_states=states)
+    classes = recipe.model.num_classes or info.num_classes or None
+
+    def build(k: int, model=None) -> LocalModel:
+        torch.manual_seed(recipe.seed)
+        return convert(
+            model if model is not None else recipe.model.name,
+            k=k,
+            aux=recipe.convert.aux,
+            input_size=size,
+            balance=recipe.convert.balance,
+            num_classes=classes,
+            model_kwargs=recipe.model.kwargs,
+            memory=priced,
+            **recipe.convert.aux_options,
+        )
+
+    if recipe.convert.max_memory is None:
+        return build(recipe.convert.k)
     torch.manual_seed(recipe.seed)
-    return convert(
-        recipe.model.name,
-        k=recipe.convert.k,
-        aux=recipe.convert.aux,
-        input_size=tuple(recipe.data.input_size),
-        balance=recipe.convert.balance,
-        num_classes=recipe.model.num_classes or info.num_classes or None,
-        model_kwargs=recipe.model.kwargs,
-        **recipe.convert.aux_options,
-    )
+    probe = create_model(recipe.model.name, classes, size, **recipe.model.kwargs)
+    limit = parse_bytes(recipe.convert.max_memory)
+    optimizer = "adamw" if states == 2 else "sgd"
+    k, _, _ = smallest_k_that_fits(build, limit, recipe.batch_size, max_blocks(probe, recipe.convert.aux, size), optimizer)
+    return build(k)
 
 
 def _optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:

@@ -181,3 +181,16 @@ def test_data_parallel_with_two_processes(tmp_path):
     assert record["world_size"] == 2
     assert record["steps"] == 128 // 32 // 2  # each rank sees half the data
     assert record["replicas_in_sync"] is True
+
+
+def test_recipe_max_memory_chooses_k(tmp_path):
+    from fxlocal.memory import _local_step, step_peak_bytes
+
+    recipe = tiny(tmp_path, batch_size=64)
+    peaks = {k: step_peak_bytes(build_model(tiny(tmp_path, batch_size=64, convert__k=k)), _local_step, 64, (1, 28, 28), 10)
+             for k in (1, 2)}
+    limit = (peaks[1] + peaks[2]) // 2
+    assert peaks[2] < limit < peaks[1]
+    chosen = build_model(load_recipe(data={**recipe.model_dump(mode="json"),
+                                           "convert": {**recipe.convert.model_dump(), "k": 9, "max_memory": f"{limit}B"}}))
+    assert chosen.k == 2
