@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from .errors import PlanMismatchError, SharedParameterError
 
