@@ -29,3 +29,15 @@ def assert_trains(local, size, num_classes=10, batch=4):
         after = list(local.block_parameters(b))
         assert any(not torch.equal(p0, p1) for p0, p1 in zip(before[b], after)), f"block {b} did not train"
     return losses
+
+
+def assert_exports_bit_identically(local, name, size, num_classes=10):
+    """The backbone loads strictly into a fresh original model and gives the same eval output."""
+    import fxlocal
+
+    fresh = fxlocal.create_model(name, num_classes, size)
+    fresh.load_state_dict(local.backbone_state_dict(), strict=True)
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        out = local.eval()(x)
+        assert torch.isfinite(out).all() and torch.equal(fresh.eval()(x), out)

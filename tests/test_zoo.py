@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxlocal
-from helpers import assert_trains
+from helpers import assert_exports_bit_identically, assert_trains
 
 SMALL = (3, 64, 64)
 ZOO = [
@@ -42,12 +42,7 @@ def test_converts_and_trains(name, size):
     local = fxlocal.convert(name, k=4, input_size=size, num_classes=10)
     assert local.k == 4 and len(local.heads) == 3
     assert_trains(local, size)
-    fresh = fxlocal.create_model(name, 10, size)
-    fresh.load_state_dict(local.backbone_state_dict(), strict=True)
-    x = torch.randn(2, *size)
-    with torch.no_grad():
-        out = local.eval()(x)
-        assert torch.isfinite(out).all() and torch.equal(fresh.eval()(x), out)
+    assert_exports_bit_identically(local, name, size)
 
 
 @pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man", "none"])
@@ -57,9 +52,4 @@ def test_every_aux_method_round_trips(name, size, aux):
     local = fxlocal.convert(name, k=1 if aux == "none" else 4, aux=aux, input_size=size, num_classes=10)
     opt = torch.optim.SGD(local.parameters(), lr=0.01)
     local.train_step(torch.randn(4, *size), torch.randint(0, 10, (4,)), opt)
-    fresh = fxlocal.create_model(name, 10, size)
-    fresh.load_state_dict(local.backbone_state_dict(), strict=True)
-    x = torch.randn(2, *size)
-    with torch.no_grad():
-        out = local.eval()(x)
-        assert torch.isfinite(out).all() and torch.equal(fresh.eval()(x), out)
+    assert_exports_bit_identically(local, name, size)
