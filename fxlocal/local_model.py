@@ -93,6 +93,12 @@ class LocalModel(nn.Module):
         return len(self.blocks)
 
     @property
+    def num_classes(self) -> int:
+        """Width of the model's output (as traced)."""
+        out = next(n for n in self.blocks[-1].graph.nodes if n.op == "output").args[0]
+        return int(out.meta["val"].shape[-1])
+
+    @property
     def input_window(self) -> int:
         objectives = [*self.heads, self.final_objective]
         return max(getattr(o, "input_window", 1) for o in objectives if o is not None) if self.k > 1 else 1

@@ -137,7 +137,7 @@ def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer
                    device: str = "fake", name: str = "") -> MemoryReport:
     """End-to-end vs local peak of one step, with a per-block breakdown."""
     size = tuple(local.config["input_size"])
-    classes = local.config.get("num_classes") or _num_classes(local)
+    classes = local.num_classes
     e2e = step_peak_bytes(original, _e2e_step, batch, size, classes, optimizer, device)
     loc = step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device)
     states = OPTIMIZERS[optimizer][1]
@@ -157,12 +157,6 @@ def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer
         )
     return MemoryReport(name or local.plan.model, local.k, local.plan.aux, batch, size, optimizer, device,
                         e2e / MIB, loc / MIB, blocks)
-
-
-def _num_classes(local: LocalModel) -> int:
-    last = local.blocks[-1]
-    out = next(n for n in last.graph.nodes if n.op == "output").args[0]
-    return int(out.meta["val"].shape[-1])
 
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -203,7 +197,7 @@ def smallest_k_that_fits(
         if k not in cache:
             local = convert_k(k)
             size = tuple(local.config["input_size"])
-            classes = local.config.get("num_classes") or _num_classes(local)
+            classes = local.num_classes
             cache[k] = (local, step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device))
         return cache[k][1]
 

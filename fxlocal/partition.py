@@ -16,6 +16,7 @@ from .analyze import GraphAnalysis, analyze, covered_module_paths
 from .cost import BALANCE_METRICS, Cost, MemoryModel
 from .errors import PartitionError
 from .plan import BlockPlan, Plan
+from .trace import traced_input_size
 
 __all__ = ["min_max_partition", "partition", "plan_from_cuts"]
 
@@ -98,7 +99,7 @@ def partition(
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
     if analysis is None:
-        analysis = analyze(gm, input_size or _traced_input_size(gm))
+        analysis = analyze(gm, input_size or traced_input_size(gm))
     allowed = sorted(allowed) if allowed is not None else list(range(len(analysis.candidates)))
     if k < 1 or k > len(allowed) + 1:
         where = "cut candidates" if len(allowed) == len(analysis.candidates) else "unit boundaries to cut at"
@@ -174,8 +175,3 @@ def plan_from_cuts(
         num_candidates=len(analysis.candidates),
         blocks=blocks,
     )
-
-
-def _traced_input_size(gm: fx.GraphModule) -> tuple[int, ...]:
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return tuple(int(s) for s in placeholder.meta["val"].shape[1:])

@@ -61,7 +61,7 @@ def _block_of(gm: fx.GraphModule, cuts: list[str]) -> dict[fx.Node, int]:
     return owner
 
 
-def _make_out_of_place(node: fx.Node, modules: dict[str, Any], gm: fx.GraphModule) -> None:
+def _make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
     """Rewrite ``node`` (in a block graph) so that it does not write into its inputs."""
     if node.op == "call_function" and node.target in _OUT_OF_PLACE:
         node.target = _OUT_OF_PLACE[node.target]
@@ -144,7 +144,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
             graph.output(torch.fx.map_arg(out.args[0], lookup))
         if b > 0:
             for user in list(env[crossing[b - 1][0]].users):
-                _make_out_of_place(user, modules, gm)
+                _make_out_of_place(user, modules)
         graph.lint()
         blocks.append(fx.GraphModule(modules, graph, class_name=f"Block{b}"))
     _check_no_shared_parameters(blocks)

@@ -38,7 +38,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 from .errors import InputSizeError, TraceError
 from .units import unit_atoms
 
-__all__ = ["TraceReport", "trace", "propagate_shapes"]
+__all__ = ["TraceReport", "trace", "propagate_shapes", "traced_input_size"]
 
 MAX_TRACE_RETRIES = 12
 # Shapes are propagated with a batch of 2: batch 1 hides batch/feature dimension mix-ups and
@@ -270,6 +270,12 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
         ) from exc
     finally:
         gm.train(was_training)
+
+
+def traced_input_size(gm: fx.GraphModule) -> tuple[int, ...]:
+    """The per-sample input size ``gm`` was traced (and its shapes propagated) at."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    return tuple(int(s) for s in placeholder.meta["val"].shape[1:])
 
 
 def _first_line(exc: BaseException) -> str:

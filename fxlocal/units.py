@@ -147,7 +147,9 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
         if inside and (not cuts or candidates[cuts[-1]].index < inside[-1]):
             cuts.append(by_index[inside[-1]])
     units: list[Unit] = []
-    prev_index, prev_shape, stage = -1, _input_shape(gm), 0
+    from .trace import traced_input_size  # trace imports this module for unit_atoms
+
+    prev_index, prev_shape, stage = -1, traced_input_size(gm), 0
     for u, pos in enumerate(cuts):
         c = candidates[pos]
         names = {n.name for n in order[prev_index + 1 : c.index + 1] if n.op in _COMPUTE_OPS}
@@ -167,8 +169,3 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
         )
         prev_index, prev_shape = c.index, c.shape
     return units
-
-
-def _input_shape(gm: fx.GraphModule) -> tuple[int, ...]:
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return tuple(int(s) for s in placeholder.meta["val"].shape[1:])
