@@ -51,8 +51,8 @@ def main(argv=None) -> None:
     original = fxlocal.create_model(args.model, None, size)
     classes = original(__import__("torch").zeros(2, *size)).shape[-1]
 
-    def peak(module, step) -> float:
-        return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, args.device) / 2**20
+    def peak(module, step, per_block=False) -> float:
+        return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, args.device, per_block) / 2**20
 
     rows = []
     started = time.perf_counter()
@@ -60,13 +60,13 @@ def main(argv=None) -> None:
     rows.append(("end-to-end", 1, "-", "-", e2e))
     if not args.no_hand_split:
         local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
-        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", peak(local, _local_step)))
+        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", peak(local, _local_step, per_block=True)))
     configs = [("dgl", "flops"), ("dgl", "activations"), ("dgl", "memory")]
     configs += [(aux, "memory") for aux in args.aux if aux != "dgl"]
     for aux, balance in configs:
         local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
-        rows.append((f"fxlocal (ends: {cuts})", local.k, aux, balance, peak(local, _local_step)))
+        rows.append((f"fxlocal (ends: {cuts})", local.k, aux, balance, peak(local, _local_step, per_block=True)))
     cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
           f"{'predicted on fake tensors (CPU)' if args.device == 'fake' else 'measured on CUDA'}, "

@@ -44,6 +44,7 @@ class CutCandidate:
     shape: tuple[int, ...]  # per-sample shape of the single live tensor
     layout: str  # "nchw", "nhwc", "nlc" (tokens) or "nc"
     closes: str | None = None  # the largest module whose last node this is (a natural cut)
+    nbytes: int = 0  # per-sample bytes of that tensor
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
@@ -153,6 +154,7 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
                     index=i,
                     module_path=node.meta.get("module_path", ""),
                     shape=tuple(int(s) for s in val.shape[1:]),
+                    nbytes=val[0].numel() * val.element_size(),
                     layout=tensor_layout(node),
                     closes=next(
                         (p for p in _prefixes(node.meta.get("module_path", "")) if last_of_module[p] == i),

@@ -61,18 +61,28 @@ class MemoryModel:
     (``optimizer_states`` tensors per parameter: 1 for SGD momentum, 2 for Adam) of what lives
     on its device: in one process only the aux head's count here (the backbone's are resident
     whatever the cuts); in pipeline mode, one block per device, the block's own count too.
+    With ``per_block`` optimizers (the trainer's default) a block's gradients exist only while
+    the losses that reach it are backpropagated, so they count toward that block alone.
     """
 
     batch: int = 64
     optimizer_states: int = 1
     pipeline: bool = False
+    per_block: bool = True
     # gradient buffers alive at once in backward, in units of the largest activation
     transient_factor: float = 2.0
 
     def bytes(self, cost: "Cost", head: bool = False) -> float:
         """The additive part: saved activations and, where they count, resident parameters."""
-        resident = cost.param_bytes * (2 + self.optimizer_states)
-        return cost.activation_bytes * self.batch + (resident if (head or self.pipeline) else 0.0)
+        if head or self.pipeline:
+            resident = cost.param_bytes * (2 + self.optimizer_states)
+        else:
+            resident = cost.param_bytes if self.per_block else 0.0  # its gradients, during its step
+        return cost.activation_bytes * self.batch + resident
+
+    def boundary(self, nbytes_per_sample: float) -> float:
+        """A block's output is held for the next block throughout the block's own step."""
+        return nbytes_per_sample * self.batch
 
     def transient(self, cost: "Cost") -> float:
         """The non-additive part: backward's gradient buffers around the largest activation."""

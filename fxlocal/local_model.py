@@ -35,6 +35,7 @@ class StepContext:
     criterion: Criterion
     inputs: dict[int, tuple] = field(default_factory=dict)
     backward: Callable[[torch.Tensor], None] | None = None  # set by train_step
+    _cascade: tuple | None = None  # (first, last, input) of the cascade being trained
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
         """Backpropagate one part of a block's loss at once, freeing its graph before the
@@ -51,6 +52,40 @@ class StepContext:
         for b in range(first, last + 1):
             carried = self.model.blocks[b](*carried)
         return carried
+
+    def run_cascaded(self, first: int, last: int) -> Any:
+        """Block ``last``'s output for a loss that also trains blocks ``first..last-1`` (a cascade).
+
+        Keeping graphs (``local_losses``), blocks ``first..last`` re-run connected. Training, only
+        block ``last`` re-runs, from its input made to require grad; :meth:`backward_cascaded`
+        then carries the gradient reaching that input back through the earlier blocks by
+        recomputing them one at a time, so at most one block's graph is alive (same gradients,
+        since the recomputed forward is the connected one)."""
+        if self.backward is None:
+            return self.run_connected(first, last)
+        x, *rest = self.inputs[last]
+        if last > first:
+            x = x.detach().requires_grad_()
+        self._cascade = (first, last, x)
+        return self.model.blocks[last](x, *rest)
+
+    def backward_cascaded(self, part: torch.Tensor) -> torch.Tensor:
+        """Backpropagate a loss built on :meth:`run_cascaded`'s output into the cascade's blocks."""
+        if self.backward is None:
+            return part
+        first, last, x = self._cascade
+        self._cascade = None
+        self.backward(part)
+        grad = x.grad
+        for b in range(last - 1, first - 1, -1):
+            if grad is None:  # the loss did not depend on the earlier blocks
+                break
+            x, *rest = self.inputs[b]
+            if b > first:
+                x = x.detach().requires_grad_()
+            torch.autograd.backward(self.model.blocks[b](x, *rest)[0], grad)
+            grad = x.grad
+        return part.detach()
 
 
 class LocalModel(nn.Module):
@@ -155,10 +190,13 @@ class LocalModel(nn.Module):
         window = self.input_window
         carried: tuple = (x,)
         for b, block in enumerate(self.blocks):
-            carried = _isolated(carried) if b else carried
-            ctx.inputs[b] = carried
+            ctx.inputs[b] = _isolated(carried) if b else carried
             ctx.inputs.pop(b - window, None)
-            out = block(*carried)
+            out = block(*ctx.inputs[b])
+            if window == 1:
+                # nothing re-runs this block: keep its input only if its own graph saved it
+                del ctx.inputs[b]
+            del carried
             loss, logits = self._objective(b)(ctx, b, out)
             yield b, loss, logits
             carried = out if b < len(self.heads) else ()
@@ -184,7 +222,11 @@ class LocalModel(nn.Module):
 
         Each block's loss is backpropagated before the next block runs, so only one block's
         activations are alive at a time. ``optimizer`` is one optimizer, stepped once all blocks
-        are done, or one per block (DGL style), each stepped right after its block's backward.
+        are done, or one per block (DGL style), each stepped as soon as its gradient is complete
+        (right after its backward; for a cascade, after the last loss that reaches it) and its
+        gradients then released, so only one block's (or one cascade's) gradients ever exist.
+        The updates are the same either way: each parameter's depends on its own gradient and
+        state only.
         ``scaler`` scales the losses for fp16 autocast; ``grad_hook(params)`` runs before
         parameters are stepped (data-parallel gradient averaging); ``metrics``, if given,
         receives each block's top-1 ``accuracy`` on this batch. ``as_tensors`` returns the losses
@@ -193,15 +235,11 @@ class LocalModel(nn.Module):
         per_block = isinstance(optimizer, (list, tuple))
         if per_block and len(optimizer) != self.k:
             raise IncompatibleOptionsError(f"{self.k} blocks need {self.k} per-block optimizers, got {len(optimizer)}")
-        if per_block and self.input_window > 1:
-            raise IncompatibleOptionsError(
-                "per-block optimizers need strictly local losses; this aux method re-runs earlier blocks: "
-                "use one optimizer (optimizer.per_block=false)"
-            )
         optimizers = list(optimizer) if per_block else [optimizer]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         losses, correct = [], []
+        stepped = 0  # per-block optimizers: blocks 0..stepped-1 are updated
 
         def backward(loss: torch.Tensor) -> None:
             if loss.requires_grad:
@@ -214,8 +252,14 @@ class LocalModel(nn.Module):
             losses.append(loss.detach())
             if metrics is not None:
                 correct.append((logits.detach().argmax(-1) == y).float().mean().item())
-            if per_block:
-                self._step(optimizers[b], list(self.block_parameters(b)), scaler, grad_hook)
+            # A block's gradient is complete once the last loss reaching it (a cascade reaches
+            # input_window - 1 blocks back) is backpropagated; it is stepped then, not before,
+            # since the cascade recomputes it with the weights of this step.
+            complete = self.k if b == self.k - 1 else b - self.input_window + 2
+            while per_block and stepped < complete:
+                self._step(optimizers[stepped], list(self.block_parameters(stepped)), scaler, grad_hook)
+                optimizers[stepped].zero_grad(set_to_none=True)
+                stepped += 1
             del loss, logits
         if not per_block:
             self._step(optimizers[0], list(self.parameters()), scaler, grad_hook)

@@ -63,20 +63,29 @@ class MemoryReport:
     e2e_peak_mib: float
     local_peak_mib: float
     blocks: list[BlockMemory] = field(default_factory=list)
+    per_block: bool = True  # one optimizer per block, gradients released once the block is stepped
 
     @property
     def ratio(self) -> float:
         return self.local_peak_mib / self.e2e_peak_mib
 
 
+def _make_optimizers(module: nn.Module, optimizer: str, per_block: bool) -> torch.optim.Optimizer | list:
+    """One optimizer over ``module``, or one per block of a LocalModel (stepped block by block)."""
+    make = OPTIMIZERS[optimizer][0]
+    if per_block:
+        return [make([p for p in module.block_parameters(b) if p.requires_grad]) for b in range(module.k)]
+    return make([p for p in module.parameters() if p.requires_grad])
+
+
 def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None],
                     batch: int, input_size: tuple[int, ...], num_classes: int, optimizer: str = "sgd",
-                    device: str = "fake") -> int:
-    """Peak bytes of ``step(module, optimizer, x, y)`` after a warm-up step."""
-    make_optimizer = OPTIMIZERS[optimizer][0]
+                    device: str = "fake", per_block: bool = False) -> int:
+    """Peak bytes of ``step(module, optimizer, x, y)`` after a warm-up step; with ``per_block``
+    the LocalModel ``module`` gets one optimizer per block (see :meth:`LocalModel.train_step`)."""
     if device == "cuda":
         module = copy.deepcopy(module).cuda()
-        opt = make_optimizer([p for p in module.parameters() if p.requires_grad])
+        opt = _make_optimizers(module, optimizer, per_block)
         x = torch.randn(batch, *input_size, device="cuda")
         y = torch.randint(0, num_classes, (batch,), device="cuda")
         step(module, opt, x, y)
@@ -90,12 +99,12 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
     with FakeCopyMode(mode):
         fake = copy.deepcopy(module)
     with mode:
-        opt = make_optimizer([p for p in fake.parameters() if p.requires_grad])
+        opt = _make_optimizers(fake, optimizer, per_block)
         x = torch.randn(batch, *input_size)
         y = torch.randint(0, num_classes, (batch,))
         step(fake, opt, x, y)
         tracker = _StepTracker()
-        tracker.track_external(fake, opt)
+        tracker.track_external(fake, *(opt if per_block else [opt]))
         with tracker:
             step(fake, opt, x, y)
     return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
@@ -134,12 +143,13 @@ def _local_step(local, opt, x, y) -> None:
 
 
 def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer: str = "sgd",
-                   device: str = "fake", name: str = "") -> MemoryReport:
-    """End-to-end vs local peak of one step, with a per-block breakdown."""
+                   device: str = "fake", name: str = "", per_block: bool = True) -> MemoryReport:
+    """End-to-end vs local peak of one step, with a per-block breakdown; ``per_block``: one
+    optimizer per block, as the trainer does by default (see :meth:`LocalModel.train_step`)."""
     size = tuple(local.config["input_size"])
     classes = local.num_classes
     e2e = step_peak_bytes(original, _e2e_step, batch, size, classes, optimizer, device)
-    loc = step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device)
+    loc = step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device, per_block)
     states = OPTIMIZERS[optimizer][1]
     blocks = []
     for b, bp in enumerate(local.plan.blocks):
@@ -156,7 +166,7 @@ def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer
             )
         )
     return MemoryReport(name or local.plan.model, local.k, local.plan.aux, batch, size, optimizer, device,
-                        e2e / MIB, loc / MIB, blocks)
+                        e2e / MIB, loc / MIB, blocks, per_block)
 
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -184,12 +194,14 @@ def smallest_k_that_fits(
     max_k: int,
     optimizer: str = "sgd",
     device: str = "fake",
+    per_block: bool = True,
 ) -> tuple[int, LocalModel, float]:
     """The smallest K whose predicted step peak fits ``limit_bytes``: (K, model, peak MiB).
 
     Peaks do not fall monotonically with K (more cuts, more heads), so K is scanned upward on
     a sparse grid (1-6, 8, 10, 12, 16, 24, 32, …, max_k) and, at the first fit, the gap below it
     is filled in. If nothing fits, the error names the smallest peak seen and its K.
+    ``per_block`` as in :func:`predict_memory`.
     """
     cache: dict[int, tuple[LocalModel, int]] = {}
 
@@ -198,7 +210,7 @@ def smallest_k_that_fits(
             local = convert_k(k)
             size = tuple(local.config["input_size"])
             classes = local.num_classes
-            cache[k] = (local, step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device))
+            cache[k] = (local, step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device, per_block))
         return cache[k][1]
 
     grid = sorted({k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12) if k <= max_k} | {2**i for i in range(4, 12) if 2**i <= max_k}

@@ -115,13 +115,17 @@ def partition(
     chosen = min_max_partition(
         [_score(c, balance, memory) for c in merged],
         k,
-        [_score(heads[i], balance, memory, head=True) for i in allowed],
+        [_score(heads[i], balance, memory, head=True) + _boundary(analysis.candidates[i], balance, memory) for i in allowed],
         [0 if analysis.candidates[i].closes else 1 for i in allowed],
         [(memory or MemoryModel()).transient(c) for c in merged] if balance == "memory" else None,
     )
     cut_idx = [allowed[c] for c in chosen]
     head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
     return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux, memory=memory)
+
+
+def _boundary(candidate, balance: str, memory: MemoryModel | None) -> float:
+    return (memory or MemoryModel()).boundary(candidate.nbytes) if balance == "memory" else 0.0
 
 
 def _score(cost: Cost, balance: str, memory: MemoryModel | None, head: bool = False) -> float:
@@ -161,7 +165,8 @@ def plan_from_cuts(
                 head_activation_mib=head.activation_bytes / 2**20,
                 cost=_score(cost, balance, memory)
                 + _score(head, balance, memory, head=True)
-                + ((memory or MemoryModel()).transient(cost + head) if balance == "memory" else 0.0),
+                + ((memory or MemoryModel()).transient(cost + head) if balance == "memory" else 0.0)
+                + (_boundary(end, balance, memory) if end else 0.0),
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,
             )

@@ -56,7 +56,10 @@ class OptimizerSection(_Section):
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=1e-4, ge=0)
-    per_block: bool = False  # one optimizer per block, stepped right after its backward (DGL)
+    # One optimizer per block, each stepped as soon as its block's gradient is complete and its
+    # gradients released (DGL's way): the same updates as one optimizer (except LAMB's global
+    # gradient-norm clipping, then per block), with one block's gradients alive instead of all.
+    per_block: bool = True
 
 
 class SchedulerSection(_Section):

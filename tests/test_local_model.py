@@ -155,3 +155,24 @@ def test_train_step_loss_falls_on_fashion_mnist(fashion_mnist):
         last = mean
     assert (last < first).all(), f"per-block losses did not fall: {first} -> {last}"
     assert last[-1] < 0.8 * first[-1]
+
+
+@pytest.mark.parametrize("aux,k", [("dgl", 4), ("mlaan", 4)])
+def test_per_block_optimizers_update_like_one_and_release_gradients(aux, k):
+    """Stepping each block as soon as its gradient is complete (after the cascade for mlaan)
+    gives the parameters one optimizer stepped at the end gives, and leaves no gradient alive."""
+    import copy
+
+    size = (3, 32, 32)
+    local = fxlocal.convert("resnet32_cifar", k=k, aux=aux, input_size=size)
+    reference = copy.deepcopy(local)
+    one = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    per = [torch.optim.SGD(list(local.block_parameters(b)), lr=0.1, momentum=0.9, weight_decay=1e-4) for b in range(k)]
+    x, y = torch.randn(4, *size), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        reference.train_step(x, y, one)
+        local.train_step(x, y, per)
+    assert all(p.grad is None for p in local.parameters())
+    # parameters, BN statistics and EMA twins alike
+    for (name, p), q in zip(local.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-6), name

@@ -52,7 +52,7 @@ def test_max_memory_picks_the_smallest_k_that_fits():
     def convert(k):
         return fxlocal.convert(original, k=k, input_size=(3, 32, 32), balance="memory")
 
-    peaks = {k: step_peak_bytes(convert(k), _local_step, 64, (3, 32, 32), 10) for k in (1, 2, 3)}
+    peaks = {k: step_peak_bytes(convert(k), _local_step, 64, (3, 32, 32), 10, per_block=True) for k in (1, 2, 3)}
     limit = (peaks[2] + peaks[1]) // 2  # K=1 is too big, K=2 fits
     assert peaks[2] < limit < peaks[1]
     k, local, peak_mib = smallest_k_that_fits(convert, limit, 64, max_blocks(original, "dgl", (3, 32, 32)))

@@ -149,3 +149,25 @@ def test_cli_aux_options_reach_mlaan():
     )
     assert result.exit_code == 0, result.output
     assert "re-running blocks 0..2" in result.output and "m=0.9" in result.output
+
+
+@pytest.mark.parametrize("span", [2, 3])
+def test_mlaan_train_step_gradients_equal_the_connected_cascade(span):
+    """train_step recomputes the cascade's earlier blocks one at a time instead of keeping
+    their graphs; the gradients must be those of the connected losses."""
+    import copy
+
+    local = fxlocal.convert("resnet32_cifar", k=5, aux="mlaan", input_size=CIFAR, span=span, wx=0.3, wy=0.7)
+    connected = copy.deepcopy(local)
+    x, y = torch.randn(4, *CIFAR), torch.randint(0, 10, (4,))
+    got = {}
+
+    def record(params):
+        got.update({name: p.grad.clone() for name, p in local.named_parameters() if p.grad is not None})
+
+    local.train_step(x, y, torch.optim.SGD(local.parameters(), lr=0.0), grad_hook=record)
+    sum(connected.local_losses(x, y)).backward()
+    want = {name: p.grad for name, p in connected.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(want) == len(list(local.parameters()))
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), name

@@ -138,11 +138,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert (tmp_path / "run/last.pt").read_bytes() == good
 
 
-def test_per_block_optimizers(tmp_path):
-    result = fit(tiny(tmp_path, optimizer__per_block=True, epochs=1))
+def test_one_optimizer_for_all_blocks(tmp_path):
+    result = fit(tiny(tmp_path, optimizer__per_block=False, epochs=1))
     assert result.history[0]["train_loss"][0] > 0
-    with pytest.raises(ValueError, match="per-block optimizers need strictly local losses"):
-        fit(tiny(tmp_path / "m", optimizer__per_block=True, convert__aux="mlaan", epochs=1))
 
 
 def test_cli_train_and_evaluate(tmp_path):

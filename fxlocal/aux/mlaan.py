@@ -4,8 +4,9 @@ For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)
 
 * *independent*: pool + Linear on the block's own output (a small conv1×1 stem first when the
   map is narrow);
-* *cascade*: the previous ``span - 1`` blocks and block ``b`` re-run, connected, from the
-  detached input of block ``b - span + 1``, so this loss also trains those blocks; then an
+* *cascade*: block ``b`` re-run so that this loss also trains the previous ``span - 1``
+  blocks (``StepContext.run_cascaded``: their share of the gradient comes from recomputing
+  them one at a time, so the cascade never holds more than one block's graph); then an
   augmented chain of fresh copies of later units — the "leap" to the first unit of every later
   stage, then units sampled uniformly up to the last unit (``leap_chain``); earlier blocks get
   longer chains — then pool + Linear. The reference hand-writes these chains per net and K; we
@@ -87,9 +88,9 @@ class MLAANHead(nn.Module):
     def local_loss(self, ctx, b: int, out):
         # the x path's graph is freed before the cascade re-runs the blocks
         weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(out[0]), ctx.target))
-        z = ctx.run_connected(max(0, b - self.input_window + 1), b)[0]
+        z = ctx.run_cascaded(max(0, b - self.input_window + 1), b)[0]
         logits = self.cascade(z)
-        return weighted_x + self.wy * ctx.criterion(logits, ctx.target), logits
+        return weighted_x + ctx.backward_cascaded(self.wy * ctx.criterion(logits, ctx.target)), logits
 
     def after_backward(self) -> None:
         for m in self.modules():
@@ -107,8 +108,8 @@ class CascadedFinalLoss(nn.Module):
 
     def local_loss(self, ctx, b: int, out):
         loss_x = ctx.backward_now(self.wx * ctx.criterion(out, ctx.target))
-        y_out = ctx.run_connected(max(0, b - self.input_window + 1), b)
-        return loss_x + self.wy * ctx.criterion(y_out, ctx.target), out
+        y_out = ctx.run_cascaded(max(0, b - self.input_window + 1), b)
+        return loss_x + ctx.backward_cascaded(self.wy * ctx.criterion(y_out, ctx.target)), out
 
 
 @register_aux("mlaan")
