@@ -10,7 +10,7 @@ from torch import nn
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
 from .backbone import map_backbone
-from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module
+from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
 from .errors import FxLocalError, PartitionError, PlanMismatchError
 from .local_model import LocalModel
 from .models import create_model
@@ -125,7 +125,8 @@ def convert(
     blocks = split_graph(gm, plan.cuts)
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
-        head = method.build_head(spec(position[block_plan.cut_node], b, plan.k))
+        with model_device(model):  # heads live with the weights (the meta device for a sweep)
+            head = method.build_head(spec(position[block_plan.cut_node], b, plan.k))
         block_plan.head = method.describe(head)
         heads.append(head)
     config = dict(

@@ -210,6 +210,12 @@ class _CostInterpreter(fx.Interpreter):
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 
 
+def model_device(module: nn.Module) -> torch.device:
+    """Where the module's weights live: inputs are made there, so that a model built on the
+    meta device (no weights allocated, for models too large to build here) can be analysed."""
+    return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+
+
 def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 2) -> dict[str, Cost]:
     """Per-node cost of one training step of ``gm`` at ``input_size`` (per sample).
 
@@ -222,7 +228,7 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
         fake.train()
         meter = _Meter(_param_storages(fake))
         interp = _CostInterpreter(fake, meter)
-        interp.run(torch.empty(batch, *input_size))
+        interp.run(torch.empty(batch, *input_size, device=model_device(gm)))
     costs: dict[str, Cost] = {}
     for node in gm.graph.nodes:
         flops, saved = interp.node_costs.get(node.name, (0.0, 0.0))

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_flatten
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .cost import model_device
 from .errors import InputSizeError, TraceError
 from .units import unit_atoms
 
@@ -254,8 +256,9 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     was_training = gm.training
     gm.eval()
+    state = _plain_attributes(gm)
     try:
-        example = mode.from_tensor(torch.empty(SHAPE_BATCH, *input_size))
+        example = mode.from_tensor(torch.empty(SHAPE_BATCH, *input_size, device=model_device(gm)))
         with torch.no_grad():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
     except DataDependentOutputException as exc:
@@ -270,6 +273,33 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
         ) from exc
     finally:
         gm.train(was_training)
+        _restore_plain_attributes(state)
+
+
+def _plain_attributes(root: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Every submodule's plain attributes and buffers, as they are."""
+    return [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}, dict(m._buffers)) for m in root.modules()]
+
+
+def _restore_plain_attributes(state: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Undo what a fake run cached on the modules: some forwards memoise tensors they compute
+    (ConViT re-assigns its ``rel_indices`` buffer), which would leave fake tensors behind for
+    the real run."""
+
+    def fake(value) -> bool:
+        return any(isinstance(t, FakeTensor) for t in tree_flatten(value)[0])
+
+    for module, attributes, buffers in state:
+        for key, value in list(module._buffers.items()):
+            if fake(value):
+                module._buffers[key] = buffers.get(key)
+        for key, value in list(vars(module).items()):
+            if key.startswith("_") or not fake(value):
+                continue
+            if key in attributes:
+                setattr(module, key, attributes[key])
+            else:
+                delattr(module, key)
 
 
 def traced_input_size(gm: fx.GraphModule) -> tuple[int, ...]:

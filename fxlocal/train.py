@@ -65,6 +65,7 @@ class _Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owned: bool = False  # fit() created the process group (and destroys it)
 
     @property
     def enabled(self) -> bool:
@@ -79,9 +80,10 @@ def _init_distributed(device_kind: str) -> _Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Distributed()
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
 
 
 def _device(recipe: Recipe, local_rank: int) -> torch.device:
@@ -425,6 +427,12 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         writer.close()
     if dist_.main:
         _plot_curves(history, out_dir / "curves.png")
+    if dist_.enabled:
+        # No rank may exit while another still evaluates or writes the checkpoint: a process
+        # leaving a live gloo group behind can abort, and torchrun then kills the others.
+        dist.barrier()
+        if dist_.owned:
+            dist.destroy_process_group()
     return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {})
 
 

@@ -8,13 +8,13 @@ def assert_gradient_isolation(local, x, y, blocks=None, window=1):
 
     ``window`` is 1 for strictly local methods; MLAAN's cascade reaches back ``span`` blocks.
     """
+    from fxlocal.verify import isolation_violations
+
+    assert local.input_window == window
+    assert isolation_violations(local, x, y, blocks) == []
     for j in blocks if blocks is not None else range(local.k):
         local.zero_grad(set_to_none=True)
         local.local_losses(x, y)[j].backward()
-        got = {id(p) for p in local.parameters() if p.grad is not None}
-        own = {id(p) for p in local.block_parameters(j)}
-        own |= {id(p) for b in range(max(0, j - window + 1), j) for p in local.blocks[b].parameters()}
-        assert got == own, f"loss {j}: {len(got - own)} foreign, {len(own - got)} missing gradients"
         assert any(p.grad.abs().sum() > 0 for p in local.block_parameters(j))
     local.zero_grad(set_to_none=True)
 
@@ -34,10 +34,9 @@ def assert_trains(local, size, num_classes=10, batch=4):
 def assert_exports_bit_identically(local, name, size, num_classes=10):
     """The backbone loads strictly into a fresh original model and gives the same eval output."""
     import fxlocal
+    from fxlocal.verify import export_mismatch
 
-    fresh = fxlocal.create_model(name, num_classes, size)
-    fresh.load_state_dict(local.backbone_state_dict(), strict=True)
     x = torch.randn(2, *size)
+    assert export_mismatch(local, fxlocal.create_model(name, num_classes, size), x) is None
     with torch.no_grad():
-        out = local.eval()(x)
-        assert torch.isfinite(out).all() and torch.equal(fresh.eval()(x), out)
+        assert torch.isfinite(local.eval()(x)).all()

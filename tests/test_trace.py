@@ -97,3 +97,28 @@ def test_rejected_input_size_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(InputSizeError, match="rejects input size"):
         fxlocal.trace(model, (3, 9, 9))
+
+
+class _Memoising(nn.Module):
+    """Caches a tensor computed from the input's shape in a buffer, as ConViT's GPSA does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("grid", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        if self.grid.numel() != x.shape[-1]:
+            self.grid = torch.arange(x.shape[-1], dtype=x.dtype)
+        return self.conv(x) + self.grid
+
+
+def test_shape_propagation_leaves_no_fake_tensor_on_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Memoising(), nn.ReLU(), _Memoising(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    local = fxlocal.convert(model, k=2, input_size=(3, 16, 16))
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    assert not any(isinstance(t, FakeTensor) for t in local.buffers())
+    losses = local.train_step(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)), torch.optim.SGD(local.parameters(), lr=0.1))
+    assert all(torch.isfinite(torch.tensor(losses)))

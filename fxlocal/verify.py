@@ -1,0 +1,51 @@
+"""Checks that a conversion keeps its promises: gradient isolation and a faithful export.
+
+Both work on real and on fake tensors (``FakeTensorMode``), so the zoo sweep can check models
+too large to run here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .local_model import LocalModel
+
+__all__ = ["isolation_violations", "export_mismatch"]
+
+
+def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, blocks=None) -> list[str]:
+    """Where block ``j``'s local loss reaches other parameters than block ``j``'s, head ``j``'s
+    and, for a cascade, the ``input_window - 1`` blocks before it, or misses one of those
+    (empty: isolated). ``blocks``: the losses to check (default all)."""
+    names = {id(p): n for n, p in local.named_parameters()}
+    problems = []
+    window = local.input_window
+    for j in blocks if blocks is not None else range(local.k):
+        local.zero_grad(set_to_none=True)
+        local.local_losses(x, y)[j].backward()
+        got = {id(p) for p in local.parameters() if p.grad is not None}
+        own = {id(p) for p in local.block_parameters(j)}
+        own |= {id(p) for b in range(max(0, j - window + 1), j) for p in local.blocks[b].parameters()}
+        for what, ids in (("reaches foreign", got - own), ("misses own", own - got)):
+            if ids:
+                problems.append(f"loss {j} {what} parameters: {', '.join(sorted(names[i] for i in ids)[:3])}")
+    local.zero_grad(set_to_none=True)
+    return problems
+
+
+def export_mismatch(local: LocalModel, fresh: nn.Module, x: torch.Tensor | None = None) -> str | None:
+    """Why ``fresh`` (a new instance of the original model) does not take the trained backbone
+    back exactly: strict ``load_state_dict`` of :meth:`LocalModel.backbone_state_dict`, then,
+    given ``x`` (real tensors), bit-identical eval outputs. ``None`` when it does."""
+    try:
+        fresh.load_state_dict(local.backbone_state_dict(), strict=True, assign=x is None)
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:300]
+    if x is None:
+        return None
+    with torch.no_grad():
+        want, got = local.eval()(x), fresh.eval()(x)
+    if not torch.equal(want, got):
+        return f"eval outputs differ by up to {(want - got).abs().max().item():.3g}"
+    return None
