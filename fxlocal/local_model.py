@@ -193,10 +193,9 @@ class LocalModel(nn.Module):
             ctx.inputs[b] = _isolated(carried) if b else carried
             ctx.inputs.pop(b - window, None)
             out = block(*ctx.inputs[b])
-            if window == 1:
-                # nothing re-runs this block: keep its input only if its own graph saved it
+            if window == 1:  # nothing re-runs this block: its graph keeps the input if it needs it
                 del ctx.inputs[b]
-            del carried
+            carried = ()  # nor does this loop
             loss, logits = self._objective(b)(ctx, b, out)
             yield b, loss, logits
             carried = out if b < len(self.heads) else ()
