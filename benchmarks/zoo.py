@@ -20,6 +20,7 @@ models already there (``--fresh`` starts over); ``docs/zoo.md`` is rendered from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import functools
 import json
@@ -133,19 +134,15 @@ class _StageFailure(Exception):
         self.stage, self.reason = stage, text[:300]
 
 
+@contextlib.contextmanager
 def _stage(name: str):
-    """Run the body, turning any exception into a _StageFailure of this stage."""
-
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, exc, tb):
-            if exc is not None and not isinstance(exc, _StageFailure):
-                raise _StageFailure(name, exc) from exc
-            return False
-
-    return _Guard()
+    """Any exception inside becomes a _StageFailure of this stage."""
+    try:
+        yield
+    except _StageFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the sweep records every failure, whatever it is
+        raise _StageFailure(name, exc) from exc
 
 
 def _check(name: str, aux: str, fake_above: int) -> dict:
@@ -156,6 +153,7 @@ def _check(name: str, aux: str, fake_above: int) -> dict:
 
     import fxlocal
     from fxlocal.errors import PartitionError
+    from fxlocal.memory import max_blocks
     from fxlocal.verify import export_mismatch, isolation_violations
 
     with _stage("create"):
@@ -165,20 +163,15 @@ def _check(name: str, aux: str, fake_above: int) -> dict:
             original = fxlocal.create_model(name, CLASSES, SIZE)
     details: dict = {"mode": "fake" if fake else "real", "params_m": round(sum(p.numel() for p in original.parameters()) / 1e6, 2)}
     with _stage("convert"):
-        k = K
         try:
             local = fxlocal.convert(original, k=K, aux=aux, input_size=SIZE)
         except PartitionError as exc:
             # too few cut points: the error must name the largest K, and that K must work
-            text = str(exc)
-            details["k_error"] = text
-            allowed = [int(w) for w in text.replace(",", " ").replace(";", " ").split() if w.isdigit()]
-            if "so k can be 1 to" not in text or not allowed:
+            largest = max_blocks(original, aux, SIZE)
+            if largest >= K or f"k can be 1 to {largest}" not in str(exc) or largest < 2:
                 raise
-            k = allowed[-1]
-            if k < 2:
-                raise
-            local = fxlocal.convert(original, k=k, aux=aux, input_size=SIZE)
+            details["k_error"] = str(exc)
+            local = fxlocal.convert(original, k=largest, aux=aux, input_size=SIZE)
         details.update(k=local.k, candidates=local.plan.num_candidates)
     mode = FakeTensorMode() if fake else None
     if fake:

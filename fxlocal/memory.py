@@ -63,7 +63,6 @@ class MemoryReport:
     e2e_peak_mib: float
     local_peak_mib: float
     blocks: list[BlockMemory] = field(default_factory=list)
-    per_block: bool = True  # one optimizer per block, gradients released once the block is stepped
 
     @property
     def ratio(self) -> float:
@@ -166,7 +165,7 @@ def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer
             )
         )
     return MemoryReport(name or local.plan.model, local.k, local.plan.aux, batch, size, optimizer, device,
-                        e2e / MIB, loc / MIB, blocks, per_block)
+                        e2e / MIB, loc / MIB, blocks)
 
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,

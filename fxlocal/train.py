@@ -107,7 +107,8 @@ def build_model(recipe: Recipe) -> LocalModel:
     info = dataset_info(recipe.data.dataset)
     size = tuple(recipe.data.input_size)
     states = 2 if recipe.optimizer.name.startswith(("adam", "lamb")) else 1
-    priced = MemoryModel(batch=recipe.batch_size, optimizer_states=states)
+    per_block = recipe.optimizer.per_block
+    priced = MemoryModel(batch=recipe.batch_size, optimizer_states=states, per_block=per_block)
     classes = recipe.model.num_classes or info.num_classes or None
 
     def build(k: int, model=None) -> LocalModel:
@@ -130,7 +131,9 @@ def build_model(recipe: Recipe) -> LocalModel:
     probe = create_model(recipe.model.name, classes, size, **recipe.model.kwargs)
     limit = parse_bytes(recipe.convert.max_memory)
     optimizer = "adamw" if states == 2 else "sgd"
-    k, _, _ = smallest_k_that_fits(build, limit, recipe.batch_size, max_blocks(probe, recipe.convert.aux, size), optimizer)
+    k, _, _ = smallest_k_that_fits(
+        build, limit, recipe.batch_size, max_blocks(probe, recipe.convert.aux, size), optimizer, per_block=per_block
+    )
     return build(k)
 
 

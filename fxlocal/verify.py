@@ -39,7 +39,7 @@ def export_mismatch(local: LocalModel, fresh: nn.Module, x: torch.Tensor | None 
     back exactly: strict ``load_state_dict`` of :meth:`LocalModel.backbone_state_dict`, then,
     given ``x`` (real tensors), bit-identical eval outputs. ``None`` when it does."""
     try:
-        fresh.load_state_dict(local.backbone_state_dict(), strict=True, assign=x is None)
+        fresh.load_state_dict(local.backbone_state_dict(), strict=True)
     except RuntimeError as exc:
         return str(exc).splitlines()[0][:300]
     if x is None:
