@@ -5,7 +5,9 @@ output. ``get_attr`` values (parameters, buffers, training flags) are not live v
 fetches its own) and neither are shape values (ints, ``torch.Size``), which are carried across a
 cut as plain values. One linear sweep over the topological order finds them all. A candidate is
 refused when a parameter is used on both sides of it (torchvision's shared modules, tied weights):
-cutting there would train one parameter with two local losses.
+cutting there would train one parameter with two local losses, and when its tensor does not have
+the batch first (EfficientViM stacks its per-stage logits as (heads, B, classes)): aux heads,
+unit copies and per-sample costs all read dim 0 as the batch, and a head there would mix samples.
 
 A *segment* is the run of nodes after one candidate up to and including the next; with ``C``
 candidates there are ``C + 1`` segments, the last one ending at the output.
@@ -13,14 +15,16 @@ candidates there are ``C + 1`` segments, the last one ending at the output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .cost import Cost, measure_nodes, node_parameters
+from .cost import Cost, measure_nodes, node_parameters, time_nodes
+from .errors import FxLocalError
 
 __all__ = [
     "CutCandidate",
@@ -129,6 +133,7 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
             for prefix in _prefixes(node.meta.get("module_path", "")):
                 last_of_module[prefix] = i
 
+    batch = next(int(n.meta["val"].shape[0]) for n in order if n.op == "placeholder")
     live: set[fx.Node] = set()
     dying: dict[int, list[fx.Node]] = {}
     candidates = []
@@ -145,6 +150,7 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
             and isinstance(node.meta["val"], torch.Tensor)
             and node.meta["val"].is_floating_point()
             and 2 <= node.meta["val"].dim() <= 4
+            and node.meta["val"].shape[0] == batch
             and not any(first <= i < last for first, last in spans)
         ):
             val = node.meta["val"]
@@ -162,7 +168,115 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
                     ),
                 )
             )
-    return candidates
+    return _batch_first(gm, candidates, batch)
+
+
+# Ops that work on each sample where it is: computed from batch-first tensors only, their
+# output is batch-first too (a CNN's 2x2 maps at the traced batch of 2 need no second look).
+_PER_SAMPLE_MODULES = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_PER_SAMPLE_OPS = {
+    "add", "sub", "mul", "truediv", "iadd", "isub", "imul", "itruediv", "neg", "abs", "exp", "sqrt",
+    "rsqrt", "pow", "clamp", "contiguous", "clone", "float", "type_as", "relu", "relu_", "relu6",
+    "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu", "elu",
+    "mish", "softplus", "dropout", "conv2d", "linear", "batch_norm", "layer_norm", "group_norm",
+    "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "interpolate", "softmax", "stochastic_depth",
+    "drop_path", "matmul", "bmm",
+}
+
+
+def _arg(n: fx.Node, position: int, keyword: str, default: Any) -> Any:
+    return n.args[position] if len(n.args) > position else n.kwargs.get(keyword, default)
+
+
+def _keeps_batch_first(gm: fx.GraphModule, n: fx.Node, rank: int) -> bool:
+    """Whether ``n`` leaves dim 0 of its batch-first inputs (of ``rank`` dims) where it is: a per-sample op, or a
+    reduction, flatten, concatenation or permutation that does not touch dim 0."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Flatten):
+            return m.start_dim != 0
+        return isinstance(m, _PER_SAMPLE_MODULES) or type(m).__module__ == "torch.nn.modules.padding" or (
+            type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
+        )
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = getattr(n.target, "__name__", n.target)
+    if name in _PER_SAMPLE_OPS:
+        return True
+    if name == "getitem":  # x[:, 1:]: every sample kept, in place
+        index = _arg(n, 1, "", None)
+        return isinstance(index, tuple) and bool(index) and index[0] == slice(None)
+    if name == "pad":  # pads the last len(pad) // 2 dims
+        return len(_arg(n, 1, "pad", ())) < 2 * rank
+    if name == "permute":
+        dims = n.args[1:] if len(n.args) > 1 and isinstance(n.args[1], int) else _arg(n, 1, "dims", ())
+        return bool(dims) and dims[0] == 0
+    dims = {
+        "transpose": lambda: [_arg(n, 1, "dim0", 0), _arg(n, 2, "dim1", 0)],
+        "mean": lambda: _arg(n, 1, "dim", None),
+        "sum": lambda: _arg(n, 1, "dim", None),
+        "amax": lambda: _arg(n, 1, "dim", None),
+        "flatten": lambda: _arg(n, 1, "start_dim", 0),
+        "cat": lambda: _arg(n, 1, "dim", 0),
+    }.get(name, lambda: None)()
+    if dims is None:  # not a known op, or a reduction over every dim
+        return False
+    return all(isinstance(d, int) and d % rank != 0 for d in (dims if isinstance(dims, (tuple, list)) else [dims]))
+
+
+def _surely_batch_first(gm: fx.GraphModule, batch: int) -> set[fx.Node]:
+    """Values whose dim 0 is the batch by construction: the input, and what per-sample ops
+    compute from such values alone (values computed from parameters alone aside: a layer
+    scale reshaped to broadcast)."""
+    sure: set[fx.Node] = set()
+    from_input: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i in from_input for i in n.all_input_nodes):
+            from_input.add(n)
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[0] != batch:
+            continue
+        if n.op == "placeholder":
+            sure.add(n)
+            continue
+        inputs = [i for i in n.all_input_nodes if i in from_input and isinstance(i.meta.get("val"), torch.Tensor)]
+        if inputs and all(i in sure for i in inputs) and _keeps_batch_first(gm, n, inputs[0].meta["val"].dim()):
+            sure.add(n)
+    return sure
+
+
+def _batch_first(gm: fx.GraphModule, candidates: list[CutCandidate], batch: int) -> list[CutCandidate]:
+    """The candidates whose dim 0 is the batch. A dim 0 of the traced batch size is, unless the
+    batch size appears among the other dims too (CrossViT stacks its two branches' logits as
+    (2, B, classes)) and the value does not come from per-sample ops on the input: those are
+    told apart by the values at another batch size."""
+    node = {n.name: n for n in gm.graph.nodes}
+    unsure = [c for c in candidates if batch in node[c.node].meta["val"].shape[1:]]
+    if unsure:
+        sure = _surely_batch_first(gm, batch)
+        unsure = [c for c in unsure if node[c.node] not in sure]
+    if not unsure:
+        return candidates
+    from .trace import values_at_batch  # trace builds on this module
+
+    try:
+        other = values_at_batch(gm, batch + 1)
+    except FxLocalError:  # the model takes no other batch size: keep them
+        return candidates
+    wrong = {c.node for c in unsure if other[c.node].shape[0] != batch + 1}
+    return [c for c in candidates if c.node not in wrong]
 
 
 def _prefixes(path: str) -> list[str]:
@@ -218,10 +332,14 @@ class GraphAnalysis:
         return len(self.candidates) + 1
 
 
-def analyze(gm: fx.GraphModule, input_size: tuple[int, ...]) -> GraphAnalysis:
-    """Cut candidates of ``gm`` and the per-sample training cost of every segment."""
+def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False) -> GraphAnalysis:
+    """Cut candidates of ``gm`` and the per-sample training cost of every segment; ``timed``
+    also measures wall time (``Cost.seconds``, for ``balance="time"``) by running it for real."""
     candidates = find_cut_candidates(gm)
     node_costs = measure_nodes(gm, input_size)
+    if timed:
+        seconds = time_nodes(gm, input_size)
+        node_costs = {name: replace(cost, seconds=seconds.get(name, 0.0)) for name, cost in node_costs.items()}
     cut_at = {c.index for c in candidates}
     segments: list[list[str]] = [[]]
     costs: list[Cost] = [Cost()]

@@ -19,12 +19,18 @@ BackboneMap = dict[str, tuple]
 
 
 class UntracedState(nn.Module):
-    """State of the original model that no block uses; saved so that export stays strict."""
+    """State of the original model that no block uses; saved so that export stays strict.
 
-    def __init__(self, tensors: list[torch.Tensor]):
+    ``metadata`` is the original ``state_dict``'s ``_metadata`` (each module's ``_version``), as
+    plain data: a module that upgrades old checkpoints when loading (torchvision's MNASNet)
+    refuses a state dict without it.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], metadata: dict[str, dict] | None = None):
         super().__init__()
         for i, t in enumerate(tensors):
             self.register_buffer(f"t{i}", t.detach().clone())
+        self.metadata = {prefix: dict(entry) for prefix, entry in (metadata or {}).items()}
 
 
 def map_backbone(model: nn.Module, blocks: list[nn.Module]) -> tuple[BackboneMap, UntracedState]:
@@ -34,10 +40,11 @@ def map_backbone(model: nn.Module, blocks: list[nn.Module]) -> tuple[BackboneMap
             by_tensor.setdefault(id(t), ("block", b, key))
     mapping: BackboneMap = {}
     untraced: list[torch.Tensor] = []
-    for key, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    for key, t in state.items():
         if id(t) in by_tensor:
             mapping[key] = by_tensor[id(t)]
         else:
             mapping[key] = ("untraced", f"t{len(untraced)}")
             untraced.append(t)
-    return mapping, UntracedState(untraced)
+    return mapping, UntracedState(untraced, getattr(state, "_metadata", None))

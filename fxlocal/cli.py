@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Optional, Tuple
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import FxLocalError
@@ -38,7 +38,7 @@ def _one_line_errors(command):
                 warnings.simplefilter("ignore")  # torchvision/timm init chatter is not ours to show
                 return command(*args, **kwargs)
         except FxLocalError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
     return run
@@ -102,7 +102,7 @@ def convert(
     aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
-    balance: str = typer.Option("flops", "--balance", help="flops, params, activations or memory"),
+    balance: str = typer.Option("flops", "--balance", help="flops, params, activations, memory or time (measured here)"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="re-apply a saved plan (JSON)"),
@@ -160,7 +160,7 @@ def inspect(
 
     net = fxlocal.create_model(model, None, input_size)
     gm = fxlocal.trace(net, input_size)
-    analysis = fxlocal.analyze(gm, input_size)
+    analysis = fxlocal.analyze(gm, input_size, timed=plot is not None and balance == "time")
     report = gm.meta["fxlocal_trace"]
     table = Table(
         title=f"{model}: {len(analysis.candidates)} cut candidates, K can be 1 to {analysis.max_k}",
@@ -225,19 +225,15 @@ class _RichReporter:
             transient=True,
         )
         self.task = None
-        self.main = os.environ.get("RANK", "0") == "0"
 
     def run_start(self, recipe, local, start_epoch, steps):
         self.steps, self.epochs = steps, recipe.epochs
-        if self.main:
-            console.print(_plan_table(local.plan))
-            if start_epoch:
-                console.print(f"resuming after epoch {start_epoch}")
-            self.progress.start()
+        console.print(_plan_table(local.plan))
+        if start_epoch:
+            console.print(f"resuming after epoch {start_epoch}")
+        self.progress.start()
 
     def step(self, epoch, step, losses, ips):
-        if not self.main:
-            return
         if self.task is None:
             self.task = self.progress.add_task("train", total=self.steps, epoch=f"{epoch + 1}/{self.epochs}", loss="-", ips="-")
         self.progress.update(
@@ -246,8 +242,6 @@ class _RichReporter:
         )
 
     def epoch_end(self, record):
-        if not self.main:
-            return
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -270,18 +264,23 @@ def train(
     recipe: Path = typer.Argument(..., help="YAML training recipe"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe field: key.sub=value (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue from <output_dir>/last.pt"),
+    pipeline: bool = typer.Option(
+        False, "--pipeline", help="one block per process: torchrun --nproc-per-node K ... train RECIPE --pipeline"
+    ),
 ):
-    """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir)."""
+    """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir).
+
+    Under torchrun the processes train data-parallel, or with --pipeline one block each."""
     from .recipe import load_recipe
     from .train import fit
 
-    parsed = load_recipe(recipe, set_)
+    parsed = load_recipe(recipe, [*set_, *(["pipeline.enabled=true"] if pipeline else [])])
     reporter = _RichReporter()
     try:
         result = fit(parsed, resume=resume, reporter=reporter)
     finally:
         reporter.close()
-    if reporter.main:
+    if result.reporting:
         _print_summary(result)
 
 
@@ -372,7 +371,7 @@ def memory(
     batch: int = typer.Option(64, "--batch", min=1, help="batch size of the step"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) or adamw"),
-    balance: str = typer.Option("memory", "--balance", help="flops, params, activations or memory"),
+    balance: str = typer.Option("memory", "--balance", help="flops, params, activations, memory or time (measured here)"),
     device: str = typer.Option("fake", "--device", help="fake (predict on CPU, no allocation) or cuda (measure)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="pick the smallest K whose peak fits, e.g. 8GiB"),

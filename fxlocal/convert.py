@@ -11,9 +11,15 @@ from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
 from .backbone import map_backbone
 from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
-from .errors import FxLocalError, PartitionError, PlanMismatchError
+from .errors import (
+    FxLocalError,
+    InputSizeError,
+    KOutOfRangeError,
+    PartitionError,
+    PlanMismatchError,
+)
 from .local_model import LocalModel
-from .models import create_model
+from .models import create_model, native_input_sizes
 from .partition import partition, plan_from_cuts
 from .plan import Plan
 from .split import split_graph
@@ -71,14 +77,23 @@ def convert(
         raise PartitionError("aux='none' is plain end-to-end training: use it with k=1")
     if k < 1:
         raise PartitionError(f"k must be at least 1, got {k}")
-    if isinstance(model_or_name, str):
-        model_name = model_or_name
-        model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
-    else:
-        model_name, model = type(model_or_name).__name__, model_or_name
-    gm = trace(model, input_size)
+    try:
+        if isinstance(model_or_name, str):
+            model_name = model_or_name
+            model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
+        else:
+            model_name, model = type(model_or_name).__name__, model_or_name
+        gm = trace(model, input_size)
+    except InputSizeError as exc:
+        # fixed-resolution models timm does not flag (EfficientFormer) and patch sizes that do
+        # not divide the input: name the sizes the model is made for
+        sizes = native_input_sizes(model_or_name) if isinstance(model_or_name, str) else []
+        if not sizes:
+            raise
+        made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
+        raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
     classes = _num_classes(gm, num_classes)
-    analysis = analyze(gm, input_size)
+    analysis = analyze(gm, input_size, timed=balance == "time" and plan is None)
     units = _unit_library(gm, analysis)
     unit_at = {u.cut_position: u.index for u in analysis.units}
 
@@ -94,14 +109,26 @@ def convert(
         s = spec(position, block, k)
         if hasattr(method, "head_cost"):
             return method.head_cost(s)
+        # a head that copies no units is made from the boundary's shape and layout alone: cuts
+        # of one shape (every block of a ConvMixer, a ViT) are measured once
+        return built_head_cost(s.shape, s.layout, block, s.unit if method.cuts_at_units else None)
+
+    @lru_cache(maxsize=None)
+    def built_head_cost(shape: tuple[int, ...], layout: str, block: int, unit: int | None) -> Cost:
+        s = HeadSpec(shape, layout, classes, block, k, unit, units)
         with torch.device("meta"):
             head = method.build_head(s)
-        return measure_module(head, s.shape)
+        return measure_module(head, shape)
 
     allowed = None
     if method.cuts_at_units:
-        if len(analysis.units) < 2:
-            raise FxLocalError(f"aux={aux!r} copies units, but {model_name} has fewer than 2 units")
+        if len(analysis.units) < 2 and k > 1:
+            raise KOutOfRangeError(
+                f"k={k} is out of range: aux={aux!r} cuts only between units and {model_name} has "
+                f"{len(analysis.units)} unit{'' if len(analysis.units) == 1 else 's'}, so k can be 1 to 1"
+                + (f"; aux='dgl' can cut at its {len(analysis.candidates)} cut candidates" if analysis.candidates else ""),
+                max_k=1,
+            )
         allowed = [u.cut_position for u in analysis.units[:-1]]
     if plan is None:
         plan = partition(
@@ -121,7 +148,10 @@ def convert(
     heads_cost = [Cost()] * len(analysis.candidates)
     for b, i in enumerate(cut_idx):
         heads_cost[i] = head_cost(i, b)
-    plan = plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory)
+    given, plan = plan, plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory)
+    if plan.balance == "time" and not any(c.seconds for c in analysis.segment_costs):
+        for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
+            block.cost = measured.cost
     blocks = split_graph(gm, plan.cuts)
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from operator import attrgetter
 
 import copy
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -20,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes"]
+__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -36,6 +38,8 @@ class Cost:
     # the largest activation computed: its gradient and its input's coexist in backward, so a
     # piece's transient need is set by its largest tensor (combined by max, not sum)
     largest_activation_bytes: float = 0.0
+    # forward + backward wall time, measured for real (:func:`time_nodes`); 0 when not measured
+    seconds: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(
@@ -44,13 +48,17 @@ class Cost:
             self.param_bytes + other.param_bytes,
             self.params + other.params,
             max(self.largest_activation_bytes, other.largest_activation_bytes),
+            self.seconds + other.seconds,
         )
 
     def metric(self, balance: str) -> float:
         """The additive metrics; ``balance="memory"`` is priced by :class:`MemoryModel`."""
-        return {"flops": self.flops, "params": self.param_bytes, "activations": self.activation_bytes}[
-            balance
-        ]
+        return {
+            "flops": self.flops,
+            "params": self.param_bytes,
+            "activations": self.activation_bytes,
+            "time": self.seconds,
+        }[balance]
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,9 @@ class MemoryModel:
         return self.transient_factor * cost.largest_activation_bytes * self.batch
 
 
-BALANCE_METRICS = ("flops", "params", "activations", "memory")
+# "time" balances measured wall time: what a pipeline's throughput depends on (its slowest
+# stage). FLOPs miss what convolutions on large maps, normalisation and elementwise ops cost.
+BALANCE_METRICS = ("flops", "params", "activations", "memory", "time")
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -107,6 +117,7 @@ class _Meter:
         self.keep_alive: list[torch.Tensor] = []
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+        """``(output, FLOPs, bytes saved for backward)`` of a forward and backward of ``fn``."""
         saved = 0.0
 
         def pack(t: torch.Tensor):
@@ -121,13 +132,41 @@ class _Meter:
 
         flop_counter = FlopCounterMode(display=False)  # entering one resets its counts
         with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-            grads_for = [
-                t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad
-            ]
-            if grads_for:
-                torch.autograd.backward(grads_for, [torch.ones_like(t) for t in grads_for])
+            out = _forward_backward(fn)
         return out, flop_counter.get_total_flops(), saved
+
+
+class _Stopwatch(_Meter):
+    """Times a forward and backward of real tensors instead of counting them."""
+
+    class _KeepNothing(list):
+        # Real tensors are told apart by their storages alone: nothing needs keeping alive
+        # (keeping every stand-in would hold the whole model's activations at once).
+        def __iadd__(self, other):
+            return self
+
+        def append(self, item):
+            pass
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.keep_alive = self._KeepNothing()
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+        self.synchronize()
+        start = time.perf_counter()
+        out = _forward_backward(fn)
+        self.synchronize()
+        return out, time.perf_counter() - start, 0.0
+
+
+def _forward_backward(fn: Callable[[], Any]) -> Any:
+    out = fn()
+    grads_for = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    if grads_for:
+        torch.autograd.backward(grads_for, [torch.ones_like(t) for t in grads_for])
+    return out
 
 
 def _trainable_leaf(meter: _Meter, value: Any, needs_grad: bool) -> Any:
@@ -214,6 +253,37 @@ def model_device(module: nn.Module) -> torch.device:
     """Where the module's weights live: inputs are made there, so that a model built on the
     meta device (no weights allocated, for models too large to build here) can be analysed."""
     return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+
+
+def time_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 32, repeats: int = 3) -> dict[str, float]:
+    """Per-node wall time of one training step of ``gm`` at ``input_size`` (seconds per sample).
+
+    Every node runs as its own forward and backward, as :func:`measure_nodes` does on fake
+    tensors, but for real, timed; the median of ``repeats`` runs after one warm-up run. The
+    model is left as it was: BatchNorm statistics, gradients and the RNG are restored.
+    """
+    device = model_device(gm)
+    if device.type == "meta":
+        from .errors import PartitionError
+
+        raise PartitionError("balance='time' times the model for real, but it was built without weights (meta device)")
+    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    grads = [(p, p.grad) for p in gm.parameters()]
+    was_training = gm.training
+    runs: list[dict[str, float]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        gm.train()
+        for _ in range(repeats + 1):
+            interp = _CostInterpreter(gm, _Stopwatch(device))
+            interp.run(torch.randn(batch, *input_size, device=device))
+            runs.append({name: seconds for name, (seconds, _) in interp.node_costs.items()})
+    gm.train(was_training)
+    with torch.no_grad():
+        for name, b in gm.named_buffers():
+            b.copy_(buffers[name])
+    for p, g in grads:
+        p.grad = g
+    return {name: statistics.median(run[name] for run in runs[1:]) / batch for name in runs[0]}
 
 
 def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 2) -> dict[str, Cost]:

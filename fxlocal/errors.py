@@ -40,3 +40,11 @@ class PlanMismatchError(FxLocalError, ValueError):
 
 class IncompatibleOptionsError(FxLocalError, ValueError):
     """Options that cannot be used together."""
+
+
+class KOutOfRangeError(PartitionError):
+    """More blocks than the graph has places to cut; ``max_k`` is the largest K it allows."""
+
+    def __init__(self, message: str, max_k: int):
+        super().__init__(message)
+        self.max_k = max_k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,6 +23,40 @@ def _isolated(carried: tuple) -> tuple:
     return (carried[0].detach(), *carried[1:])
 
 
+class _TakingCodeGen(fx.CodeGen):
+    """Code for ``forward(self, inputs)``: takes its arguments out of the list ``inputs``, empties it."""
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **_: Any) -> str:
+        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+        take = f"\n    {', '.join(names)}, = inputs\n    inputs.clear()" if names else ""
+        return f"def {self._func_name}(self, inputs){maybe_return_annotation}:{take}"
+
+
+_taking_forwards: weakref.WeakKeyDictionary[nn.Module, tuple[str, Callable]] = weakref.WeakKeyDictionary()
+
+
+def _run_taking(block: nn.Module, inputs: list) -> Any:
+    """``block(*inputs)``, but ``inputs`` is emptied before the block runs, so that no caller's
+    reference keeps an input alive: each is freed as soon as the block's code is done with it
+    (GraphModule code drops dead values) unless its graph saved it, not when the call returns.
+    A block that is not a plain GraphModule, or has hooks of its own, is called as usual."""
+    if not isinstance(block, fx.GraphModule) or type(block.graph._codegen) is not fx.CodeGen \
+            or block._forward_pre_hooks or block._forward_hooks:
+        return block(*inputs)
+    code, forward = _taking_forwards.get(block, (None, None))
+    if code is not block.code:  # first call, or the graph was recompiled
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(block.graph, {}))
+        graph.set_codegen(_TakingCodeGen())
+        python = graph.python_code(root_module="self")
+        namespace = dict(python.globals)
+        # code generated from the block's own graph, compiled as GraphModule.recompile does
+        exec(compile(python.src, f"<{block._get_name()}, taking its inputs>", "exec"), namespace)  # noqa: S102
+        forward = namespace["forward"]
+        _taking_forwards[block] = (block.code, forward)
+    return forward(block, inputs)
+
+
 @dataclass
 class StepContext:
     """What a block's objective may use during :meth:`LocalModel.train_step`.
@@ -34,16 +69,23 @@ class StepContext:
     target: torch.Tensor
     criterion: Criterion
     inputs: dict[int, tuple] = field(default_factory=dict)
-    backward: Callable[[torch.Tensor], None] | None = None  # set by train_step
-    _cascade: tuple | None = None  # (first, last, input) of the cascade being trained
+    backward: Callable[..., None] | None = None  # set by train_step: backward(loss, retain_graph=False)
+    # Training with a cascade: the current block's input, made to require grad so that a cascaded
+    # loss can be carried back into the blocks before it.
+    input_leaf: torch.Tensor | None = None
+    _cascade: tuple[int, int] | None = None  # (first, last) of the cascade being trained
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
-        """Backpropagate one part of a block's loss at once, freeing its graph before the
-        objective builds the next part (gradients add up, so the result is the same). Returns
-        the part for the reported total: detached when it was backpropagated here."""
+        """Backpropagate one part of a block's loss at once, into the block and its head only,
+        before the objective builds the next part on the same block output (gradients add up,
+        so the result is the same). The block's graph is kept for that next part; the gradient
+        this part sends into the block's input is dropped, since only a cascaded part trains the
+        blocks before. Returns the part for the reported total: detached when backpropagated."""
         if self.backward is None:  # local_losses(): keep every graph
             return part
-        self.backward(part)
+        self.backward(part, retain_graph=True)
+        if self.input_leaf is not None:
+            self.input_leaf.grad = None
         return part.detach()
 
     def run_connected(self, first: int, last: int) -> Any:
@@ -53,30 +95,43 @@ class StepContext:
             carried = self.model.blocks[b](*carried)
         return carried
 
-    def run_cascaded(self, first: int, last: int) -> Any:
-        """Block ``last``'s output for a loss that also trains blocks ``first..last-1`` (a cascade).
+    def run_cascaded(self, first: int, last: int, out: Any) -> Any:
+        """Block ``last``'s output for a loss that also trains blocks ``first..last-1`` (a cascade);
+        ``out`` is that block's output in this step.
 
-        Keeping graphs (``local_losses``), blocks ``first..last`` re-run connected. Training, only
-        block ``last`` re-runs, from its input made to require grad; :meth:`backward_cascaded`
-        then carries the gradient reaching that input back through the earlier blocks by
-        recomputing them one at a time, so at most one block's graph is alive (same gradients,
-        since the recomputed forward is the connected one)."""
+        Keeping graphs (``local_losses``), blocks ``first..last`` re-run connected (``out`` when
+        there is no earlier block). Training, it is ``out`` itself, computed from an input that
+        requires grad (``input_leaf``): :meth:`backward_cascaded` carries the gradient reaching
+        that input back through the earlier blocks by recomputing them one at a time, so at most
+        one block's graph is alive (same gradients, since the recomputed forward is the connected
+        one)."""
         if self.backward is None:
-            return self.run_connected(first, last)
-        x, *rest = self.inputs[last]
-        if last > first:
-            x = x.detach().requires_grad_()
-        self._cascade = (first, last, x)
-        return self.model.blocks[last](x, *rest)
+            return out if first == last else self.run_connected(first, last)
+        if last > first and self.input_leaf is None:
+            raise IncompatibleOptionsError(
+                f"block {last}'s loss cascades into blocks {first}..{last - 1}, but its objective's "
+                f"input_window is below {last - first + 1}: set it to the cascade's span"
+            )
+        self._cascade = (first, last)
+        return out
 
-    def backward_cascaded(self, part: torch.Tensor) -> torch.Tensor:
-        """Backpropagate a loss built on :meth:`run_cascaded`'s output into the cascade's blocks."""
+    def backward_cascaded(self, part: torch.Tensor, input_share: float = 1.0) -> torch.Tensor:
+        """Backpropagate a loss built on :meth:`run_cascaded`'s output into the cascade's blocks.
+
+        ``input_share`` is the fraction of the gradient reaching block ``last``'s input that is
+        the cascade's, when ``part`` also holds a loss that trains block ``last`` alone (the
+        same function of the same output, so one backward serves both)."""
         if self.backward is None:
             return part
-        first, last, x = self._cascade
+        first, last = self._cascade
         self._cascade = None
         self.backward(part)
-        grad = x.grad
+        grad = None
+        if last > first:
+            # the block's graph, held by its output until the next block, reaches the leaf: let go of its gradient
+            grad, self.input_leaf.grad = self.input_leaf.grad, None
+            if grad is not None and input_share != 1.0:
+                grad = grad * input_share
         for b in range(last - 1, first - 1, -1):
             if grad is None:  # the loss did not depend on the earlier blocks
                 break
@@ -190,14 +245,18 @@ class LocalModel(nn.Module):
         window = self.input_window
         carried: tuple = (x,)
         for b, block in enumerate(self.blocks):
-            ctx.inputs[b] = _isolated(carried) if b else carried
-            ctx.inputs.pop(b - window, None)
-            out = block(*ctx.inputs[b])
-            if window == 1:  # nothing re-runs this block: its graph keeps the input if it needs it
-                del ctx.inputs[b]
-            carried = ()  # nor does this loop
-            loss, logits = self._objective(b)(ctx, b, out)
-            yield b, loss, logits
+            inputs = list(_isolated(carried) if b else carried)
+            carried = ()
+            ctx.input_leaf = None
+            if window > 1:  # a cascade may re-run this block from its input
+                ctx.inputs[b] = tuple(inputs)
+                ctx.inputs.pop(b - window, None)
+                if b and backward is not None and inputs[0].is_floating_point():  # and train through it
+                    inputs[0] = ctx.input_leaf = inputs[0].detach().requires_grad_()
+            # the block alone holds its input: freed once used, unless its graph saved it
+            out = _run_taking(block, inputs)
+            # (loss, logits) are held by the caller alone, not here through the next block's step
+            yield (b, *self._objective(b)(ctx, b, out))
             carried = out if b < len(self.heads) else ()
             del out
 
@@ -240,9 +299,9 @@ class LocalModel(nn.Module):
         losses, correct = [], []
         stepped = 0  # per-block optimizers: blocks 0..stepped-1 are updated
 
-        def backward(loss: torch.Tensor) -> None:
+        def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
             if loss.requires_grad:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
 
         for b, loss, logits in self.iter_block_losses(x, y, criterion, backward):
             backward(loss)
@@ -276,6 +335,47 @@ class LocalModel(nn.Module):
             scaler.step(optimizer)
         else:
             optimizer.step()
+
+    def train_block(
+        self,
+        b: int,
+        inputs: tuple,
+        y: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        criterion: Criterion | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
+        local loss, backward, step of the block's own ``optimizer``, gradients released.
+
+        What one stage of a pipeline does (:mod:`fxlocal.pipeline`); it needs an objective that
+        re-runs no earlier block (``input_window == 1``). Returns what block ``b + 1`` takes
+        (detached; empty for the last block), the loss and the logits, both detached.
+        """
+        if self.input_window > 1:
+            raise IncompatibleOptionsError(
+                f"block {b}'s objective re-runs earlier blocks (input window {self.input_window}): "
+                "it cannot be trained alone; use train_step"
+            )
+
+        def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
+            if loss.requires_grad:
+                (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+
+        optimizer.zero_grad(set_to_none=True)
+        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
+        out = self.blocks[b](*inputs)
+        loss, logits = self._objective(b)(ctx, b, out)
+        backward(loss)
+        if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
+            self.heads[b].after_backward()
+        self._step(optimizer, list(self.block_parameters(b)), scaler, None)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # the block's own scaler (fp16): its scale follows its own steps
+            scaler.update()
+        handed_on = _isolated(out) if b < len(self.heads) else ()
+        return handed_on, loss.detach(), logits.detach()
 
     def extra_repr(self) -> str:
         return f"k={self.k}, aux={self.plan.aux!r}, balance={self.plan.balance!r}"

@@ -112,21 +112,32 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
 def _step_tracker_class():
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    class NoModules:
+        """Stands in for MemTracker's module tracker, whose gradient hooks on every module input
+        that requires grad keep that input and its gradient alive after the step is done with
+        them (a cascade's block input, two blocks on). Without it the step's peak is tracked all
+        the same; only the per-module statistics (which refuse a module run twice in one step
+        anyway) and the split of activations from temporaries go."""
+
+        parents = frozenset({"Global"})
+        is_bw = False
+
+        def register_user_hooks(self, *hooks) -> None:
+            pass
+
+        def clear_user_hooks(self) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args) -> None:
+            pass
+
     class StepTracker(MemTracker):
-        """MemTracker without its per-module statistics, which refuse a module run twice in one
-        step (MLAAN's cascade re-runs blocks). The step's peak is tracked all the same."""
-
-        def _pre_fw_hook(self, module, inputs):
-            pass
-
-        def _post_fw_hook(self, module, inputs, outputs):
-            pass
-
-        def _pre_bw_hook(self, module, args):
-            pass
-
-        def _post_bw_hook(self, module, args):
-            pass
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = NoModules()
 
     return StepTracker
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import InputSizeError, UnknownModelError
 
-__all__ = ["ModelSource", "register_model_source", "create_model", "list_model_names"]
+__all__ = ["ModelSource", "create_model", "list_model_names", "native_input_sizes", "register_model_source"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class ModelSource:
     name: str
     list_models: Callable[[], list[str]]
     create: Callable[..., nn.Module]  # create(name, num_classes, input_size, **kwargs)
+    # input_sizes(name): the sizes the source itself gives for a model, smallest first
+    input_sizes: Callable[[str], list[tuple[int, ...]]] = lambda name: []
 
 
 _SOURCES: list[ModelSource] = []
@@ -57,6 +59,14 @@ def _timm_create(name: str, num_classes: int | None, input_size: tuple[int, ...]
     return timm.create_model(name, **{**kwargs, **extra})
 
 
+def _timm_input_sizes(name: str) -> list[tuple[int, ...]]:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    sizes = [getattr(cfg, "min_input_size", None), getattr(cfg, "input_size", None)] if cfg else []
+    return [tuple(s) for s in sizes if s]
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
@@ -81,8 +91,23 @@ def _torchvision_create(name: str, num_classes: int | None, input_size: tuple[in
     raise AssertionError("unreachable")
 
 
-register_model_source(ModelSource("timm", _timm_names, _timm_create))
-register_model_source(ModelSource("torchvision", _torchvision_names, _torchvision_create))
+def _torchvision_input_sizes(name: str) -> list[tuple[int, ...]]:
+    """The default weights' smallest accepted size and their evaluation crop."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        return []
+    sizes = [(3, *weights.meta.get("min_size", (1, 1)))]
+    crop = getattr(weights.transforms(), "crop_size", None)
+    if crop:
+        sizes.append((3, crop[0], crop[-1]))
+    return [s for s in sizes if min(s[1:]) > 1]
+
+
+register_model_source(ModelSource("timm", _timm_names, _timm_create, _timm_input_sizes))
+register_model_source(ModelSource("torchvision", _torchvision_names, _torchvision_create, _torchvision_input_sizes))
 
 
 @lru_cache(maxsize=None)
@@ -104,6 +129,19 @@ def _from_factory(path: str, num_classes: int | None, kwargs: dict) -> nn.Module
     if num_classes is not None:
         kwargs = {"num_classes": num_classes, **kwargs}
     return factory(**kwargs)
+
+
+def native_input_sizes(name: str) -> list[tuple[int, ...]]:
+    """The input sizes ``name``'s source gives for it (timm's pretrained config: minimum, then
+    default; torchvision's default weights: minimum, then crop), smallest first, without
+    duplicates; empty when it gives none. For fixed-resolution models that do not say so, these
+    are the sizes known to work."""
+    source_name, _, model_name = name.rpartition(":")
+    for source in _SOURCES:
+        if (not source_name or source.name == source_name) and model_name in _names(source.name):
+            sizes = sorted(set(source.input_sizes(model_name)), key=lambda s: (s[1] * s[2], s))
+            return [tuple(int(v) for v in s) for s in sizes]
+    return []
 
 
 def create_model(

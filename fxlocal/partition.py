@@ -8,13 +8,14 @@ Because blocks are gradient-isolated, a block's cost includes the aux head at it
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch.fx as fx
 
 from .analyze import GraphAnalysis, analyze, covered_module_paths
 from .cost import BALANCE_METRICS, Cost, MemoryModel
-from .errors import PartitionError
+from .errors import KOutOfRangeError, PartitionError
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
 
@@ -99,19 +100,23 @@ def partition(
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
     if analysis is None:
-        analysis = analyze(gm, input_size or traced_input_size(gm))
+        analysis = analyze(gm, input_size or traced_input_size(gm), timed=balance == "time")
+    if balance == "time" and not any(c.seconds for c in analysis.segment_costs):
+        raise PartitionError("balance='time' needs a timed analysis: analyze(gm, input_size, timed=True)")
     allowed = sorted(allowed) if allowed is not None else list(range(len(analysis.candidates)))
     if k < 1 or k > len(allowed) + 1:
         where = "cut candidates" if len(allowed) == len(analysis.candidates) else "unit boundaries to cut at"
-        raise PartitionError(
+        raise KOutOfRangeError(
             f"k={k} is out of range: this graph has {len(allowed)} {where}, so k can be 1 to {len(allowed) + 1}"
+            + ("" if analysis.candidates else " (no point of it leaves a single tensor live: branches run side by side to the output)"),
+            max_k=len(allowed) + 1,
         )
     bounds = [-1, *allowed, len(analysis.segment_costs) - 1]
     merged = [
         sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
         for i in range(len(bounds) - 1)
     ]
-    heads = {i: head_cost(i) if head_cost else Cost() for i in allowed}
+    heads = {i: _timed_head(analysis, head_cost(i)) if head_cost else Cost() for i in allowed}
     chosen = min_max_partition(
         [_score(c, balance, memory) for c in merged],
         k,
@@ -122,6 +127,15 @@ def partition(
     cut_idx = [allowed[c] for c in chosen]
     head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
     return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux, memory=memory)
+
+
+def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
+    """Heads are measured on fake tensors, not timed: in a timed analysis, price a head's FLOPs
+    at the seconds per FLOP the model itself was measured at."""
+    total = sum(analysis.segment_costs, Cost())
+    if not total.seconds or head.seconds or not total.flops:
+        return head
+    return replace(head, seconds=head.flops * total.seconds / total.flops)
 
 
 def _boundary(candidate, balance: str, memory: MemoryModel | None) -> float:
@@ -150,7 +164,7 @@ def plan_from_cuts(
     for b in range(len(bounds) - 1):
         segs = range(bounds[b] + 1, bounds[b + 1] + 1)
         cost = sum((analysis.segment_costs[s] for s in segs), Cost())
-        head = heads[bounds[b + 1]] if b < len(bounds) - 2 else Cost()
+        head = _timed_head(analysis, heads[bounds[b + 1]]) if b < len(bounds) - 2 else Cost()
         names = {name for s in segs for name in analysis.segment_nodes[s]}
         end = analysis.candidates[bounds[b + 1]] if b < len(bounds) - 2 else None
         blocks.append(

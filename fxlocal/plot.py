@@ -11,7 +11,8 @@ from .plan import Plan, atomic_write_bytes
 __all__ = ["plot_plan"]
 
 _UNITS = {"flops": ("GFLOPs (fwd+bwd, per image)", 1e-9), "params": ("parameters (MiB)", 2**-20),
-          "activations": ("saved activations (MiB per image)", 2**-20), "memory": ("saved activations (MiB per image)", 2**-20)}
+          "activations": ("saved activations (MiB per image)", 2**-20), "memory": ("saved activations (MiB per image)", 2**-20),
+          "time": ("measured ms (fwd+bwd, per image)", 1e3)}
 
 
 def plot_plan(plan: Plan, analysis: GraphAnalysis, path: str | Path) -> None:

@@ -38,7 +38,7 @@ class ConvertSection(_Section):
     max_memory: Optional[str] = None
     aux: str = "dgl"
     aux_options: dict[str, Any] = Field(default_factory=dict)
-    balance: Literal["flops", "params", "activations", "memory"] = "flops"
+    balance: Literal["flops", "params", "activations", "memory", "time"] = "flops"
 
 
 class DataSection(_Section):
@@ -62,6 +62,14 @@ class OptimizerSection(_Section):
     per_block: bool = True
 
 
+class PipelineSection(_Section):
+    # ``fxlocal train --pipeline`` under ``torchrun --nproc-per-node K``: one block per process
+    # (fxlocal.pipeline). Also settable here, so a recipe can say how it is meant to run.
+    enabled: bool = False
+    max_in_flight: int = Field(default=2, ge=1)  # unfinished sends per stage before it waits
+    timeout_s: float = Field(default=300.0, gt=0)  # a silent neighbour for this long is an error
+
+
 class SchedulerSection(_Section):
     name: Literal["cosine", "step", "multistep", "plateau", "none"] = "cosine"
     warmup_epochs: int = Field(default=0, ge=0)
@@ -79,6 +87,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
     epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=128, ge=1)
     amp: bool = False

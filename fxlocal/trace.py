@@ -25,6 +25,7 @@ What happened is reported on ``gm.meta["fxlocal_trace"]`` as a :class:`TraceRepo
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from .cost import model_device
 from .errors import InputSizeError, TraceError
 from .units import unit_atoms
 
-__all__ = ["TraceReport", "trace", "propagate_shapes", "traced_input_size"]
+__all__ = ["TraceReport", "propagate_shapes", "trace", "traced_input_size", "values_at_batch"]
 
 MAX_TRACE_RETRIES = 12
 # Shapes are propagated with a batch of 2: batch 1 hides batch/feature dimension mix-ups and
@@ -248,8 +249,8 @@ def trace(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> fx.G
     return gm
 
 
-def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
-    """Store a fake value on every node's ``meta["val"]`` for an input of ``input_size``.
+def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = SHAPE_BATCH) -> None:
+    """Store a fake value on every node's ``meta["val"]`` for ``batch`` inputs of ``input_size``.
 
     Runs in eval mode so that no real buffer (BatchNorm statistics) is touched by fake tensors.
     """
@@ -257,8 +258,12 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
     was_training = gm.training
     gm.eval()
     state = _plain_attributes(gm)
+    # FakeTensorMode logs a traceback for an op that fails before raising; the failure becomes
+    # the one-line error below (the CLI prints no traceback)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    log_was_disabled, fake_log.disabled = fake_log.disabled, True
     try:
-        example = mode.from_tensor(torch.empty(SHAPE_BATCH, *input_size, device=model_device(gm)))
+        example = mode.from_tensor(torch.empty(batch, *input_size, device=model_device(gm)))
         with torch.no_grad():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
     except DataDependentOutputException as exc:
@@ -272,6 +277,7 @@ def propagate_shapes(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
             f"{type(exc).__name__}: {_first_line(exc)}; pass --input-size C H W that the model accepts"
         ) from exc
     finally:
+        fake_log.disabled = log_was_disabled
         gm.train(was_training)
         _restore_plain_attributes(state)
 
@@ -300,6 +306,19 @@ def _restore_plain_attributes(state: list[tuple[nn.Module, dict, dict]]) -> None
                 setattr(module, key, attributes[key])
             else:
                 delattr(module, key)
+
+
+def values_at_batch(gm: fx.GraphModule, batch: int) -> dict[str, Any]:
+    """Every node's fake value (by node name) for ``batch`` inputs of the traced size; the
+    graph's own ``meta["val"]`` stays as it is. Comparing two batches tells which plain values
+    (shapes, ints) are the batch size and which are constants of the architecture."""
+    saved = {n: n.meta.get("val") for n in gm.graph.nodes}
+    try:
+        propagate_shapes(gm, traced_input_size(gm), batch)
+        return {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    finally:
+        for n, val in saved.items():
+            n.meta["val"] = val
 
 
 def traced_input_size(gm: fx.GraphModule) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .data import build_dataset, dataset_info
 from .checkpoint import CheckpointError
 from .errors import FxLocalError
 from .local_model import LocalModel
-from .plan import atomic_write_bytes
+from .plan import Plan, atomic_write_bytes
 from .recipe import Recipe
 
 __all__ = [
@@ -76,13 +77,14 @@ class _Distributed:
         return self.rank == 0
 
 
-def _init_distributed(device_kind: str) -> _Distributed:
+def _init_distributed(device_kind: str, timeout_s: float | None = None) -> _Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Distributed()
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timeout)
     return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
 
 
@@ -94,8 +96,9 @@ def _device(recipe: Recipe, local_rank: int) -> torch.device:
     return torch.device(recipe.device)
 
 
-def build_model(recipe: Recipe) -> LocalModel:
-    """The converted model a recipe describes (random init, seeded).
+def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
+    """The converted model a recipe describes (random init, seeded), or cut by ``plan`` (a
+    checkpoint's, or another rank's: ``balance="time"`` measures, and two measurements differ).
 
     With ``convert.max_memory`` set, K is the smallest whose predicted step peak fits it at the
     recipe's batch size and optimizer (``convert.k`` is then ignored).
@@ -108,7 +111,9 @@ def build_model(recipe: Recipe) -> LocalModel:
     size = tuple(recipe.data.input_size)
     states = 2 if recipe.optimizer.name.startswith(("adam", "lamb")) else 1
     per_block = recipe.optimizer.per_block
-    priced = MemoryModel(batch=recipe.batch_size, optimizer_states=states, per_block=per_block)
+    priced = MemoryModel(
+        batch=recipe.batch_size, optimizer_states=states, per_block=per_block, pipeline=recipe.pipeline.enabled
+    )
     classes = recipe.model.num_classes or info.num_classes or None
 
     def build(k: int, model=None) -> LocalModel:
@@ -116,6 +121,7 @@ def build_model(recipe: Recipe) -> LocalModel:
         return convert(
             model if model is not None else recipe.model.name,
             k=k,
+            plan=plan,
             aux=recipe.convert.aux,
             input_size=size,
             balance=recipe.convert.balance,
@@ -125,6 +131,8 @@ def build_model(recipe: Recipe) -> LocalModel:
             **recipe.convert.aux_options,
         )
 
+    if plan is not None:
+        return build(plan.k)
     if recipe.convert.max_memory is None:
         return build(recipe.convert.k)
     torch.manual_seed(recipe.seed)
@@ -137,18 +145,22 @@ def build_model(recipe: Recipe) -> LocalModel:
     return build(k)
 
 
-def _optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
+def _make_optimizer(recipe: Recipe, module: nn.Module) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
     o = recipe.optimizer
+    return create_optimizer_v2(module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
-    def make(module: nn.Module) -> torch.optim.Optimizer:
-        return create_optimizer_v2(module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
-    if not o.per_block:
-        return [make(local)]
-    groups = [nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])]) for b in range(local.k)]
-    return [make(g) for g in groups]
+def _stage(local: LocalModel, b: int) -> nn.ModuleList:
+    """What block ``b``'s local loss trains (its per-block optimizer's parameters): the block and its head."""
+    return nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])])
+
+
+def _optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
+    if not recipe.optimizer.per_block:
+        return [_make_optimizer(recipe, local)]
+    return [_make_optimizer(recipe, _stage(local, b)) for b in range(local.k)]
 
 
 def _schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
@@ -211,18 +223,28 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save_checkpoint(path: Path, recipe: Recipe, local: LocalModel, optimizers, schedulers, scaler, epoch: int, history) -> None:
+    _write_checkpoint(
+        path, recipe, local, epoch, history,
+        model=local.state_dict(),
+        optimizers=[o.state_dict() for o in optimizers],
+        schedulers=[s.state_dict() for s in schedulers],
+        scaler=scaler.state_dict() if scaler is not None else None,
+        rng=_rng_state(),
+    )
+
+
+def _write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int, history, **states) -> None:
+    """Write a training checkpoint atomically. ``states``: ``model`` (the whole LocalModel's
+    state_dict), ``optimizers`` and ``schedulers`` (one per block with per-block optimizers),
+    ``scaler``, ``rng``, and anything a trainer adds for itself (the pipeline's per-stage RNG)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "recipe": recipe.model_dump(mode="json"),
         "plan": local.plan.to_dict(),
         "config": local.config,
         "epoch": epoch,  # epochs completed
-        "model": local.state_dict(),
-        "optimizers": [o.state_dict() for o in optimizers],
-        "schedulers": [s.state_dict() for s in schedulers],
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(),
         "history": history,
+        **states,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -243,12 +265,24 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_checkpoint(state: dict) -> LocalModel:
-    """The trained LocalModel of a loaded training checkpoint (rebuilt from its recipe)."""
+    """The trained LocalModel of a loaded training checkpoint (rebuilt from its recipe and plan)."""
     from .recipe import load_recipe
 
-    local = build_model(load_recipe(data=state["recipe"]))
+    local = build_model(load_recipe(data=state["recipe"]), Plan.from_dict(state["plan"]))
     local.load_state_dict(state["model"])
     return local
+
+
+def build_agreed_model(recipe: Recipe, dist_: _Distributed, checkpoint: dict | None = None) -> LocalModel:
+    """:func:`build_model` on every rank, cut where rank 0 cuts (or where the checkpoint did)."""
+    if checkpoint is not None:
+        return build_model(recipe, Plan.from_dict(checkpoint["plan"]))
+    if not dist_.enabled:
+        return build_model(recipe)
+    local = build_model(recipe) if dist_.main else None
+    shared = [local.plan.to_dict() if local is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    return local if local is not None else build_model(recipe, Plan.from_dict(shared[0]))
 
 
 def evaluation_loader(recipe: Recipe):
@@ -273,11 +307,19 @@ def evaluate(local: LocalModel, loader, device: torch.device, amp: bool = False)
                 if b < len(local.heads):
                     local_correct[b] += (local.heads[b](carried[0]).argmax(-1) == y).sum().item()
             logits = carried
-        top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(-1).sum().item()
-        total += y.numel()
+        c1, c5 = top_correct(logits, y)
+        correct1, correct5, total = correct1 + c1, correct5 + c5, total + y.numel()
     local.train(was_training)
+    return evaluation_record(correct1, correct5, local_correct, total)
+
+
+def top_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """How many of a batch's predictions are right at top-1 and at top-5."""
+    top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+    return int((top[:, 0] == y).sum().item()), int((top == y[:, None]).any(-1).sum().item())
+
+
+def evaluation_record(correct1: int, correct5: int, local_correct: list[int], total: int) -> dict:
     return {
         "top1": correct1 / max(total, 1),
         "top5": correct5 / max(total, 1),
@@ -330,19 +372,37 @@ class TrainResult:
     epochs_done: int
     history: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
+    reporting: bool = True  # this process reported progress and wrote the metrics (one per run)
+
+
+def _device_kind(recipe: Recipe) -> str:
+    auto_cuda = recipe.device == "auto" and torch.cuda.is_available()
+    return "cuda" if recipe.device.startswith("cuda") or auto_cuda else "cpu"
 
 
 def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``recipe``; with ``resume`` continue from ``<output_dir>/last.pt``."""
-    reporter = reporter or Reporter()
-    device_kind = "cuda" if recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu"
-    dist_ = _init_distributed(device_kind)
+    """Train ``recipe``; with ``resume`` continue from ``<output_dir>/last.pt``.
+
+    Under torchrun, ranks train data-parallel, or with ``pipeline.enabled`` one block each
+    (:func:`fxlocal.pipeline.fit_pipeline`). Only the reporting rank calls ``reporter``.
+    """
+    if recipe.pipeline.enabled:
+        from .pipeline import fit_pipeline
+
+        return fit_pipeline(recipe, resume, reporter)
+    dist_ = _init_distributed(_device_kind(recipe))
+    reporter = (reporter or Reporter()) if dist_.main else Reporter()
     device = _device(recipe, dist_.local_rank)
     out_dir = Path(recipe.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
 
-    local = build_model(recipe).to(device)
+    state = None
+    if resume:
+        if not last.exists():
+            raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
+        state = load_training_checkpoint(last)
+    local = build_agreed_model(recipe, dist_, state).to(device)
     if dist_.enabled:  # same start everywhere, whatever each rank's RNG did
         for t in [*local.parameters(), *local.buffers()]:
             dist.broadcast(t.data, src=0)
@@ -350,10 +410,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     schedulers = _schedulers(recipe, optimizers)
     scaler = torch.amp.GradScaler("cuda") if recipe.amp and device.type == "cuda" else None
     start_epoch, history = 0, []
-    if resume:
-        if not last.exists():
-            raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
-        state = load_training_checkpoint(last)
+    if state is not None:
         local.load_state_dict(state["model"])
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
@@ -419,10 +476,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
             record.update({f"test_{k}": v for k, v in evaluate(local, eval_loader, device, recipe.amp).items()})
         history.append(record)
         if dist_.main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                _log_tensorboard(writer, record)
+            _log_metrics(out_dir, writer, record)
             if (epoch + 1) % recipe.checkpoint_interval == 0 or epoch + 1 == recipe.epochs:
                 _save_checkpoint(last, recipe, local, optimizers, schedulers, scaler, epoch + 1, history)
         reporter.epoch_end(record)
@@ -430,13 +484,24 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         writer.close()
     if dist_.main:
         _plot_curves(history, out_dir / "curves.png")
+    _leave_distributed(dist_)
+    return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, dist_.main)
+
+
+def _leave_distributed(dist_: _Distributed) -> None:
     if dist_.enabled:
         # No rank may exit while another still evaluates or writes the checkpoint: a process
         # leaving a live gloo group behind can abort, and torchrun then kills the others.
         dist.barrier()
         if dist_.owned:
             dist.destroy_process_group()
-    return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {})
+
+
+def _log_metrics(out_dir: Path, writer, record: dict) -> None:
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        _log_tensorboard(writer, record)
 
 
 def _tensorboard(out_dir: Path):

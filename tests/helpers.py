@@ -1,6 +1,9 @@
 """Shared test helpers."""
 
+from pathlib import Path
+
 import torch
+import yaml
 
 
 def assert_gradient_isolation(local, x, y, blocks=None, window=1):
@@ -40,3 +43,20 @@ def assert_exports_bit_identically(local, name, size, num_classes=10):
     assert export_mismatch(local, fxlocal.create_model(name, num_classes, size), x) is None
     with torch.no_grad():
         assert torch.isfinite(local.eval()(x)).all()
+
+
+def tiny(tmp_path, **changes):
+    """The quickstart recipe, shrunk to a few seconds (K=2). ``section__field=value`` changes a field."""
+    from fxlocal.recipe import load_recipe
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
+    data.update(epochs=2, batch_size=32, output_dir=str(tmp_path / "run"))
+    data["data"].update(train_subset=128, test_subset=64)
+    data["convert"]["k"] = 2
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    return load_recipe(data=data)

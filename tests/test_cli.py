@@ -42,6 +42,9 @@ def test_inspect_lists_candidates():
         (["convert", "resnet1O1"], "did you mean resnet101"),
         (["convert", "resnet18", "--k", "0"], "k must be at least 1"),
         (["convert", "resnet18", "--k", "99", "--input-size", "3", "32", "32"], "k can be 1 to 23"),
+        # no point of CrossViT's graph carries a single tensor: K=1 is the largest
+        (["convert", "crossvit_tiny_240", "--input-size", "3", "240", "240"], "so k can be 1 to 1"),
+        (["convert", "efficientformer_l1", "--input-size", "3", "64", "64"], "made for --input-size 3 224 224"),
         (["convert", "resnet18", "--aux", "dgll"], "did you mean 'dgl'"),
         (["convert", "resnet18", "--balance", "speed"], "choose one of flops, params, activations"),
         (["convert", "torchvision:resnet18", "--input-size", "1", "32", "32"], "rejects input size"),

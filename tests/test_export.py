@@ -83,7 +83,7 @@ def test_cli_pt2_is_the_plain_model(converted, tmp_path):
 
 
 def test_training_checkpoint_exports(tmp_path):
-    from test_train import tiny
+    from helpers import tiny
     from fxlocal.train import fit
 
     fit(tiny(tmp_path, epochs=1))

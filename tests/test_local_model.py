@@ -176,3 +176,21 @@ def test_per_block_optimizers_update_like_one_and_release_gradients(aux, k):
     # parameters, BN statistics and EMA twins alike
     for (name, p), q in zip(local.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), rtol=1e-4, atol=1e-6), name
+
+
+def test_a_blocks_input_is_freed_as_soon_as_the_block_is_done_with_it():
+    """train_step keeps no reference to a block's input: one that the block's graph does not
+    save (block 1 starts with a ReLU, which saves its output) is freed inside the block's
+    forward, not when the block returns."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    plan = fxlocal.convert(model, k=2, input_size=(8,)).plan
+    plan.blocks[0].cut_node = "_1"
+    local = fxlocal.convert(model, input_size=(8,), plan=plan)
+    handed_on = {}
+    local.blocks[0].register_forward_hook(lambda m, i, out: handed_on.update(storage=weakref.ref(out[0].untyped_storage())))
+    freed = []
+    local.blocks[1].get_submodule("3").register_forward_pre_hook(lambda m, i: freed.append(handed_on["storage"]() is None))
+    local.train_step(torch.randn(4, 8), torch.randint(0, 4, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
+    assert freed == [True]

@@ -11,6 +11,7 @@ from helpers import assert_gradient_isolation, assert_trains
 
 CIFAR = (3, 32, 32)
 RESNET32_STAGES = [0] * 6 + [1] * 5 + [2] * 5  # stem + layer1 | layer2 | layer3
+RESNET101_STAGES = [0] + [1] * 3 + [2] * 4 + [3] * 23 + [4] * 3  # stem | layer1 | … | layer4 (torchvision)
 
 
 def twins(local):
@@ -18,16 +19,38 @@ def twins(local):
 
 
 def test_leap_chain_follows_the_references_pattern():
-    # the reference's hand-written ResNet-32 chains: [[2,0],[3,0],[3,2],[3,4]] for stage-1 blocks
-    assert leap_chain(0, RESNET32_STAGES) == [6, 11, 13, 15]
-    assert leap_chain(5, RESNET32_STAGES) == [6, 11, 13, 15]
-    # a stage-2 block leaps to stage 3, then samples up to the last unit
-    assert leap_chain(7, RESNET32_STAGES) == [11, 12, 14, 15]
-    # inside the last stage: up to length-1 of the remaining units, shorter for later blocks
-    assert [len(leap_chain(h, RESNET32_STAGES)) for h in (11, 12, 13, 14)] == [3, 3, 2, 1]
-    assert leap_chain(14, RESNET32_STAGES) == [15]
+    # The reference's hand-written ImageNet ResNet-101 chains (stages as our graph finds them):
+    # layer1 blocks [[2,0],[3,0],[4,0],[4,2]], layer2 blocks [[3,0],[4,0],[4,1]], layer3 blocks
+    # [[4,0],[4,1]], layer4.0 [[4,1],[4,2]]: a leap to the first unit of every later stage,
+    # then the last unit (where the reference ends at layer4.1, a copy of the same shape).
+    size = (3, 64, 64)
+    model = fxlocal.create_model("torchvision:resnet101", 10, size)
+    assert [u.stage for u in fxlocal.analyze(fxlocal.trace(model, size), size).units] == RESNET101_STAGES
+    layer1, layer2, layer3, layer4 = 1, 4, 8, 31
+    assert leap_chain(layer1, RESNET101_STAGES) == [layer2, layer3, layer4, 33]
+    assert leap_chain(layer1 + 2, RESNET101_STAGES) == [layer2, layer3, layer4, 33]
+    assert leap_chain(layer2 + 3, RESNET101_STAGES) == [layer3, layer4, 33]
+    assert leap_chain(layer3 + 10, RESNET101_STAGES) == [layer4, 33]
+    assert leap_chain(layer4, RESNET101_STAGES) == [32, 33]
+    # ResNet-32: one copy per later stage, then the last unit
+    assert leap_chain(0, RESNET32_STAGES) == leap_chain(5, RESNET32_STAGES) == [6, 11, 15]
+    assert leap_chain(7, RESNET32_STAGES) == [11, 15]
+    # fill: the reference's hand-written CIFAR ResNet-32 chains, [[2,0],[3,0],[3,2],[3,4]] for
+    # stage-1 blocks; a stage-2 block leaps to stage 3, then samples up to the last unit
+    assert leap_chain(0, RESNET32_STAGES, fill=True) == leap_chain(5, RESNET32_STAGES, fill=True) == [6, 11, 13, 15]
+    assert leap_chain(7, RESNET32_STAGES, fill=True) == [11, 12, 14, 15]
+    # inside the last stage: up to length-1 of the remaining units, as the reference's CIFAR
+    # chains ([[3,1],[3,2],[3,4]], [[3,2],[3,3],[3,4]], [[3,3],[3,4]], [[3,4]])
+    for fill in (False, True):
+        chains = [leap_chain(h, RESNET32_STAGES, fill=fill) for h in (11, 12, 13, 14)]
+        assert chains == [[12, 14, 15], [13, 14, 15], [14, 15], [15]]
+    # a shorter length keeps the first leaps and the last unit
+    assert leap_chain(layer1, RESNET101_STAGES, length=2) == [layer2, 33]
+    assert leap_chain(0, RESNET32_STAGES, length=1) == [15]
     for h in range(15):
-        assert leap_chain(h, RESNET32_STAGES)[-1] == 15
+        assert leap_chain(h, RESNET32_STAGES)[-1] == leap_chain(h, RESNET32_STAGES, fill=True)[-1] == 15
+    for h in range(33):
+        assert leap_chain(h, RESNET101_STAGES)[-1] == 33
 
 
 def test_ema_update_is_exactly_the_momentum_rule():
@@ -144,14 +167,15 @@ def test_cli_aux_options_reach_mlaan():
     result = CliRunner().invoke(
         app,
         ["convert", "resnet32_cifar", "--k", "4", "--aux", "mlaan", "--input-size", "3", "32", "32",
-         "--aux-option", "span=3", "--aux-option", "momentum=0.9"],
+         "--aux-option", "span=3", "--aux-option", "momentum=0.9", "--aux-option", "fill=true"],
         env={"COLUMNS": "250"},
     )
     assert result.exit_code == 0, result.output
     assert "re-running blocks 0..2" in result.output and "m=0.9" in result.output
+    assert "units [6, 11, 13, 15]" in result.output  # the reference's CIFAR chain
 
 
-@pytest.mark.parametrize("span", [2, 3])
+@pytest.mark.parametrize("span", [1, 2, 3])
 def test_mlaan_train_step_gradients_equal_the_connected_cascade(span):
     """train_step recomputes the cascade's earlier blocks one at a time instead of keeping
     their graphs; the gradients must be those of the connected losses."""
@@ -171,3 +195,16 @@ def test_mlaan_train_step_gradients_equal_the_connected_cascade(span):
     assert got.keys() == want.keys() and len(want) == len(list(local.parameters()))
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_mlaan_cascade_shares_the_blocks_forward():
+    """Training, the cascade's loss is built on the block's own output (the reference's second
+    stream computes the same values again): a block runs once for its own loss and once more,
+    recomputed, for each later loss that reaches it."""
+    local = fxlocal.convert("resnet32_cifar", k=3, aux="mlaan", input_size=CIFAR)
+    runs = [0] * local.k
+    for b, block in enumerate(local.blocks):
+        first = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_pre_hook(lambda m, i, b=b: runs.__setitem__(b, runs[b] + 1))
+    local.train_step(torch.randn(4, *CIFAR), torch.randint(0, 10, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
+    assert runs == [2, 2, 1]

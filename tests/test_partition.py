@@ -2,7 +2,9 @@ import itertools
 import random
 
 import pytest
+import torch
 
+import fxlocal
 from fxlocal import min_max_partition
 from fxlocal.errors import PartitionError
 
@@ -77,3 +79,37 @@ def test_dp_with_peaks_matches_brute_force(seed):
         )
 
     assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))
+
+
+class _CheapThenCounted(torch.nn.Module):
+    """BatchNorm, 40 sines on a large map (time but no counted FLOPs), then a small Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.bn(x)
+        for _ in range(40):
+            x = torch.sin(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
+    """FLOPs see only the Linear; measured time sees the sines, so K=2 cuts the chain of sines
+    near its middle. Timing runs the model for real: BN statistics, gradients and the RNG are
+    restored."""
+    model = _CheapThenCounted()
+    gm = fxlocal.trace(model, (16, 32, 32))
+    running = gm.bn.running_mean.clone()
+    rng = torch.get_rng_state()
+    plan = fxlocal.partition(gm, 2, "time")
+    sines = [n.name for n in gm.graph.nodes if n.target is torch.sin]
+    assert plan.balance == "time" and 10 <= sines.index(plan.cuts[0]) <= 30, plan.cuts
+    assert torch.equal(gm.bn.running_mean, running) and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in gm.parameters())
+    analysis = fxlocal.analyze(gm, (16, 32, 32))
+    assert not any(c.seconds for c in analysis.segment_costs)  # not timed unless asked
+    with pytest.raises(PartitionError, match="timed=True"):
+        fxlocal.partition(gm, 2, "time", analysis=analysis)

@@ -14,23 +14,9 @@ from fxlocal.cli import app
 from fxlocal.data import DatasetError, build_dataset
 from fxlocal.recipe import RecipeError, load_recipe
 from fxlocal.train import Reporter, TrainingDiverged, build_model, fit, load_training_checkpoint
+from helpers import tiny
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
-
-
-def tiny(tmp_path, **changes):
-    """The quickstart recipe, shrunk to a few seconds."""
-    data = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
-    data.update(epochs=2, batch_size=32, output_dir=str(tmp_path / "run"))
-    data["data"].update(train_subset=128, test_subset=64)
-    data["convert"]["k"] = 2
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            data.setdefault(section, {})[field] = value
-        else:
-            data[key] = value
-    return load_recipe(data=data)
 
 
 # --- recipes ------------------------------------------------------------------------------------
@@ -39,7 +25,7 @@ def tiny(tmp_path, **changes):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"convert": {"balance": "speed"}}, "'convert.balance': Input should be 'flops', 'params', 'activations' or 'memory'"),
+        ({"convert": {"balance": "speed"}}, "'convert.balance': Input should be 'flops', 'params', 'activations', 'memory' or 'time'"),
         ({"convert": {"aux": "dgll"}}, "'convert.aux': unknown method 'dgll'; choose one of"),
         ({"epochs": 0}, "'epochs': Input should be greater than or equal to 1"),
         ({"optimizr": {}}, "'optimizr' is not a recipe field"),

@@ -33,6 +33,11 @@ class EMATwin(nn.Module):
         # The live parameters it follows: a plain list, so they are not this module's parameters.
         self._live = list(live.parameters())
 
+    @property
+    def live_parameters(self) -> list[nn.Parameter]:
+        """The live backbone parameters this twin follows (it reads them after every step)."""
+        return list(self._live)
+
     def averaged(self) -> list[torch.Tensor]:
         """The twin's copies of the live parameters, in the live unit's order."""
         buffers = dict(self.module.named_buffers())

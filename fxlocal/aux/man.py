@@ -47,7 +47,7 @@ class MAN:
         if spec.units is None or spec.unit is None or spec.unit + 1 >= len(spec.units):
             raise FxLocalError("man heads copy the next block's first unit: the cut must be at a unit boundary")
         u = spec.unit + 1
-        live = spec.units.pieces[u]
+        live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
         pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
         dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)

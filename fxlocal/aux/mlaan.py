@@ -4,18 +4,21 @@ For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)
 
 * *independent*: pool + Linear on the block's own output (a small conv1×1 stem first when the
   map is narrow);
-* *cascade*: block ``b`` re-run so that this loss also trains the previous ``span - 1``
-  blocks (``StepContext.run_cascaded``: their share of the gradient comes from recomputing
-  them one at a time, so the cascade never holds more than one block's graph); then an
+* *cascade*: the same output (the reference's second stream re-runs the blocks to the same
+  values), with a loss that also trains the previous ``span - 1`` blocks
+  (``StepContext.run_cascaded``: their share of the gradient comes from recomputing them one
+  at a time, so the cascade never holds more than one block's graph); then an
   augmented chain of fresh copies of later units — the "leap" to the first unit of every later
-  stage, then units sampled uniformly up to the last unit (``leap_chain``); earlier blocks get
-  longer chains — then pool + Linear. The reference hand-writes these chains per net and K; we
-  derive them from the graph's units and stages;
+  stage, then the last unit (``leap_chain``), so earlier blocks get longer chains — then
+  pool + Linear. The reference hand-writes these chains per net and K (ResNet-101 on ImageNet:
+  4, 3 and 2 units from the first three stages, as here; on CIFAR it makes them up to 4 units,
+  ``fill=True``); we derive them from the graph's units and stages;
 * *LAM*: a frozen EMA twin of the live backbone unit that the chain's first copy mirrors runs
   beside that copy (their outputs add) and is updated after the block's backward.
 
 The last block's loss is the model's own, cascaded the same way (the reference computes the
-x-path loss there and overwrites it with the y-path loss, a bug we do not copy: both count).
+x-path loss there and overwrites it with the y-path loss, a bug we do not copy: both count;
+on one output they are one loss, backpropagated once).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from .unit_copies import UnitChain
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
 
 
-def leap_chain(hidden: int, stages: list[int], length: int = 4) -> list[int]:
+def leap_chain(hidden: int, stages: list[int], length: int = 4, fill: bool = False) -> list[int]:
     """Units MLAAN's augmented chain copies for hidden unit ``hidden`` (``stages[u]`` = stage of u).
 
-    Outside the last stage: the first unit of each later stage (at most ``length - 1``), then
-    units sampled uniformly after the last leap, ending at the last unit, ``length`` in all.
-    In the last stage: up to ``length - 1`` of the remaining units, ending at the last one.
+    Outside the last stage: the first unit of each later stage (the leaps), then the last unit,
+    so a unit ``n`` stages before the last gets ``n + 1`` copies, at most ``length`` (then the
+    first ``length - 1`` leaps) — the reference's ImageNet chains. With ``fill``, units sampled
+    uniformly after the last leap make up ``length`` — its CIFAR chains. In the last stage: up to
+    ``length - 1`` of the remaining units, sampled uniformly, ending at the last one.
     """
     last = len(stages) - 1
     if hidden >= last:
@@ -46,6 +51,8 @@ def leap_chain(hidden: int, stages: list[int], length: int = 4) -> list[int]:
     if stages[hidden] == stages[-1]:
         return sampled_units(hidden, len(stages), max(1, min(length - 1, last - hidden)))
     leaps = [u for u in range(hidden + 1, last + 1) if stages[u] != stages[u - 1] and stages[u] > stages[hidden]]
+    if not fill:
+        return [u for u in leaps[: length - 1] if u != last] + [last]
     leaps = leaps[: max(1, length - 1)]
     rest = length - len(leaps)
     return leaps + (sampled_units(leaps[-1], len(stages), rest) if rest > 0 and leaps[-1] < last else [])
@@ -86,9 +93,9 @@ class MLAANHead(nn.Module):
         return self.cascade(x)
 
     def local_loss(self, ctx, b: int, out):
-        # the x path's graph is freed before the cascade re-runs the blocks
+        # the x path is backpropagated before the cascade's chain runs on the same output
         weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(out[0]), ctx.target))
-        z = ctx.run_cascaded(max(0, b - self.input_window + 1), b)[0]
+        z = ctx.run_cascaded(max(0, b - self.input_window + 1), b, out)[0]
         logits = self.cascade(z)
         return weighted_x + ctx.backward_cascaded(self.wy * ctx.criterion(logits, ctx.target)), logits
 
@@ -107,9 +114,11 @@ class CascadedFinalLoss(nn.Module):
         self.wx, self.wy = wx, wy
 
     def local_loss(self, ctx, b: int, out):
-        loss_x = ctx.backward_now(self.wx * ctx.criterion(out, ctx.target))
-        y_out = ctx.run_cascaded(max(0, b - self.input_window + 1), b)
-        return loss_x + ctx.backward_cascaded(self.wy * ctx.criterion(y_out, ctx.target)), out
+        y_out = ctx.run_cascaded(max(0, b - self.input_window + 1), b, out)
+        if y_out is out:  # training: both paths are the model's loss on this output, one backward
+            total = self.wx + self.wy
+            return ctx.backward_cascaded(total * ctx.criterion(out, ctx.target), input_share=self.wy / total), out
+        return self.wx * ctx.criterion(out, ctx.target) + self.wy * ctx.criterion(y_out, ctx.target), out
 
 
 @register_aux("mlaan")
@@ -124,16 +133,18 @@ class MLAAN:
         momentum: float = 0.995,
         chain_length: int = 4,
         narrow_width: int = 64,
+        fill: bool = False,
     ):
         if span < 1 or chain_length < 1:
             raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
         self.span, self.wx, self.wy = span, wx, wy
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
+        self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
 
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
             raise FxLocalError("mlaan heads copy units: the cut must be at a unit boundary")
-        return leap_chain(spec.unit, [u.stage for u in spec.units.units], self.chain_length)
+        return leap_chain(spec.unit, [u.stage for u in spec.units.units], self.chain_length, self.fill)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         library = spec.units
@@ -163,8 +174,15 @@ class MLAAN:
         return CascadedFinalLoss(self.span, self.wx, self.wy)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
-        """The copies cost what the units they copy cost; the pool/linear heads are negligible."""
-        return sum((spec.units.unit_costs[u] for u in self.chain(spec)), Cost())
+        """The copies cost what the units they copy cost, and the EMA twin beside the first what
+        its activations cost: the gradient reaching the block's output passes through it (its
+        averaged weights are buffers, small next to those activations); the pool/linear heads are
+        negligible."""
+        picks = self.chain(spec)
+        first = spec.units.unit_costs[picks[0]]
+        twin = Cost(flops=first.flops * 2 / 3, activation_bytes=first.activation_bytes,
+                    largest_activation_bytes=first.largest_activation_bytes)
+        return sum((spec.units.unit_costs[u] for u in picks), twin)
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -2,22 +2,31 @@
 
 The traced graph is split at every unit boundary; a copy is a deep copy of one piece with every module that can re-initialise
 itself reset, so it never shares weights or starting values with the backbone unit it mirrors.
+
+A piece may take plain values computed before it besides its input tensor (CoaT reads
+``B = x.shape[0]`` once at the top and uses it in every block). A copy runs on its own input, so
+those values are supplied there: the graph's values at two batch sizes tell which are the batch
+(read from the copy's input at run time) and which are constants of the architecture (kept as
+traced). A value that is neither cannot be reproduced and the unit cannot be copied.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
-import torch.fx as fx
-from torch import nn
+import torch
+from torch import fx, nn
 
 from ..cost import Cost
 from ..errors import FxLocalError
 from ..split import split_graph
+from ..trace import SHAPE_BATCH, values_at_batch
 from ..units import Unit
 
-__all__ = ["UnitLibrary", "UnitChain", "reinitialise"]
+__all__ = ["UnitChain", "UnitLibrary", "WithPlainInputs", "reinitialise"]
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
@@ -45,24 +54,109 @@ class UnitLibrary:
     def __len__(self) -> int:
         return len(self.units)
 
+    @property
+    def pieces(self) -> list[nn.Module]:
+        """One module per unit, then the tail (the model's own head), sharing the backbone's
+        weights, each callable on its input tensor alone where it can be (see the module
+        docstring); :meth:`live` says why one cannot."""
+        return self._split[0]
+
     @cached_property
-    def pieces(self) -> list[fx.GraphModule]:
-        """One GraphModule per unit, then the tail (the model's own head); shared weights."""
-        return split_graph(self.gm, [u.cut for u in self.units])
+    def _split(self) -> tuple[list[nn.Module], dict[int, str]]:
+        """The pieces, and for those that cannot run alone the plain input that stops them."""
+        graphs = split_graph(self.gm, [u.cut for u in self.units])
+        if not any(_extra_inputs(g) for g in graphs):
+            return list(graphs), {}
+        other = _values_at_other_batch(self.gm)
+        pieces: list[nn.Module] = []
+        not_alone: dict[int, str] = {}
+        for i, graph in enumerate(graphs):
+            extra = _extra_inputs(graph)
+            values = [_batch_template(n.meta.get("val"), other[n.name]) if other else _UNKNOWN for n in extra]
+            bad = [n.name for n, v in zip(extra, values) if v is _UNKNOWN]
+            if bad:
+                not_alone[i] = bad[0]
+            pieces.append(WithPlainInputs(graph, values) if extra and not bad else graph)
+        return pieces, not_alone
 
     def unit_at(self, cut: str) -> int | None:
         return next((u.index for u in self.units if u.cut == cut), None)
 
-    def _fresh(self, piece: fx.GraphModule, what: str) -> fx.GraphModule:
-        if sum(1 for n in piece.graph.nodes if n.op == "placeholder") != 1:
-            raise FxLocalError(f"{what} needs values computed before it besides its input; it cannot be copied alone")
-        return reinitialise(copy.deepcopy(piece))
+    def live(self, u: int) -> nn.Module:
+        """Unit ``u`` (``len(self)``: the model's head) as a module of its input alone, sharing
+        the backbone's weights (what an EMA twin follows)."""
+        pieces, not_alone = self._split
+        if u in not_alone:
+            what = f"unit {u} ({self.units[u].name})" if u < len(self.units) else "the model's head"
+            raise FxLocalError(
+                f"{what} takes {not_alone[u]!r}, a value computed before it that is neither the batch size "
+                "nor a constant, so it cannot be copied alone; use aux='dgl', which copies no units"
+            )
+        return pieces[u]
 
-    def fresh_unit(self, u: int) -> fx.GraphModule:
-        return self._fresh(self.pieces[u], f"unit {u} ({self.units[u].name})")
+    def fresh_unit(self, u: int) -> nn.Module:
+        return reinitialise(copy.deepcopy(self.live(u)))
 
-    def fresh_tail(self) -> fx.GraphModule:
-        return self._fresh(self.pieces[-1], "the model's head")
+    def fresh_tail(self) -> nn.Module:
+        return reinitialise(copy.deepcopy(self.live(len(self.units))))
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """Stands for the batch size in a plain value a copied piece takes (filled in from its input)."""
+
+
+_UNKNOWN = object()
+
+
+def _extra_inputs(piece: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in piece.graph.nodes if n.op == "placeholder"][1:]
+
+
+def _values_at_other_batch(gm: fx.GraphModule) -> dict[str, Any] | None:
+    try:
+        return values_at_batch(gm, SHAPE_BATCH + 1)
+    except FxLocalError:  # the model takes only the traced batch: no value can be told apart
+        return None
+
+
+def _batch_template(traced: Any, other: Any) -> Any:
+    """``traced`` with every int that is the batch size replaced by :class:`BatchSize`, given the
+    same value at batch ``SHAPE_BATCH + 1``; ``_UNKNOWN`` when some part is neither."""
+    if isinstance(traced, (tuple, list)) and isinstance(other, (tuple, list)) and len(traced) == len(other):
+        parts = [_batch_template(a, b) for a, b in zip(traced, other)]
+        if any(p is _UNKNOWN for p in parts):
+            return _UNKNOWN
+        # a torch.Size cannot hold the marker; shape arguments take a tuple as well
+        return traced if parts == list(traced) else (list if isinstance(traced, list) else tuple)(parts)
+    if isinstance(traced, torch.Tensor) or isinstance(other, torch.Tensor):
+        return _UNKNOWN
+    if traced == other:
+        return traced
+    if (traced, other) == (SHAPE_BATCH, SHAPE_BATCH + 1):
+        return BatchSize()
+    return _UNKNOWN
+
+
+def _fill(template: Any, batch: int) -> Any:
+    if isinstance(template, BatchSize):
+        return batch
+    if isinstance(template, (tuple, list)):
+        return type(template)(_fill(t, batch) for t in template)
+    return template
+
+
+class WithPlainInputs(nn.Module):
+    """A unit piece called on its input tensor alone: the plain values it took from before it are
+    supplied, the batch size read from the input, the rest as traced."""
+
+    def __init__(self, piece: fx.GraphModule, values: list[Any]):
+        super().__init__()
+        self.piece = piece
+        self.values = values
+
+    def forward(self, x):
+        return self.piece(x, *(_fill(v, x.shape[0]) for v in self.values))
 
 
 class UnitChain(nn.Module):

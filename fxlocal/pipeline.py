@@ -1,0 +1,387 @@
+"""Pipeline-parallel local training (PPLL): one block per process, activations flowing forward.
+
+Under ``torchrun --nproc-per-node K``, rank ``r`` owns block ``r``, its aux head and its
+optimizer. Rank 0 reads the data; each rank trains its block on what it receives
+(:meth:`LocalModel.train_block`) and sends the detached output, with the labels, to rank
+``r + 1`` by point-to-point sends on torch.distributed (gloo on CPU, nccl on GPU). Nothing flows
+backward: a block's update depends on its own input and labels only, so the ranks compute
+exactly the updates of sequential local training on the same batches, overlapped in time.
+
+A stage has at most ``pipeline.max_in_flight`` unfinished sends: a fast stage waits for a slow
+one rather than queueing batches without bound. The test batches flow through the same pipeline;
+the last rank computes the metrics and writes ``metrics.jsonl``, and a checkpoint gathers every
+stage's state into one file of the sequential trainer's format (it resumes it, pipelined or not,
+and ``fxlocal export`` reads it). A stage whose neighbour dies or stays silent for
+``pipeline.timeout_s`` raises :class:`PipelineError` rather than hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+from .aux.ema import EMATwin
+from .errors import FxLocalError
+from .local_model import LocalModel
+from .recipe import Recipe
+
+__all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
+
+TRAIN, EVAL, END = 0, 1, 2
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_MAX_DIMS = 8
+_HEADER = 4 + _MAX_DIMS  # kind, dtype, ndim, has extra values, shape
+
+
+class PipelineError(FxLocalError, RuntimeError):
+    """The run cannot be pipelined, or a stage lost its neighbour (it died or stopped answering)."""
+
+
+def pipeline_obstacle(local: LocalModel) -> str | None:
+    """Why ``local``'s blocks cannot be trained one per process, or None when they can.
+
+    A stage holds one block's weights only, so an objective must not read another block's:
+    MLAAN's cascade re-runs earlier blocks, MAN's EMA twin follows the next block's first unit.
+    """
+    if local.input_window > 1:
+        return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    for b in range(local.k):
+        own = {id(p) for p in local.block_parameters(b)}
+        objective = local.heads[b] if b < len(local.heads) else local.final_objective
+        for twin in (m for m in (objective.modules() if objective is not None else ()) if isinstance(m, EMATwin)):
+            if any(id(p) not in own for p in twin.live_parameters):
+                return f"block {b}'s {local.plan.aux} head follows another block's weights (an EMA twin)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The backend's reason, without the source location gloo prefixes it with."""
+    text = str(exc).strip().splitlines()
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(exc).__name__
+    return re.split(r"(?<=\.)\s", reason)[0]  # the first sentence; gloo goes on with advice
+
+
+class _Link:
+    """Messages between neighbouring stages: stage r receives from r-1 and sends to r+1.
+
+    A message is a fixed-size header (kind, dtype, shape) and, unless it marks the end of a pass
+    over the data, the boundary tensor, the labels and, rarely, the plain values that cross the
+    boundary with the tensor (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
+    """
+
+    def __init__(self, rank: int, world: int, device: torch.device, max_in_flight: int, timeout_s: float):
+        self.rank, self.world, self.device = rank, world, device
+        self.max_in_flight = max_in_flight
+        self.timeout = timedelta(seconds=timeout_s)
+        self.in_flight: deque[tuple[list, tuple]] = deque()  # (works, the tensors they read)
+
+    @contextlib.contextmanager
+    def talking_to(self, peer: str):
+        try:
+            yield
+        except RuntimeError as exc:  # gloo/nccl report a dead peer or a timeout as RuntimeError
+            raise PipelineError(
+                f"pipeline stage {self.rank} lost {peer} ({_first_line(exc)}); "
+                "that process stopped or hangs, its own output says why"
+            ) from None
+
+    def send(self, kind: int, carried: tuple = (), y: torch.Tensor | None = None) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.long)
+        header[0] = kind
+        tensors: list[torch.Tensor] = []
+        extra = list(carried[1:])
+        if kind != END:
+            x = carried[0].contiguous()
+            header[1:4] = torch.tensor([_DTYPES.index(x.dtype), x.dim(), bool(extra)])
+            header[4 : 4 + x.dim()] = torch.tensor(x.shape)
+            tensors = [x, y.long().contiguous()]
+        tensors = [header.to(self.device), *tensors]
+        with self.talking_to(f"stage {self.rank + 1}"):
+            works = [dist.isend(t, self.rank + 1) for t in tensors]
+            if extra:
+                dist.send_object_list([extra], self.rank + 1, device=self.device)
+            self.in_flight.append((works, tensors))
+            while len(self.in_flight) > self.max_in_flight:
+                self._wait(self.in_flight.popleft()[0])
+
+    def recv(self) -> tuple[int, tuple, torch.Tensor | None]:
+        source = self.rank - 1
+        with self.talking_to(f"stage {source}"):
+            header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
+            self._wait([dist.irecv(header, source)])
+            kind, code, ndim, has_extra, *shape = header.tolist()
+            if kind == END:
+                return END, (), None
+            x = torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device)
+            y = torch.empty(shape[0], dtype=torch.long, device=self.device)
+            self._wait([dist.irecv(x, source), dist.irecv(y, source)])
+            extra: list = [[]]
+            if has_extra:
+                dist.recv_object_list(extra, source, device=self.device)
+        return kind, (x, *extra[0]), y
+
+    def receive(self, kind: int) -> Iterator[tuple[tuple, torch.Tensor]]:
+        """``(input, labels)`` of each ``kind`` message until the end of the pass."""
+        while True:
+            got, carried, y = self.recv()
+            if got == END:
+                return
+            if got != kind:
+                raise PipelineError(f"pipeline stage {self.rank} got a {got} message during a {kind} pass (stages out of step)")
+            yield carried, y
+
+    def flush(self) -> None:
+        with self.talking_to(f"stage {self.rank + 1}"):
+            while self.in_flight:
+                self._wait(self.in_flight.popleft()[0])
+
+    def _wait(self, works: list) -> None:
+        for work in works:
+            work.wait(self.timeout)
+
+
+@dataclass
+class _Totals:
+    """One stage's sums over an epoch."""
+
+    loss: float = 0.0
+    accuracy: float = 0.0
+    images: int = 0
+
+
+def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started) -> _Totals:
+    totals = _Totals()
+    last = rank == local.k - 1
+    for step, (carried, y) in enumerate(batches):
+        with autocast:
+            handed_on, loss, logits = local.train_block(rank, carried, y, optimizer, scaler=scaler)
+        if not last:
+            link.send(TRAIN, handed_on, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            from .train import TrainingDiverged
+
+            raise TrainingDiverged(
+                f"loss of block {rank} is {value} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                "The last good checkpoint is the last one written; lower optimizer.lr or enable warm-up"
+            )
+        totals.loss += value
+        totals.accuracy += (logits.argmax(-1) == y).float().mean().item()
+        totals.images += len(y)
+        reporter.step(epoch, step, [value], totals.images / max(time.perf_counter() - started, 1e-9))
+    if not last:
+        link.send(END)
+    return totals
+
+
+@torch.no_grad()
+def _eval_pass(local, rank, link, batches, autocast) -> dict:
+    """This stage's share of the evaluation: its head's correct count, or (last) the model's."""
+    from .train import top_correct
+
+    local.eval()
+    counts = {"local_correct": 0, "correct1": 0, "correct5": 0, "total": 0}
+    last = rank == local.k - 1
+    for carried, y in batches:
+        with autocast:
+            out = local.blocks[rank](*carried)
+            if last:
+                c1, c5 = top_correct(out, y)
+                counts["correct1"] += c1
+                counts["correct5"] += c5
+            else:
+                counts["local_correct"] += int((local.heads[rank](out[0]).argmax(-1) == y).sum().item())
+                link.send(EVAL, out, y)
+        counts["total"] += len(y)
+    if not last:
+        link.send(END)
+    local.train()
+    return counts
+
+
+def _owned_key(key: str, rank: int, k: int) -> bool:
+    """Whether stage ``rank`` holds the live value of a LocalModel state_dict entry."""
+    for prefix, owner in (("blocks.", None), ("heads.", None), ("final_objective.", k - 1)):
+        if key.startswith(prefix):
+            return (owner if owner is not None else int(key.split(".")[1])) == rank
+    return rank == 0  # never trained (untraced leftovers of the original): any copy will do
+
+
+def _stage_state(local, rank, optimizer, scheduler, scaler, rng) -> dict:
+    def to_cpu(t):
+        return t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
+
+    model = {key: value for key, value in local.state_dict().items() if _owned_key(key, rank, local.k)}
+    return tree_map(
+        to_cpu,
+        {
+            "model": model,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+        },
+    )
+
+
+def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
+    """:func:`fxlocal.train.fit` with one block per process (see the module docstring)."""
+    from . import train as T
+
+    if not recipe.optimizer.per_block:
+        raise PipelineError("pipeline mode steps each block's optimizer in the block's own process: set optimizer.per_block: true")
+    dist_ = T._init_distributed(T._device_kind(recipe), recipe.pipeline.timeout_s)
+    out_dir = Path(recipe.output_dir)
+    checkpoint = out_dir / "last.pt"
+    state = None
+    if resume:
+        if not checkpoint.exists():
+            raise FxLocalError(f"nothing to resume: no checkpoint at {checkpoint}")
+        state = T.load_training_checkpoint(checkpoint)
+    local = T.build_agreed_model(recipe, dist_, state)
+    obstacle = pipeline_obstacle(local) if local.k > 1 else "it has one block; set convert.k to 2 or more"
+    if obstacle:
+        raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal or none")
+    if dist_.world != local.k:
+        raise PipelineError(
+            f"pipeline mode runs one process per block and this model has {local.k} blocks: launch it with "
+            f"torchrun --nproc-per-node {local.k} (got {dist_.world} process(es))"
+        )
+    rank, k = dist_.rank, local.k
+    last = rank == k - 1
+    reporter = (reporter or T.Reporter()) if last else T.Reporter()
+    device = T._device(recipe, dist_.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start_epoch, history = 0, []
+    if state is not None:
+        if len(state["optimizers"]) != k:
+            raise PipelineError(f"{checkpoint} holds one optimizer for the whole model; pipeline mode needs one per block")
+        local.load_state_dict(state["model"])
+        start_epoch, history = state["epoch"], state["history"]
+    # This process keeps its own block (and head) only.
+    for b in range(k):
+        if b != rank:
+            T._stage(local, b).to("meta")
+    stage = T._stage(local, rank).to(device)
+    if last and local.final_objective is not None:
+        local.final_objective.to(device)
+    optimizer = T._make_optimizer(recipe, stage)
+    schedulers = T._schedulers(recipe, [optimizer])
+    scheduler = schedulers[0] if schedulers else None
+    scaler = torch.amp.GradScaler("cuda") if recipe.amp and device.type == "cuda" else None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizers"][rank])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["schedulers"][rank])
+        pipelined = state.get("pipeline") or {}
+        if scaler is not None and (pipelined.get("scalers") or [None] * k)[rank] is not None:
+            scaler.load_state_dict(pipelined["scalers"][rank])
+        rngs = pipelined.get("rng") or [state["rng"], *[None] * (k - 1)]
+        if rngs[rank] is not None:
+            T._set_rng_state(rngs[rank])
+    else:  # every stage as the sequential trainer's single process: rank 0's data order matches
+        torch.manual_seed(recipe.seed)
+        random.seed(recipe.seed)
+        np.random.seed(recipe.seed)
+
+    link = _Link(rank, k, device, recipe.pipeline.max_in_flight, recipe.pipeline.timeout_s)
+    if rank == 0:
+        train_loader, sampler, order, eval_loader = T._loaders(recipe, T._Distributed(), device)
+        steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
+    shared = [steps if rank == 0 else None]
+    with link.talking_to("stage 0"):
+        dist.broadcast_object_list(shared, src=0)
+    steps = shared[0]
+    reporter.run_start(recipe, local, start_epoch, steps)
+    writer = T._tensorboard(out_dir) if last else None
+    autocast = T._autocast(device, recipe.amp)
+
+    def from_loader(loader, limit=None):
+        for step, (x, y) in enumerate(loader):
+            if limit is not None and step >= limit:
+                return
+            yield (x.to(device, non_blocking=True),), y.to(device, non_blocking=True)
+
+    for epoch in range(start_epoch, recipe.epochs):
+        local.train()
+        if rank == 0:
+            T._reseed_epoch(sampler, order, recipe.seed, epoch)
+        started = time.perf_counter()
+        batches = from_loader(train_loader, steps) if rank == 0 else link.receive(TRAIN)
+        totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started)
+        elapsed = time.perf_counter() - started
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        evaluated = (epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs
+        counts = None
+        if evaluated:
+            batches = from_loader(eval_loader) if rank == 0 else link.receive(EVAL)
+            counts = _eval_pass(local, rank, link, batches, autocast)
+        summary = {
+            "loss": totals.loss / max(steps, 1),
+            "accuracy": totals.accuracy / max(steps, 1),
+            "peak_memory_mib": round(T._peak_memory_mib(device), 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "eval": counts,
+        }
+        summaries = [None] * k if last else None
+        with link.talking_to("a stage"):
+            link.flush()
+            dist.gather_object(summary, summaries, dst=k - 1)
+        if last:
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": [round(s["loss"], 5) for s in summaries],
+                "train_local_top1": [round(s["accuracy"], 5) for s in summaries],
+                "images_per_s": round(totals.images / max(elapsed, 1e-9), 2),
+                "lr": summaries[0]["lr"],
+                "peak_memory_mib": max(s["peak_memory_mib"] for s in summaries),
+                "stage_peak_memory_mib": [s["peak_memory_mib"] for s in summaries],
+                "world_size": k,
+                "steps": steps,
+                "pipeline": True,
+            }
+            if evaluated:
+                final = summaries[-1]["eval"]
+                local_correct = [s["eval"]["local_correct"] for s in summaries[:-1]]
+                result = T.evaluation_record(final["correct1"], final["correct5"], local_correct, final["total"])
+                record.update({f"test_{key}": v for key, v in result.items()})
+            history.append(record)
+            T._log_metrics(out_dir, writer, record)
+            reporter.epoch_end(record)
+        if (epoch + 1) % recipe.checkpoint_interval == 0 or epoch + 1 == recipe.epochs:
+            parts = [None] * k if last else None
+            with link.talking_to("a stage"):
+                dist.gather_object(_stage_state(local, rank, optimizer, scheduler, scaler, T._rng_state()), parts, dst=k - 1)
+            if last:
+                T._write_checkpoint(
+                    checkpoint, recipe, local, epoch + 1, history,
+                    model={key: value for part in parts for key, value in part["model"].items()},
+                    optimizers=[p["optimizer"] for p in parts],
+                    schedulers=[p["scheduler"] for p in parts] if scheduler is not None else [],
+                    scaler=parts[-1]["scaler"],
+                    rng=parts[0]["rng"],  # rank 0 drew the data augmentation, as a single process does
+                    pipeline={"rng": [p["rng"] for p in parts], "scalers": [p["scaler"] for p in parts]},
+                )
+    if writer is not None:
+        writer.close()
+    if last:
+        T._plot_curves(history, out_dir / "curves.png")
+    with link.talking_to("a stage"):
+        T._leave_distributed(dist_)
+    return T.TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, last)

@@ -1,0 +1,293 @@
+"""The zoo check: one model through convert, one train step, gradient isolation and the export
+round trip, stage by stage, with the first failing stage and its reason as plain data.
+
+``benchmarks/zoo.py`` sweeps :func:`check_model` over every timm and torchvision
+classification model (one process per model) and renders ``docs/zoo.md``;
+``tests/test_zoo_sample.py`` runs :func:`check` on one model per family.
+
+Models are built for a small input (:data:`SIZE`); a model that rejects it is built for the
+sizes its source gives for it (:func:`fxlocal.models.native_input_sizes`: fixed-resolution
+models timm does not flag, patch sizes that do not divide 64), smallest first. Large models are
+built on the meta device and every stage runs on fake tensors: shapes, graphs, gradient flow and
+state-dict keys are checked, nothing is computed or allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import functools
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+from .convert import convert
+from .errors import FxLocalError, InputSizeError, KOutOfRangeError
+from .local_model import LocalModel
+from .models import create_model, native_input_sizes
+from .verify import export_mismatch, isolation_violations
+
+__all__ = [
+    "AUX",
+    "SIZE",
+    "STAGES",
+    "TIMM_FX_EXCLUDED",
+    "K",
+    "Unsplittable",
+    "ZooFailure",
+    "all_models",
+    "check",
+    "check_model",
+    "family",
+    "fx_excluded",
+    "parameter_count",
+    "representatives",
+    "stratified_sample",
+]
+
+AUX = ("dgl", "auglocal", "mlaan", "man")
+# What timm's own FX tests leave out (timm tests/test_models.py, EXCLUDE_FX_FILTERS).
+TIMM_FX_EXCLUDED = ("vit_gi*", "hiera*", "gemma4_vit*")
+SIZE = (3, 64, 64)  # small enough to run every model on a CPU
+K = 4
+CLASSES = 10
+# not the batch shapes are traced with (trace.SHAPE_BATCH), so that a batch size baked into a
+# block or a unit copy fails the step
+BATCH = 3
+STAGES = ("create", "convert", "step", "isolation", "export")
+
+
+class ZooFailure(FxLocalError):
+    """A model failed one stage of the zoo check."""
+
+    def __init__(self, stage: str, exc: BaseException | str):
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {_first_line(exc)}"
+        super().__init__(f"{stage}: {text}")
+        self.stage, self.reason = stage, text[:300]
+
+
+class Unsplittable(ZooFailure):
+    """The model cannot be cut at all (K=1 only), and convert said so, naming that largest K."""
+
+
+# ---------------------------------------------------------------- which models
+
+
+def all_models() -> list[str]:
+    """Every timm model name, then every torchvision classification model as ``torchvision:NAME``
+    (not the paper models fxlocal itself registers with timm)."""
+    import timm
+    import torchvision
+
+    timm_names = [n for n in timm.list_models() if not timm.models.model_entrypoint(n).__module__.startswith("fxlocal")]
+    return [*timm_names, *(f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models))]
+
+
+def family(name: str) -> str:
+    """The module that defines the model: timm's (``resnet``), torchvision's (``torchvision:vgg``)."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return "torchvision:" + torchvision.models.get_model_builder(name.split(":", 1)[1]).__module__.rsplit(".", 1)[-1]
+    return _timm_families()[name]
+
+
+@functools.cache
+def _timm_families() -> dict[str, str]:
+    import timm
+
+    return {model: module for module in timm.list_modules() for model in timm.list_models(module=module)}
+
+
+def fx_excluded(name: str) -> bool:
+    """Whether timm's own FX tests leave this model out (outside the zoo's target)."""
+    return not name.startswith("torchvision:") and any(fnmatch.fnmatch(name, p) for p in TIMM_FX_EXCLUDED)
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of ``name`` as built for the first input size it takes, counted on the meta
+    device (a model's parameters may depend on its input size: position embeddings)."""
+    sizes = _input_sizes(name)
+    for size in sizes[:-1]:
+        try:
+            return _count(_create(name, size, meta=True))
+        except InputSizeError:
+            continue
+    return _count(_create(name, sizes[-1], meta=True))
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def representatives(chosen: list[str]) -> list[str]:
+    """One model per family of the installed timm and torchvision: the one in ``chosen`` (a
+    cached :func:`stratified_sample`) where a family has one, else the family's smallest, so
+    that a timm upgrade with new families or renamed models still gets every family."""
+    names = all_models()
+    picked = {family(n): n for n in set(chosen) & set(names)}
+    missing = [n for n in names if family(n) not in picked]
+    return sorted([*picked.values(), *stratified_sample(missing)])
+
+
+def stratified_sample(names: list[str]) -> list[str]:
+    """The smallest model of every family (ties: the first name); unbuildable ones count as huge."""
+    best: dict[str, tuple[int, str]] = {}
+    for name in names:
+        try:
+            size = parameter_count(name)
+        except Exception:  # noqa: BLE001 - unbuildable here: the check will say why
+            size = 1 << 62
+        fam = family(name)
+        if fam not in best or (size, name) < best[fam]:
+            best[fam] = (size, name)
+    return sorted(n for _, n in best.values())
+
+
+# ---------------------------------------------------------------- one model
+
+
+def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict]:
+    """One row per aux method: status (ok, fail, or unsplittable: convert refused every K above
+    1 with an error naming it), the failing stage and reason, details, seconds.
+
+    Runs on fake tensors when the model has more than ``fake_above`` parameters."""
+    warnings.filterwarnings("ignore")
+    rows = []
+    fake = None
+    for aux in aux_methods:
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        row = {"model": name, "family": family(name), "aux": aux, "status": "ok", "stage": "", "reason": ""}
+        try:
+            if fake is None:
+                with _stage("create"):
+                    fake = parameter_count(name) > fake_above
+            row.update(check(name, aux, fake=fake))
+        except ZooFailure as failure:
+            status = "unsplittable" if isinstance(failure, Unsplittable) else "fail"
+            row.update(status=status, stage=failure.stage, reason=failure.reason)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+    return rows
+
+
+def check(name: str, aux: str, fake: bool = False, k: int = K) -> dict:
+    """Convert ``name`` with ``k`` blocks (or, when it has fewer cut points, the largest K, after
+    checking that ``k`` fails with an error naming it), one train step with per-block
+    optimizers, gradient isolation of every block's loss, export round trip (strict load into a
+    fresh original; on real tensors, bit-identical eval output). Returns details (mode, input
+    size, K, cut candidates, parameters); raises :class:`ZooFailure` at the first failing stage.
+    """
+    local, size, details = _convert(name, aux, fake, k)
+    if fake:
+        # a fake copy: the step needs tensors to write to, the meta original has none
+        mode = FakeTensorMode()
+        with FakeCopyMode(mode):
+            trained = copy.deepcopy(local)
+        context, device = mode, torch.device("meta")
+    else:
+        trained, context, device = local, contextlib.nullcontext(), torch.device("cpu")
+    with context:
+        x = torch.randn(BATCH, *size, device=device)
+        y = torch.randint(0, CLASSES, (BATCH,), device=device)
+        _step(trained, x, y, fake)
+        with _stage("isolation"):
+            problems = isolation_violations(trained, x, y)
+            if problems:
+                raise ZooFailure("isolation", "; ".join(problems))
+    with _stage("export"):
+        fresh = _create(name, size, meta=fake)
+        why = export_mismatch(local, fresh, None if fake else torch.randn(BATCH, *size))
+        if why:
+            raise ZooFailure("export", why)
+    return details
+
+
+def _convert(name: str, aux: str, fake: bool, k: int) -> tuple[LocalModel, tuple[int, ...], dict]:
+    """The converted model, at the first input size the model takes (see the module docstring)."""
+    sizes = _input_sizes(name)
+    for i, size in enumerate(sizes):
+        with _stage("create"):
+            try:
+                original = _create(name, size, meta=fake)
+            except InputSizeError:
+                if i + 1 < len(sizes):
+                    continue
+                raise
+        details: dict = {
+            "mode": "fake" if fake else "real",
+            "params_m": round(_count(original) / 1e6, 2),
+        }
+        if size != SIZE:
+            details["input"] = list(size)
+        with _stage("convert"):
+            try:
+                local = convert(original, k=k, aux=aux, input_size=size, num_classes=CLASSES)
+            except InputSizeError:
+                if i + 1 < len(sizes):
+                    continue
+                raise
+            except KOutOfRangeError as exc:
+                # too few cut points: the error must name the largest K, and that K must work
+                largest = exc.max_k
+                if largest >= k or f"k can be 1 to {largest}" not in str(exc):
+                    raise
+                details["k_error"] = str(exc)
+                if largest == 1:
+                    raise Unsplittable("convert", exc) from exc
+                local = convert(original, k=largest, aux=aux, input_size=size, num_classes=CLASSES)
+            details.update(k=local.k, candidates=local.plan.num_candidates)
+        return local, size, details
+    raise AssertionError("unreachable: the last size raises")
+
+
+def _step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> None:
+    with _stage("step"):
+        optimizers = [torch.optim.SGD(list(local.block_parameters(b)), lr=0.01, momentum=0.9) for b in range(local.k)]
+        losses = local.train_step(x, y, optimizers, as_tensors=True)
+        if not fake and not all(torch.isfinite(loss) for loss in losses):
+            raise ZooFailure("step", f"non-finite loss {[float(v) for v in losses]}")
+
+
+def _input_sizes(name: str) -> list[tuple[int, ...]]:
+    """SIZE first, then the sizes the model's source gives, smallest first."""
+    return [SIZE, *(s for s in native_input_sizes(name) if s != SIZE and s[0] == SIZE[0])]
+
+
+def _create(name: str, size: tuple[int, ...], meta: bool) -> nn.Module:
+    """``name`` built for ``size``; on the meta device when ``meta``. A constructor that computes
+    with tensors (torchvision's RegNet derives its widths with ``torch`` ops, then reads them)
+    cannot run there: it is built on the CPU and moved to the meta device."""
+    if not meta:
+        return create_model(name, CLASSES, size)
+    try:
+        with torch.device("meta"):
+            return create_model(name, CLASSES, size)
+    except Exception as exc:
+        # only a constructor that needs tensor data is worth building for real; any other
+        # failure (an input size it rejects) would only be repeated, at full cost
+        if "meta" not in str(exc):
+            raise
+    return create_model(name, CLASSES, size).to("meta")
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Any exception inside becomes a :class:`ZooFailure` of this stage."""
+    try:
+        yield
+    except ZooFailure:
+        raise
+    except Exception as exc:  # the zoo records every failure, whatever it is
+        raise ZooFailure(name, exc) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""

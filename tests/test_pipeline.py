@@ -1,0 +1,192 @@
+"""Pipeline-parallel local training (fxlocal.pipeline): one block per process, on gloo."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import fxlocal
+from fxlocal.cli import app
+from fxlocal.export import load_local_model
+from fxlocal.pipeline import PipelineError, pipeline_obstacle
+from fxlocal.train import fit, load_training_checkpoint
+from fxlocal.verify import export_mismatch
+from helpers import tiny
+
+
+def _recipe_file(recipe, path):
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    return path
+
+
+def _torchrun(recipe_file, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fxlocal.cli", "train", str(recipe_file), "--pipeline", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def _assert_same_training(a: dict, b: dict):
+    """Two training checkpoints hold the same weights, BN statistics, momenta and metrics."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert len(a["optimizers"]) == len(b["optimizers"])
+    for oa, ob in zip(a["optimizers"], b["optimizers"]):
+        assert oa["state"].keys() == ob["state"].keys() and oa["state"]
+        for i in oa["state"]:
+            torch.testing.assert_close(oa["state"][i]["momentum_buffer"], ob["state"][i]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        assert ra["test_top1"] == rb["test_top1"] and ra["test_local_top1"] == rb["test_local_top1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Each stage computes with one thread (torchrun's default); so must the sequential run,
+    since a different thread count sums convolutions in another order (and a few SGD steps
+    at lr 0.1 turn float rounding into visible differences)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pipeline_computes_the_updates_of_sequential_local_training(tmp_path, one_thread):
+    """Same batches, seed and order: two stages on two processes end where one process ends,
+    and a pipeline checkpoint resumes pipelined or not, and exports."""
+    # A schedule that does not depend on the number of epochs, so that a 1-epoch run is the
+    # first epoch of the 2-epoch one.
+    def recipe(folder, **changes):
+        return tiny(tmp_path / folder, scheduler={"name": "step", "decay_epochs": 1, "decay_rate": 0.5}, **changes)
+
+    sequential = fit(recipe("seq"))
+    expected = load_training_checkpoint(sequential.output_dir / "last.pt")
+    assert expected["history"][1]["lr"] == pytest.approx(0.025)
+
+    first_epoch = _recipe_file(recipe("pipe", epochs=1), tmp_path / "one.yaml")
+    _torchrun(first_epoch)
+    after_one = tmp_path / "pipe/run/last.pt"
+    state = load_training_checkpoint(after_one)
+    assert state["epoch"] == 1 and len(state["optimizers"]) == 2 and state["history"][0]["pipeline"] is True
+    assert state["history"][0]["steps"] == 128 // 32  # the pipeline sees every batch, not a shard
+
+    # The sequential trainer resumes the pipeline's checkpoint ...
+    (tmp_path / "resumed/run").mkdir(parents=True)
+    shutil.copy(after_one, tmp_path / "resumed/run/last.pt")
+    resumed = fit(recipe("resumed"), resume=True)
+    _assert_same_training(load_training_checkpoint(resumed.output_dir / "last.pt"), expected)
+
+    # ... and so does the pipeline itself.
+    _torchrun(_recipe_file(recipe("pipe"), tmp_path / "two.yaml"), "--resume")
+    pipelined = load_training_checkpoint(after_one)
+    assert [r["epoch"] for r in pipelined["history"]] == [1, 2]
+    _assert_same_training(pipelined, expected)
+
+    # export reads it: the trained backbone loads strictly into a fresh resnet32_cifar, same output.
+    fresh = fxlocal.create_model("resnet32_cifar", 10, (1, 28, 28))
+    assert export_mismatch(load_local_model(after_one), fresh, torch.randn(4, 1, 28, 28)) is None
+
+
+_STAGE = """
+import os, sys, time
+from fxlocal.local_model import LocalModel
+
+calls = []
+original = LocalModel.train_block
+
+def patched(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        {action}
+    return original(self, *args, **kwargs)
+
+LocalModel.train_block = patched
+from fxlocal.cli import main
+sys.argv = ["fxlocal", "train", sys.argv[1], "--pipeline"]
+main()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("failure,action", [("dies", "os._exit(3)"), ("hangs", "time.sleep(600)")])
+def test_a_failing_stage_stops_the_other_with_a_clear_error(tmp_path, failure, action):
+    """Stage 0 dies (or hangs) at its second batch: stage 1 exits with one clear line, within the
+    timeout, instead of waiting forever for the next batch."""
+    recipe = _recipe_file(tiny(tmp_path, epochs=1, pipeline={"timeout_s": 5}), tmp_path / "r.yaml")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    failing = subprocess.Popen([sys.executable, "-c", _STAGE.format(action=action), str(recipe)],
+                               env={**env, "RANK": "0", "LOCAL_RANK": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = time.monotonic()
+        other = subprocess.run([sys.executable, "-m", "fxlocal.cli", "train", str(recipe), "--pipeline"],
+                               env={**env, "RANK": "1", "LOCAL_RANK": "1"}, capture_output=True, text=True, timeout=300)
+        waited = time.monotonic() - started
+    finally:
+        failing.kill()
+        failing.wait()
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "pipeline stage 1 lost stage 0" in other.stderr and "Traceback" not in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert waited < 120  # startup (two imports of torch and timm) + at most the 5 s timeout
+
+
+def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(PipelineError, match="torchrun --nproc-per-node 2"):
+        fit(tiny(tmp_path, pipeline={"enabled": True}))
+    with pytest.raises(PipelineError, match="optimizer.per_block: true"):
+        fit(tiny(tmp_path, pipeline={"enabled": True}, optimizer__per_block=False))
+    with pytest.raises(PipelineError, match="re-runs 1 earlier block"):
+        fit(tiny(tmp_path, pipeline={"enabled": True}, convert__aux="mlaan"))
+    done = CliRunner().invoke(app, ["train", str(_recipe_file(tiny(tmp_path), tmp_path / "r.yaml")), "--pipeline"])
+    assert done.exit_code == 2 and "torchrun --nproc-per-node 2" in done.output and "Traceback" not in done.output
+
+
+@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", False), ("mlaan", False)])
+def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, stage_local):
+    local = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28), num_classes=10)
+    obstacle = pipeline_obstacle(local)
+    assert (obstacle is None) == stage_local, obstacle
+
+
+_LINK = """
+import sys, torch, torch.distributed as dist
+from fxlocal.pipeline import END, TRAIN, _Link
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo")
+link = _Link(rank, 2, torch.device("cpu"), max_in_flight=1, timeout_s=30)
+if rank == 0:
+    link.send(TRAIN, (torch.arange(6.0).view(2, 3), 7, torch.Size([3])), torch.tensor([4, 5]))
+    link.send(TRAIN, (torch.ones(1, 2, dtype=torch.bfloat16),), torch.tensor([9]))
+    link.send(END)
+    link.flush()
+else:
+    torch.save(list(link.receive(TRAIN)), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_link_carries_tensors_labels_and_plain_values(tmp_path):
+    """A boundary may carry plain values after its tensor (shapes, ints); dtypes and shapes vary."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    got = tmp_path / "got.pt"
+    ranks = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(got)], env={**env, "RANK": str(r)}) for r in (0, 1)]
+    assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    (first, y1), (second, y2) = torch.load(got)
+    assert torch.equal(first[0], torch.arange(6.0).view(2, 3)) and first[1:] == (7, torch.Size([3]))
+    assert torch.equal(y1, torch.tensor([4, 5])) and torch.equal(y2, torch.tensor([9]))
+    assert second[0].dtype == torch.bfloat16 and second[0].shape == (1, 2) and len(second) == 1
