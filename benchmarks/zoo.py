@@ -14,8 +14,7 @@ computed or allocated, so the whole zoo fits on a 2-core CPU machine.
     python benchmarks/zoo.py --models 'resnet*' 'torchvision:vgg*' --aux dgl
 
 The sample is the smallest model of each family, computed once into
-``benchmarks/results/zoo_sample.txt`` (delete it to recompute); ``tests/test_zoo_sample.py``
-runs the same list in CI, one aux method per family.
+``benchmarks/results/zoo_sample.txt`` (delete it to recompute).
 
 Every model runs in its own process (a crash or a hang costs one row; ``--timeout``). Rows are
 appended to ``--results`` (JSON lines, one per model and aux method) and a rerun skips the
