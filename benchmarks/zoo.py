@@ -14,11 +14,12 @@ computed or allocated, so the whole zoo fits on a 2-core CPU machine.
     python benchmarks/zoo.py --models 'resnet*' 'torchvision:vgg*' --aux dgl
 
 The sample is the smallest model of each family, computed once into
-``benchmarks/results/zoo_sample.txt`` (delete it to recompute).
+``benchmarks/results/zoo_sample.txt`` (delete it to recompute); ``tests/test_zoo_sample.py``
+runs the same families in CI, one aux method each.
 
 Every model runs in its own process (a crash or a hang costs one row; ``--timeout``). Rows are
 appended to ``--results`` (JSON lines, one per model and aux method) and a rerun skips the
-models already there (``--fresh`` starts over); ``docs/zoo.md`` is rendered from all of them.
+models already there (``--rerun`` checks the selected ones again, ``--fresh`` starts over); ``docs/zoo.md`` is rendered from all of them.
 """
 
 from __future__ import annotations
@@ -81,16 +82,18 @@ def _crash_row(name: str, aux: str, reason: str, started: float) -> dict:
             "reason": reason[:300], "seconds": round(time.perf_counter() - started, 2)}
 
 
-def render(rows: list[dict], command: str, scope: str) -> str:
+def render(rows: list[dict], command: str) -> str:
     """docs/zoo.md: what was run, a summary per source and aux method, failures by stage, the
     failures, and every row."""
     models = sorted({r["model"] for r in rows})
     lines = [
         "# The zoo: every timm and torchvision classification model through fxlocal",
         "",
-        f"Made by `{command}` ({len(models)} models, {len(rows)} model × aux rows).",
+        f"Made by `python benchmarks/zoo.py` runs, resumed where the results stopped; rendered from every "
+        f"row of `benchmarks/results/zoo.jsonl` ({len(models)} models, {len(rows)} model × aux rows), "
+        f"last by `{command}`.",
         "",
-        f"**What was run:** {scope}",
+        f"**What was run:** {_scope(models)}",
         "",
         (f"Each row: convert with K={K} ({CLASSES} classes, input {SIZE}; a model that rejects it is "
         "built for the sizes its source gives for it, smallest first: column *input*), one train step "
@@ -145,18 +148,20 @@ def render(rows: list[dict], command: str, scope: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _scope(names: list[str], sample: bool) -> str:
+def _scope(recorded: list[str]) -> str:
     everything = all_models()
+    missing = len(set(everything) - set(recorded))
     families = len({family(n) for n in everything})
-    full = ("the full sweep: `python benchmarks/zoo.py` (every model, hours on 2 cores; resumable, "
-            "`--jobs N` processes at a time)")
-    if sample:
-        return (f"the stratified sample: the smallest model of each of the {families} timm and torchvision "
-                f"families (`benchmarks/results/zoo_sample.txt`), {len(names)} of the {len(everything)} models; "
-                f"not {full}.")
-    if len(names) == len(everything):
-        return f"{full}."
-    return f"{len(names)} of the {len(everything)} models (`--models`); {full}."
+    sample = set(_sample(everything, SAMPLE))
+    parts = [f"{len(everything) - missing} of the {len(everything)} models"]
+    if sample <= set(recorded):
+        parts.append(f"including the stratified sample (the smallest model of each of the {families} timm and "
+                     "torchvision families, `--sample`, listed in `benchmarks/results/zoo_sample.txt`)")
+    text = ", ".join(parts) + "; "
+    if missing:
+        return text + (f"the other {missing} have not been run yet: `python benchmarks/zoo.py` (hours on 2 cores) "
+                       "goes on from where the results stop.")
+    return text + "the full sweep."
 
 
 def main(argv=None) -> None:
@@ -170,6 +175,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/zoo.jsonl")
     p.add_argument("--out", type=Path, default=ROOT / "docs/zoo.md")
     p.add_argument("--fresh", action="store_true", help="forget the results already recorded")
+    p.add_argument("--rerun", action="store_true", help="check the selected models again; their new rows replace the old")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:  # worker: print one JSON line per aux method
@@ -187,7 +193,7 @@ def main(argv=None) -> None:
     if args.fresh and args.results.exists():
         args.results.unlink()
     done = {(r["model"], r["aux"]) for r in _read(args.results)}
-    todo = [n for n in names if any((n, a) not in done for a in args.aux)]
+    todo = [n for n in names if args.rerun or any((n, a) not in done for a in args.aux)]
     print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
         for i, rows in enumerate(pool.map(lambda n: _run_one(n, args.aux, args.fake_above, args.timeout), todo)):
@@ -200,7 +206,7 @@ def main(argv=None) -> None:
     rows = list({(r["model"], r["aux"]): r for r in _read(args.results)}.values())
     command = "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, command.strip(), _scope(names, args.sample)))
+    args.out.write_text(render(rows, command.strip()))
     print(f"wrote {args.out} ({len(rows)} rows)", file=sys.stderr)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -204,9 +205,11 @@ class LocalModel(nn.Module):
         boundaries gone): ``original.load_state_dict(local.backbone_state_dict())`` is strict."""
         block_states = [block.state_dict() for block in self.blocks]
         untraced = self.untraced.state_dict() if self.untraced is not None else {}
-        out = {}
+        out: dict[str, torch.Tensor] = OrderedDict()
         for key, where in self.backbone_map.items():
             out[key] = block_states[where[1]][where[2]] if where[0] == "block" else untraced[where[1]]
+        # each module's _version, as nn.Module.state_dict() records it: MNASNet refuses to load without
+        out._metadata = OrderedDict(getattr(self.untraced, "metadata", {}))
         return out
 
     def block_parameters(self, b: int) -> Iterator[nn.Parameter]:

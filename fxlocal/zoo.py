@@ -2,7 +2,8 @@
 round trip, stage by stage, with the first failing stage and its reason as plain data.
 
 ``benchmarks/zoo.py`` sweeps :func:`check_model` over every timm and torchvision
-classification model (one process per model) and renders ``docs/zoo.md``.
+classification model (one process per model) and renders ``docs/zoo.md``;
+``tests/test_zoo_sample.py`` runs :func:`check_model` on one model per family.
 
 Models are built for a small input (:data:`SIZE`); a model that rejects it is built for the
 sizes its source gives for it (:func:`fxlocal.models.native_input_sizes`: fixed-resolution

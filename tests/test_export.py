@@ -47,6 +47,20 @@ def test_modules_off_the_traced_path_are_kept():
     fresh.load_state_dict(local.backbone_state_dict(), strict=True)
 
 
+def test_module_versions_are_kept():
+    # MNASNet's _load_from_state_dict reads its version from the state dict's _metadata (as
+    # nn.Module.state_dict() records it) and refuses a dict without one
+    local = trained("torchvision:mnasnet0_5", (3, 64, 64), "dgl")
+    state = local.backbone_state_dict()
+    fresh = fxlocal.create_model("torchvision:mnasnet0_5", 10, (3, 64, 64))
+    assert state._metadata[""] == fresh.state_dict()._metadata[""]
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), local(x))
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("conv") / "m.pt"

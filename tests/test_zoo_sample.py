@@ -1,0 +1,78 @@
+"""CI's stratified zoo sample: one model of every timm and torchvision family through the zoo
+check (``fxlocal.zoo.check_model``: convert with K=4, one train step at a batch size other than
+the traced one, gradient isolation of every block's loss, export round trip).
+
+The full sweep (every model with every aux method) is a benchmark, ``benchmarks/zoo.py``; its
+sample run reads the same list. Here each family runs once, with one aux method, rotating over
+dgl, auglocal, mlaan and man so that each meets a quarter of the families. Models above
+``FAKE_ABOVE`` parameters, or slow at their input size, are built on the meta device and checked
+on fake tensors (shapes, graphs, gradient flow, state-dict keys); the others on real tensors,
+with a bit-identical export. The checks run two at a time in worker processes: most of the work
+is single-threaded fake-tensor dispatch, and a CI box has two cores.
+"""
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxlocal import zoo
+
+SAMPLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo_sample.txt"
+MODELS = zoo.representatives(SAMPLE.read_text().split())
+
+# Outside the target: timm's own FX tests exclude gemma4_vit (its forward branches on tensor
+# values, which torch.fx cannot trace); the sweep reports it with that reason.
+OUTSIDE = {"gemma4_vit"}
+# No point of the graph carries a single tensor: two branches run side by side from the stem to
+# the head. convert must refuse every K above 1 and say that K=1 is the largest.
+UNSPLITTABLE = {"crossvit"}
+# The families whose failures issue 8 fixed by mechanism, pinned to the aux method that failed:
+# CoaT's units take the batch size from before them (MAN's copies got no value for it);
+# EfficientViM stacks per-stage logits batch-second (MLAAN's copies gave batch 4 for 2).
+PINNED = {"coat": "man", "efficientvim": "mlaan"}
+FAKE_ABOVE = 15_000_000
+# Real-tensor runs that take more than a few seconds here (large inputs, wide early layers).
+SLOW = {"byoanet", "convmixer", "efficientformer"}
+WORKERS = 2
+
+CASES = [n for n in MODELS if zoo.family(n) not in OUTSIDE]
+
+
+def _aux(name: str) -> str:
+    return PINNED.get(zoo.family(name), zoo.AUX[CASES.index(name) % len(zoo.AUX)])
+
+
+@pytest.fixture(scope="module")
+def checked(request):
+    """The selected cases' rows, computed in worker processes, in the order the tests ask."""
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_family"
+    ]
+    context = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+    with ProcessPoolExecutor(WORKERS, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield {
+            name: pool.submit(zoo.check_model, name, [_aux(name)], 0 if zoo.family(name) in SLOW else FAKE_ABOVE)
+            for name in selected
+        }
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_family(name, checked):
+    (row,) = checked[name].result(timeout=600)
+    if zoo.family(name) in UNSPLITTABLE:
+        assert row["status"] == "unsplittable" and "so k can be 1 to 1" in row["reason"], row
+        return
+    assert row["status"] == "ok", f"{row['aux']} fails at {row['stage']}: {row['reason']}"
+    assert row["k"] <= zoo.K and row["candidates"] >= row["k"] - 1
+
+
+def test_sample_covers_every_family():
+    """One model per family of the installed timm and torchvision, none left out unexplained."""
+    families = {zoo.family(n) for n in zoo.all_models()}
+    assert sorted(zoo.family(n) for n in MODELS) == sorted(families)
+    assert {zoo.family(n) for n in MODELS} - {zoo.family(n) for n in CASES} == OUTSIDE
