@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     if args.fresh and args.results.exists():
         args.results.unlink()
     done = {(r["model"], r["aux"]) for r in _read(args.results)}
-    todo = [n for n in names if args.rerun or any((n, a) not in done for a in args.aux)]
+    todo = _families_in_turn([n for n in names if args.rerun or any((n, a) not in done for a in args.aux)])
     print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
         for i, rows in enumerate(pool.map(lambda n: _run_one(n, args.aux, args.fake_above, args.timeout), todo)):
@@ -208,6 +208,18 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, command.strip()))
     print(f"wrote {args.out} ({len(rows)} rows)", file=sys.stderr)
+
+
+def _families_in_turn(names: list[str]) -> list[str]:
+    """Each family's first model, then each family's second, ...: a sweep stopped part-way has
+    still seen every family it had models left in."""
+    seen: dict[str, int] = {}
+    order = {}
+    for position, name in enumerate(names):
+        fam = family(name)
+        seen[fam] = seen.get(fam, -1) + 1
+        order[name] = (seen[fam], position)
+    return sorted(names, key=order.__getitem__)
 
 
 def _read(path: Path) -> list[dict]:
