@@ -4,10 +4,12 @@ Both train the same converted model on the same batches (the same recipe, seed a
 order; the pipeline computes the same updates, see tests/test_pipeline.py): sequentially with
 ``fxlocal train`` in one single-threaded process, and pipelined with ``torchrun
 --nproc-per-node K ... --pipeline`` (torchrun gives each process one thread). Throughput is the
-``images_per_s`` of the last epoch's training loop (``metrics.jsonl``; evaluation excluded, the
-first epoch is warm-up); efficiency = speed-up / K.
+``images_per_s`` of the training loop (``metrics.jsonl``; evaluation excluded), the median over
+the epochs after the first (warm-up); efficiency = speed-up / K. The batch sizes are a column:
+on a CPU, whether a stage's tensors stay in its core's cache decides whether K stages share the
+memory bus or not.
 
-    python benchmarks/pipeline.py                               # resnet32_cifar, K=2, CPU
+    python benchmarks/pipeline.py                               # resnet32_cifar, K=2, CPU, batch 16, 32, 64
     python benchmarks/pipeline.py --k 2 4 --balance flops memory --device cuda   # K processes sharing one GPU
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import subprocess
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -57,8 +60,9 @@ def images_per_s(data: dict, folder: Path, pipeline: bool) -> float:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    last = json.loads((folder / "run/metrics.jsonl").read_text().splitlines()[-1])
-    return last["images_per_s"]
+    epochs = [json.loads(line) for line in (folder / "run/metrics.jsonl").read_text().splitlines()]
+    # the first epoch warms up (allocator, gloo connections); the median of the rest
+    return statistics.median(e["images_per_s"] for e in epochs[1:])
 
 
 def main() -> None:
@@ -66,25 +70,27 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet32_cifar"])
     parser.add_argument("--k", nargs="+", type=int, default=[2])
     parser.add_argument("--balance", nargs="+", default=["flops", "time"], choices=["flops", "time", "memory", "activations", "params"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", nargs="+", type=int, default=[16, 32, 64])
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     print(f"`python benchmarks/pipeline.py {' '.join(sys.argv[1:])}`".replace("  ", " "))
-    print(f"(batch {args.batch}, Fashion-MNIST 4000 images 28×28, DGL heads, last of {args.epochs} epochs, device {args.device})\n")
-    print("| model | K | balance | sequential img/s | pipeline img/s | speed-up | efficiency |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"(Fashion-MNIST 4000 images 28×28, DGL heads, median of epochs 2 to {args.epochs}, device {args.device})\n")
+    print("| model | K | balance | batch | sequential img/s | pipeline img/s | speed-up | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for k in args.k:
                 for balance in args.balance:
-                    data = recipe(model, k, balance, args.batch, args.epochs, args.device, Path(tmp))
-                    tag = Path(tmp) / f"{model}-{k}-{balance}"
-                    sequential = images_per_s(data, tag / "sequential", pipeline=False)
-                    pipelined = images_per_s(data, tag / "pipeline", pipeline=True)
-                    speedup = pipelined / sequential
-                    print(f"| {model} | {k} | {balance} | {sequential:.0f} | {pipelined:.0f} | {speedup:.2f}× | {speedup / k:.2f} |", flush=True)
+                    for batch in args.batch:
+                        data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp))
+                        tag = Path(tmp) / f"{model}-{k}-{balance}-{batch}"
+                        sequential = images_per_s(data, tag / "sequential", pipeline=False)
+                        pipelined = images_per_s(data, tag / "pipeline", pipeline=True)
+                        speedup = pipelined / sequential
+                        print(f"| {model} | {k} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
+                              f"{speedup:.2f}× | {speedup / k:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

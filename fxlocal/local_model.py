@@ -36,6 +36,17 @@ class _TakingCodeGen(fx.CodeGen):
 _taking_forwards: weakref.WeakKeyDictionary[nn.Module, tuple[str, Callable]] = weakref.WeakKeyDictionary()
 
 
+def _scaled_backward(scaler: torch.amp.GradScaler | None) -> Callable[..., None]:
+    """``loss.backward()``, scaled for fp16 autocast when there is a scaler; a loss without a
+    graph (a block with nothing to train) is skipped."""
+
+    def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
+        if loss.requires_grad:
+            (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+
+    return backward
+
+
 def _run_taking(block: nn.Module, inputs: list) -> Any:
     """``block(*inputs)``, but ``inputs`` is emptied before the block runs, so that no caller's
     reference keeps an input alive: each is freed as soon as the block's code is done with it
@@ -302,14 +313,11 @@ class LocalModel(nn.Module):
         losses, correct = [], []
         stepped = 0  # per-block optimizers: blocks 0..stepped-1 are updated
 
-        def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
-            if loss.requires_grad:
-                (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+        backward = _scaled_backward(scaler)
 
         for b, loss, logits in self.iter_block_losses(x, y, criterion, backward):
             backward(loss)
-            if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
-                self.heads[b].after_backward()
+            self._after_backward(b)
             losses.append(loss.detach())
             if metrics is not None:
                 correct.append((logits.detach().argmax(-1) == y).float().mean().item())
@@ -329,6 +337,11 @@ class LocalModel(nn.Module):
         if metrics is not None:
             metrics["accuracy"] = correct
         return losses if as_tensors else [loss.item() for loss in losses]
+
+    def _after_backward(self, b: int) -> None:
+        """Heads that follow the backbone (EMA twins) update once block ``b``'s loss is backpropagated."""
+        if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
+            self.heads[b].after_backward()
 
     @staticmethod
     def _step(optimizer, params, scaler, grad_hook) -> None:
@@ -362,17 +375,14 @@ class LocalModel(nn.Module):
                 "it cannot be trained alone; use train_step"
             )
 
-        def backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
-            if loss.requires_grad:
-                (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+        backward = _scaled_backward(scaler)
 
         optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
         out = self.blocks[b](*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)
-        if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
-            self.heads[b].after_backward()
+        self._after_backward(b)
         self._step(optimizer, list(self.block_parameters(b)), scaler, None)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # the block's own scaler (fp16): its scale follows its own steps
