@@ -40,15 +40,18 @@ class Cost:
     largest_activation_bytes: float = 0.0
     # forward + backward wall time, measured for real (:func:`time_nodes`); 0 when not measured
     seconds: float = 0.0
+    # resident tensors that get no gradient and no optimizer state (an EMA twin's weights)
+    buffer_bytes: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(
-            self.flops + other.flops,
-            self.activation_bytes + other.activation_bytes,
-            self.param_bytes + other.param_bytes,
-            self.params + other.params,
-            max(self.largest_activation_bytes, other.largest_activation_bytes),
-            self.seconds + other.seconds,
+            flops=self.flops + other.flops,
+            activation_bytes=self.activation_bytes + other.activation_bytes,
+            param_bytes=self.param_bytes + other.param_bytes,
+            params=self.params + other.params,
+            largest_activation_bytes=max(self.largest_activation_bytes, other.largest_activation_bytes),
+            seconds=self.seconds + other.seconds,
+            buffer_bytes=self.buffer_bytes + other.buffer_bytes,
         )
 
     def metric(self, balance: str) -> float:
@@ -83,7 +86,7 @@ class MemoryModel:
     def bytes(self, cost: "Cost", head: bool = False) -> float:
         """The additive part: saved activations and, where they count, resident parameters."""
         if head or self.pipeline:
-            resident = cost.param_bytes * (2 + self.optimizer_states)
+            resident = cost.param_bytes * (2 + self.optimizer_states) + cost.buffer_bytes
         else:
             resident = cost.param_bytes if self.per_block else 0.0  # its gradients, during its step
         return cost.activation_bytes * self.batch + resident

@@ -208,3 +208,45 @@ def test_mlaan_cascade_shares_the_blocks_forward():
         first.register_forward_pre_hook(lambda m, i, b=b: runs.__setitem__(b, runs[b] + 1))
     local.train_step(torch.randn(4, *CIFAR), torch.randint(0, 10, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
     assert runs == [2, 2, 1]
+
+
+def _saved_activation_bytes(module, x):
+    """Bytes the module's forward saves for backward, its own weights and buffers and ``x`` not counted."""
+    resident = {t.untyped_storage().data_ptr() for t in [x, *module.parameters(), *module.buffers()]}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in resident and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total
+
+
+@pytest.mark.parametrize("unit", [0, 5, 12])  # 32², the first downsampling unit, 8²
+def test_ema_twins_are_priced_as_what_they_save(unit):
+    # the twin runs on the block's output, which needs a gradient: backward goes through it, so
+    # it saves what the unit saves; its averaged weights are resident buffers (balance="memory")
+    from fxlocal.analyze import analyze
+    from fxlocal.aux import HeadSpec, get_aux
+    from fxlocal.aux.ema import twin_cost
+    from fxlocal.convert import _unit_library
+    from fxlocal.trace import trace
+
+    size = (3, 32, 32)
+    gm = trace(fxlocal.create_model("resnet32_cifar", 10, size), size)
+    analysis = analyze(gm, size)
+    library = _unit_library(gm, analysis)
+    cut = analysis.candidates[analysis.units[unit].cut_position]
+    head = get_aux("man").build_head(HeadSpec(cut.shape, cut.layout, 10, 0, 4, unit, library)).train()
+    twin = head.pair.b
+    x = torch.randn(8, *cut.shape, requires_grad=True)
+    priced = twin_cost(library.unit_costs[unit + 1])
+    assert priced.activation_bytes == pytest.approx(_saved_activation_bytes(twin, x) / 8, rel=0.02)
+    weights = sum(b.numel() * b.element_size() for name, b in twin.named_buffers() if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert priced.buffer_bytes == weights and priced.param_bytes == 0

@@ -14,7 +14,9 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["EMATwin", "ParallelSum"]
+from ..cost import Cost
+
+__all__ = ["EMATwin", "ParallelSum", "twin_cost"]
 
 
 class EMATwin(nn.Module):
@@ -53,6 +55,19 @@ class EMATwin(nn.Module):
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}"
+
+
+def twin_cost(unit: Cost) -> Cost:
+    """What the EMA twin of a unit costing ``unit`` adds to a step. It runs on the block's
+    output, which needs a gradient, so backward passes through it: it saves the unit's
+    activations and computes the input gradient (two thirds of the unit's FLOPs: no weight
+    gradients). Its weights are buffers: resident, with no gradient or optimizer state."""
+    return Cost(
+        flops=unit.flops * 2 / 3,
+        activation_bytes=unit.activation_bytes,
+        largest_activation_bytes=unit.largest_activation_bytes,
+        buffer_bytes=unit.param_bytes,
+    )
 
 
 class ParallelSum(nn.Module):

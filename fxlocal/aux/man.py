@@ -16,7 +16,7 @@ from ..cost import Cost, measure_module
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .dgl import DGLHead
-from .ema import EMATwin, ParallelSum
+from .ema import EMATwin, ParallelSum, twin_cost
 
 __all__ = ["MAN"]
 
@@ -55,13 +55,13 @@ class MAN:
         return MANHead(pair, dgl, summary)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
-        """LB trains like the unit it copies; the twin only runs forward; then DGL's head."""
+        """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
+        says, then DGL's head."""
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
             dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)
-        twin = Cost(flops=lb.flops / 3, param_bytes=lb.param_bytes)
-        return lb + twin + measure_module(dgl, unit.out_shape)
+        return lb + twin_cost(lb) + measure_module(dgl, unit.out_shape)
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -30,7 +30,7 @@ from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .adapters import make_adapter
 from .auglocal import sampled_units
-from .ema import EMATwin, ParallelSum
+from .ema import EMATwin, ParallelSum, twin_cost
 from .unit_copies import UnitChain
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
@@ -174,15 +174,10 @@ class MLAAN:
         return CascadedFinalLoss(self.span, self.wx, self.wy)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
-        """The copies cost what the units they copy cost, and the EMA twin beside the first what
-        its activations cost: the gradient reaching the block's output passes through it (its
-        averaged weights are buffers, small next to those activations); the pool/linear heads are
-        negligible."""
+        """The copies cost what the units they copy cost, the EMA twin beside the first what
+        :func:`twin_cost` says; the pool/linear heads are negligible."""
         picks = self.chain(spec)
-        first = spec.units.unit_costs[picks[0]]
-        twin = Cost(flops=first.flops * 2 / 3, activation_bytes=first.activation_bytes,
-                    largest_activation_bytes=first.largest_activation_bytes)
-        return sum((spec.units.unit_costs[u] for u in picks), twin)
+        return sum((spec.units.unit_costs[u] for u in picks), twin_cost(spec.units.unit_costs[picks[0]]))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary
