@@ -8,7 +8,7 @@
 from .analyze import CutCandidate, GraphAnalysis, analyze, find_cut_candidates
 from .aux import available_aux, get_aux, register_aux
 from . import paper_models  # noqa: F401  (registers the CIFAR ResNets with timm)
-from .convert import convert
+from .convert import AnalyzedModel, analyze_model, convert
 from .cost import Cost
 from .errors import FxLocalError
 from .local_model import LocalModel
@@ -21,6 +21,7 @@ from .trace import TraceReport, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyzedModel",
     "BlockPlan",
     "Cost",
     "CutCandidate",
@@ -30,6 +31,7 @@ __all__ = [
     "Plan",
     "TraceReport",
     "analyze",
+    "analyze_model",
     "available_aux",
     "convert",
     "create_model",

@@ -350,11 +350,12 @@ def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, de
     from .memory import max_blocks, parse_bytes, smallest_k_that_fits
 
     limit = parse_bytes(max_memory)
+    analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time")  # once for every K tried
     k, local, peak = smallest_k_that_fits(
-        lambda k: fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced, **options),
+        lambda k: fxlocal.convert(analyzed, k=k, aux=aux, balance=balance, memory=priced, **options),
         limit,
         priced.batch,
-        max_blocks(original, aux, input_size),
+        max_blocks(analyzed, aux),
         optimizer,
         device,
     )

@@ -1,11 +1,18 @@
-"""``convert``: model (or name) -> trace -> analyze -> partition -> split -> aux heads -> LocalModel."""
+"""``convert``: model (or name) -> trace -> analyze -> partition -> split -> aux heads -> LocalModel.
+
+The first two steps (:func:`analyze_model`) depend on the model and input size alone: what
+converts one model several times (another K, aux method or balance: ``--max-memory``'s K
+search, the zoo check) does them once and passes the :class:`AnalyzedModel` to ``convert``.
+"""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
@@ -13,6 +20,7 @@ from .backbone import map_backbone
 from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
 from .errors import (
     FxLocalError,
+    IncompatibleOptionsError,
     InputSizeError,
     KOutOfRangeError,
     PartitionError,
@@ -25,7 +33,79 @@ from .plan import Plan
 from .split import split_graph
 from .trace import trace
 
-__all__ = ["convert"]
+__all__ = ["AnalyzedModel", "analyze_model", "convert"]
+
+
+@dataclass
+class AnalyzedModel:
+    """A model traced and analysed once, to be converted several times. ``convert`` works on a
+    copy of the model and graph: the LocalModels made from one AnalyzedModel share no weights
+    (all start from the same ones)."""
+
+    model: nn.Module
+    gm: fx.GraphModule  # traced from ``model``: shares its modules
+    analysis: GraphAnalysis
+    input_size: tuple[int, ...]
+    model_name: str
+    from_name: bool  # built from its name: the config records it, checkpoints rebuild from it
+    num_classes: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+
+    def copy(self) -> "AnalyzedModel":
+        # one deepcopy, so the graph's modules stay the copied model's; the analysis is plain data
+        model, gm = copy.deepcopy((self.model, self.gm))
+        return replace(self, model=model, gm=gm)
+
+    @property
+    def timed(self) -> bool:
+        return any(c.seconds for c in self.analysis.segment_costs)
+
+
+def analyze_model(
+    model_or_name: nn.Module | str,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    num_classes: int | None = None,
+    model_kwargs: dict | None = None,
+    timed: bool = False,
+) -> AnalyzedModel:
+    """Build (from a name: timm, then torchvision, random init), trace and analyse a model:
+    its cut candidates, units and per-segment costs (``timed``: also wall time, measured here)."""
+    input_size = tuple(int(s) for s in input_size)
+    try:
+        if isinstance(model_or_name, str):
+            model_name = model_or_name
+            model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
+        else:
+            model_name, model = type(model_or_name).__name__, model_or_name
+        gm = trace(model, input_size)
+    except InputSizeError as exc:
+        # fixed-resolution models timm does not flag (EfficientFormer) and patch sizes that do
+        # not divide the input: name the sizes the model is made for
+        sizes = native_input_sizes(model_or_name) if isinstance(model_or_name, str) else []
+        if not sizes:
+            raise
+        made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
+        raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
+    return AnalyzedModel(
+        model, gm, analyze(gm, input_size, timed=timed), input_size, model_name,
+        from_name=isinstance(model_or_name, str), num_classes=num_classes, model_kwargs=dict(model_kwargs or {}),
+    )
+
+
+def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool) -> AnalyzedModel:
+    """A private copy of ``analyzed`` for one conversion; the arguments given must agree with it."""
+    given = {"input_size": input_size and tuple(int(s) for s in input_size), "num_classes": num_classes,
+             "model_kwargs": model_kwargs}
+    for name, value in given.items():
+        if value is not None and value != getattr(analyzed, name):
+            raise IncompatibleOptionsError(
+                f"{name}={value!r} differs from the analysed model's {getattr(analyzed, name)!r}: "
+                f"analyse it again with {name}={value!r}, or leave {name} out"
+            )
+    own = analyzed.copy()
+    if timed and not own.timed:
+        own.analysis = analyze(own.gm, own.input_size, timed=True)
+    return own
 
 
 def _num_classes(gm, num_classes: int | None) -> int:
@@ -50,10 +130,10 @@ def _unit_library(gm, analysis: GraphAnalysis) -> UnitLibrary:
 
 
 def convert(
-    model_or_name: nn.Module | str,
+    model_or_name: nn.Module | str | AnalyzedModel,
     k: int = 4,
     aux: str = "dgl",
-    input_size: tuple[int, ...] = (3, 224, 224),
+    input_size: tuple[int, ...] | None = None,
     balance: str = "flops",
     num_classes: int | None = None,
     plan: Plan | None = None,
@@ -64,12 +144,13 @@ def convert(
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
 
     Names go through ``timm.create_model`` then ``torchvision.models.get_model`` (random init).
+    ``input_size`` defaults to (3, 224, 224); an :class:`AnalyzedModel` (:func:`analyze_model`)
+    is converted at its own size, classes and model kwargs, without tracing it again.
     ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``model_kwargs`` go to the
     model's constructor; ``memory`` prices ``balance="memory"`` (batch size, optimizer state,
     pipeline mode; default batch 64, SGD momentum, one process); ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
     ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
     """
-    input_size = tuple(int(s) for s in input_size)
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
     method = get_aux(aux, **aux_options)
@@ -77,23 +158,14 @@ def convert(
         raise PartitionError("aux='none' is plain end-to-end training: use it with k=1")
     if k < 1:
         raise PartitionError(f"k must be at least 1, got {k}")
-    try:
-        if isinstance(model_or_name, str):
-            model_name = model_or_name
-            model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
-        else:
-            model_name, model = type(model_or_name).__name__, model_or_name
-        gm = trace(model, input_size)
-    except InputSizeError as exc:
-        # fixed-resolution models timm does not flag (EfficientFormer) and patch sizes that do
-        # not divide the input: name the sizes the model is made for
-        sizes = native_input_sizes(model_or_name) if isinstance(model_or_name, str) else []
-        if not sizes:
-            raise
-        made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
-        raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
+    timed = balance == "time" and plan is None
+    if isinstance(model_or_name, AnalyzedModel):
+        analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed)
+    else:
+        analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed)
+    model, gm, analysis, model_name = analyzed.model, analyzed.gm, analyzed.analysis, analyzed.model_name
+    input_size, num_classes, model_kwargs = analyzed.input_size, analyzed.num_classes, analyzed.model_kwargs
     classes = _num_classes(gm, num_classes)
-    analysis = analyze(gm, input_size, timed=balance == "time" and plan is None)
     units = _unit_library(gm, analysis)
     unit_at = {u.cut_position: u.index for u in analysis.units}
 
@@ -160,7 +232,7 @@ def convert(
         block_plan.head = method.describe(head)
         heads.append(head)
     config = dict(
-        model=model_name if isinstance(model_or_name, str) else None,
+        model=model_name if analyzed.from_name else None,
         k=plan.k,
         aux=aux,
         input_size=list(input_size),

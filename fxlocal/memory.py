@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
 from .errors import FxLocalError
 from .local_model import LocalModel
+
+if TYPE_CHECKING:
+    from .convert import AnalyzedModel
 
 __all__ = [
     "BlockMemory",
@@ -241,11 +244,9 @@ def smallest_k_that_fits(
     )
 
 
-def max_blocks(model: nn.Module, aux: str, input_size: tuple[int, ...]) -> int:
-    """The largest K ``convert`` accepts for this model and aux method."""
-    from .analyze import analyze
+def max_blocks(analyzed: AnalyzedModel, aux: str) -> int:
+    """The largest K ``convert`` accepts for this analysed model and aux method."""
     from .aux import get_aux
-    from .trace import trace
 
-    analysis = analyze(trace(model, input_size), input_size)
+    analysis = analyzed.analysis
     return len(analysis.units) if get_aux(aux).cuts_at_units else analysis.max_k

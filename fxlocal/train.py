@@ -103,9 +103,9 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     With ``convert.max_memory`` set, K is the smallest whose predicted step peak fits it at the
     recipe's batch size and optimizer (``convert.k`` is then ignored).
     """
+    from .convert import AnalyzedModel, analyze_model
     from .cost import MemoryModel
     from .memory import max_blocks, parse_bytes, smallest_k_that_fits
-    from .models import create_model
 
     info = dataset_info(recipe.data.dataset)
     size = tuple(recipe.data.input_size)
@@ -116,7 +116,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     )
     classes = recipe.model.num_classes or info.num_classes or None
 
-    def build(k: int, model=None) -> LocalModel:
+    def build(k: int, model: AnalyzedModel | None = None) -> LocalModel:
         torch.manual_seed(recipe.seed)
         return convert(
             model if model is not None else recipe.model.name,
@@ -136,11 +136,14 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     if recipe.convert.max_memory is None:
         return build(recipe.convert.k)
     torch.manual_seed(recipe.seed)
-    probe = create_model(recipe.model.name, classes, size, **recipe.model.kwargs)
+    # traced and analysed once for every K the search tries; the chosen K is then built afresh
+    # (seeded), as a recipe that names that K would build it
+    analyzed = analyze_model(recipe.model.name, size, classes, recipe.model.kwargs, timed=recipe.convert.balance == "time")
     limit = parse_bytes(recipe.convert.max_memory)
     optimizer = "adamw" if states == 2 else "sgd"
     k, _, _ = smallest_k_that_fits(
-        build, limit, recipe.batch_size, max_blocks(probe, recipe.convert.aux, size), optimizer, per_block=per_block
+        lambda k: build(k, analyzed), limit, recipe.batch_size, max_blocks(analyzed, recipe.convert.aux), optimizer,
+        per_block=per_block,
     )
     return build(k)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
-from .convert import convert
+from .convert import AnalyzedModel, analyze_model, convert
 from .errors import FxLocalError, InputSizeError, KOutOfRangeError
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
@@ -46,6 +46,7 @@ __all__ = [
     "family",
     "fx_excluded",
     "parameter_count",
+    "prepare",
     "representatives",
     "stratified_sample",
 ]
@@ -156,10 +157,12 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
     """One row per aux method: status (ok, fail, or unsplittable: convert refused every K above
     1 with an error naming it), the failing stage and reason, details, seconds.
 
-    Runs on fake tensors when the model has more than ``fake_above`` parameters."""
+    Runs on fake tensors when the model has more than ``fake_above`` parameters. The model is
+    built, traced and analysed once (the first row's seconds include that), then converted for
+    each aux method."""
     warnings.filterwarnings("ignore")
     rows = []
-    fake = None
+    fake = analyzed = None
     for aux in aux_methods:
         torch.manual_seed(0)
         started = time.perf_counter()
@@ -168,7 +171,14 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
             if fake is None:
                 with _stage("create"):
                     fake = parameter_count(name) > fake_above
-            row.update(check(name, aux, fake=fake))
+            if analyzed is None:
+                try:
+                    analyzed = prepare(name, fake)
+                except ZooFailure as failure:
+                    analyzed = failure  # the same for every aux method: not tried again
+            if isinstance(analyzed, ZooFailure):
+                raise analyzed
+            row.update(check(analyzed, aux, fake=fake))
         except ZooFailure as failure:
             status = "unsplittable" if isinstance(failure, Unsplittable) else "fail"
             row.update(status=status, stage=failure.stage, reason=failure.reason)
@@ -177,14 +187,41 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
     return rows
 
 
-def check(name: str, aux: str, fake: bool = False, k: int = K) -> dict:
-    """Convert ``name`` with ``k`` blocks (or, when it has fewer cut points, the largest K, after
-    checking that ``k`` fails with an error naming it), one train step with per-block
+def prepare(name: str, fake: bool) -> AnalyzedModel:
+    """``name`` built (on the meta device when ``fake``), traced and analysed at the first input
+    size it takes (see the module docstring)."""
+    sizes = _input_sizes(name)
+    for i, size in enumerate(sizes):
+        last = i + 1 == len(sizes)
+        with _stage("create"):
+            try:
+                original = _create(name, size, meta=fake)
+            except InputSizeError:
+                if not last:
+                    continue
+                raise
+        with _stage("convert"):
+            try:
+                analyzed = analyze_model(original, size, num_classes=CLASSES)
+            except InputSizeError:
+                if not last:
+                    continue
+                raise
+        analyzed.model_name = name
+        return analyzed
+    raise AssertionError("unreachable: the last size raises")
+
+
+def check(analyzed: AnalyzedModel, aux: str, fake: bool = False, k: int = K) -> dict:
+    """Convert ``analyzed`` with ``k`` blocks (or, when it has fewer cut points, the largest K,
+    after checking that ``k`` fails with an error naming it), one train step with per-block
     optimizers, gradient isolation of every block's loss, export round trip (strict load into a
     fresh original; on real tensors, bit-identical eval output). Returns details (mode, input
     size, K, cut candidates, parameters); raises :class:`ZooFailure` at the first failing stage.
     """
-    local, size, details = _convert(name, aux, fake, k)
+    local, details = _convert(analyzed, aux, k)
+    details["mode"] = "fake" if fake else "real"
+    size = analyzed.input_size
     if fake:
         # a fake copy: the step needs tensors to write to, the meta original has none
         mode = FakeTensorMode()
@@ -202,49 +239,31 @@ def check(name: str, aux: str, fake: bool = False, k: int = K) -> dict:
             if problems:
                 raise ZooFailure("isolation", "; ".join(problems))
     with _stage("export"):
-        fresh = _create(name, size, meta=fake)
+        fresh = _create(analyzed.model_name, size, meta=fake)
         why = export_mismatch(local, fresh, None if fake else torch.randn(BATCH, *size))
         if why:
             raise ZooFailure("export", why)
     return details
 
 
-def _convert(name: str, aux: str, fake: bool, k: int) -> tuple[LocalModel, tuple[int, ...], dict]:
-    """The converted model, at the first input size the model takes (see the module docstring)."""
-    sizes = _input_sizes(name)
-    for i, size in enumerate(sizes):
-        with _stage("create"):
-            try:
-                original = _create(name, size, meta=fake)
-            except InputSizeError:
-                if i + 1 < len(sizes):
-                    continue
+def _convert(analyzed: AnalyzedModel, aux: str, k: int) -> tuple[LocalModel, dict]:
+    details: dict = {"params_m": round(_count(analyzed.model) / 1e6, 2)}
+    if analyzed.input_size != SIZE:
+        details["input"] = list(analyzed.input_size)
+    with _stage("convert"):
+        try:
+            local = convert(analyzed, k=k, aux=aux)
+        except KOutOfRangeError as exc:
+            # too few cut points: the error must name the largest K, and that K must work
+            largest = exc.max_k
+            if largest >= k or f"k can be 1 to {largest}" not in str(exc):
                 raise
-        details: dict = {
-            "mode": "fake" if fake else "real",
-            "params_m": round(_count(original) / 1e6, 2),
-        }
-        if size != SIZE:
-            details["input"] = list(size)
-        with _stage("convert"):
-            try:
-                local = convert(original, k=k, aux=aux, input_size=size, num_classes=CLASSES)
-            except InputSizeError:
-                if i + 1 < len(sizes):
-                    continue
-                raise
-            except KOutOfRangeError as exc:
-                # too few cut points: the error must name the largest K, and that K must work
-                largest = exc.max_k
-                if largest >= k or f"k can be 1 to {largest}" not in str(exc):
-                    raise
-                details["k_error"] = str(exc)
-                if largest == 1:
-                    raise Unsplittable("convert", exc) from exc
-                local = convert(original, k=largest, aux=aux, input_size=size, num_classes=CLASSES)
-            details.update(k=local.k, candidates=local.plan.num_candidates)
-        return local, size, details
-    raise AssertionError("unreachable: the last size raises")
+            details["k_error"] = str(exc)
+            if largest == 1:
+                raise Unsplittable("convert", exc) from exc
+            local = convert(analyzed, k=largest, aux=aux)
+        details.update(k=local.k, candidates=local.plan.num_candidates)
+    return local, details
 
 
 def _step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> None:

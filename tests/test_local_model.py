@@ -194,3 +194,27 @@ def test_a_blocks_input_is_freed_as_soon_as_the_block_is_done_with_it():
     local.blocks[1].get_submodule("3").register_forward_pre_hook(lambda m, i: freed.append(handed_on["storage"]() is None))
     local.train_step(torch.randn(4, 8), torch.randint(0, 4, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
     assert freed == [True]
+
+
+def test_an_analysed_model_converts_again_like_its_name_without_sharing_weights(tmp_path):
+    size = (3, 32, 32)
+    torch.manual_seed(0)
+    analyzed = fxlocal.analyze_model("resnet32_cifar", size, num_classes=10)
+    a = fxlocal.convert(analyzed, k=4, aux="dgl")
+    b = fxlocal.convert(analyzed, k=2, aux="auglocal", balance="memory")
+    torch.manual_seed(0)
+    direct = fxlocal.convert("resnet32_cifar", k=4, aux="dgl", input_size=size, num_classes=10)
+    assert a.plan.cuts == direct.plan.cuts and b.k == 2
+    for (name, p), q in zip(a.backbone_state_dict().items(), direct.backbone_state_dict().values()):
+        assert torch.equal(p, q), name  # the weights it was analysed with
+    # each conversion trains its own copy: a step of one leaves the other and the source alone
+    before = {n: t.clone() for n, t in b.backbone_state_dict().items()}
+    a.train_step(torch.randn(4, *size), torch.randint(0, 10, (4,)), torch.optim.SGD(a.parameters(), lr=0.5))
+    assert all(torch.equal(t, before[n]) for n, t in b.backbone_state_dict().items())
+    assert all(torch.equal(t, before[n]) for n, t in analyzed.model.state_dict().items() if n in before)
+    assert not torch.equal(a.backbone_state_dict()["conv1.weight"], before["conv1.weight"])
+    # it is recorded as converted from its name: the checkpoint rebuilds without the model
+    save_converted(a, tmp_path / "a.pt")
+    assert load_converted(tmp_path / "a.pt").plan.cuts == a.plan.cuts
+    with pytest.raises(fxlocal.FxLocalError, match=r"input_size=\(3, 64, 64\) differs from the analysed model's"):
+        fxlocal.convert(analyzed, k=2, input_size=(3, 64, 64))

@@ -47,15 +47,15 @@ def test_max_memory_picks_the_smallest_k_that_fits():
     import pytest
 
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("1.5 MiB") == 3 * 2**19 and parse_bytes("2GB") == 2 * 10**9
-    original = fxlocal.create_model("resnet32_cifar", 10, (3, 32, 32))
+    analyzed = fxlocal.analyze_model("resnet32_cifar", (3, 32, 32), num_classes=10)
 
     def convert(k):
-        return fxlocal.convert(original, k=k, input_size=(3, 32, 32), balance="memory")
+        return fxlocal.convert(analyzed, k=k, balance="memory")
 
     peaks = {k: step_peak_bytes(convert(k), _local_step, 64, (3, 32, 32), 10, per_block=True) for k in (1, 2, 3)}
     limit = (peaks[2] + peaks[1]) // 2  # K=1 is too big, K=2 fits
     assert peaks[2] < limit < peaks[1]
-    k, local, peak_mib = smallest_k_that_fits(convert, limit, 64, max_blocks(original, "dgl", (3, 32, 32)))
+    k, local, peak_mib = smallest_k_that_fits(convert, limit, 64, max_blocks(analyzed, "dgl"))
     assert k == 2 and local.k == 2 and peak_mib * 2**20 == peaks[2]
     with pytest.raises(MemoryLimitError, match="no K fits 1 MiB: the smallest predicted peak is"):
         smallest_k_that_fits(convert, 2**20, 64, 3)
