@@ -192,21 +192,15 @@ def prepare(name: str, fake: bool) -> AnalyzedModel:
     size it takes (see the module docstring)."""
     sizes = _input_sizes(name)
     for i, size in enumerate(sizes):
-        last = i + 1 == len(sizes)
-        with _stage("create"):
-            try:
+        try:
+            with _stage("create"):
                 original = _create(name, size, meta=fake)
-            except InputSizeError:
-                if not last:
-                    continue
-                raise
-        with _stage("convert"):
-            try:
+            with _stage("convert"):
                 analyzed = analyze_model(original, size, num_classes=CLASSES)
-            except InputSizeError:
-                if not last:
-                    continue
-                raise
+        except ZooFailure as failure:
+            if isinstance(failure.__cause__, InputSizeError) and i + 1 < len(sizes):
+                continue  # the model rejects this size: the next one
+            raise
         analyzed.model_name = name
         return analyzed
     raise AssertionError("unreachable: the last size raises")
