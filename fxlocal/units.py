@@ -4,7 +4,7 @@ an MBConv block, a stem. AugLocal and MLAAN sample units, not single ops.
 How units are found, from the module tree and the graph together:
 
 1. *Atoms*: walk the module tree from the root, expanding plain containers (``nn.Sequential``,
-   ``nn.ModuleList``, ``nn.ModuleDict``) that hold two or more unit-starting modules, and
+   ``nn.ModuleList``, ``nn.ModuleDict`` and their subclasses) that hold two or more unit-starting modules, and
    modules that hold a stack of repeated blocks (a plain container of >= 2 modules of one class,
    as in a Swin or ConvNeXt stage). Everything else is an atom.
 2. A unit starts at every composite atom (one with parameterised children) and at every plain
@@ -50,7 +50,10 @@ class Unit:
 
 
 def _is_plain_container(m: nn.Module) -> bool:
-    return type(m) in _PLAIN_CONTAINERS
+    # subclasses too (timm's SequentialTuple runs PiT's stages on (tokens, cls) pairs; DenseNet's
+    # blocks are ModuleDicts): whatever their forward adds between children is glue that joins
+    # a unit, and units still end only at cut candidates
+    return isinstance(m, _PLAIN_CONTAINERS)
 
 
 def _has_param_children(m: nn.Module) -> bool:

@@ -64,6 +64,9 @@ def test_resnet110_has_55_units():
         ("convnext_atto", (3, 64, 64), 16, "stages.1.blocks.0"),
         ("swin_tiny_patch4_window7_224", (3, 64, 64), 16, "layers.1.blocks.0"),
         ("efficientnet_b0", (3, 64, 64), 18, "blocks.1.1"),
+        # stages held by nn.Sequential subclasses (timm's SequentialTuple, torchvision's AnyStage)
+        ("pit_ti_224", (3, 224, 224), 15, "transformers.1.blocks.0"),
+        ("torchvision:regnet_y_400mf", (3, 64, 64), 17, "trunk_output.block2.block2-0"),
     ],
 )
 def test_units_are_the_models_blocks(name, size, count, block):
