@@ -102,12 +102,13 @@ def render(rows: list[dict], command: str) -> str:
         f"with too few cut points for K={K} must fail with an error naming its largest K, and is "
         "then checked at that K. *fake*: built on the meta device, every stage on fake tensors. "
         "Models timm itself excludes from its FX tests (`vit_gi*`, `hiera*`, `gemma4_vit*`) are "
-        "outside the target and counted apart."),
+        "outside the target and counted apart; so are feature encoders without a classification head "
+        "(timm's `*_enc`), which convert refuses as not classifiers (*no head*; ok % leaves them out)."),
         "",
         "## Summary",
         "",
-        f"| models | aux | ok at K={K} | ok at a lower K | cannot be cut (K=1 only) | failed | ok % |",
-        "|---|---|---|---|---|---|---|",
+        f"| models | aux | ok at K={K} | ok at a lower K | cannot be cut (K=1 only) | failed | no head | ok % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups = {
         "timm (FX-tested)": lambda r: not r["model"].startswith("torchvision:") and not fx_excluded(r["model"]),
@@ -121,9 +122,10 @@ def render(rows: list[dict], command: str) -> str:
                 full = sum(r["status"] == "ok" and r.get("k") == K for r in sel)
                 lower = sum(r["status"] == "ok" and r.get("k") != K for r in sel)
                 uncut = sum(r["status"] == "unsplittable" for r in sel)
-                failed = len(sel) - full - lower - uncut
-                lines.append(f"| {label} | {aux} | {full} | {lower} | {uncut} | {failed} | "
-                             f"{100 * (full + lower) / len(sel):.1f} |")
+                headless = sum(r["status"] == "no head" for r in sel)
+                failed = len(sel) - full - lower - uncut - headless
+                lines.append(f"| {label} | {aux} | {full} | {lower} | {uncut} | {failed} | {headless} | "
+                             f"{100 * (full + lower) / max(len(sel) - headless, 1):.1f} |")
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         failed = [r for r in failures if r["status"] == "fail"]
@@ -135,7 +137,7 @@ def render(rows: list[dict], command: str) -> str:
             lines.append(f"| {aux} | " + " | ".join(map(str, counts)) + " |")
         lines += ["", "## Failures and models that cannot be cut", "",
                   "| model | aux | in target | status | stage | reason |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['aux']} | {'no (FX-excluded)' if fx_excluded(r['model']) else 'yes'} | "
+        lines += [f"| {r['model']} | {r['aux']} | {_in_target(r)} | "
                   f"{r['status']} | {r['stage']} | {r['reason'].replace('|', '/')} |" for r in failures]
     lines += ["", "## Every model", "",
               "| model | family | aux | status | input | K | cut candidates | params (M) | mode | s |",
@@ -146,6 +148,12 @@ def render(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['model']} | {r['family']} | {r['aux']} | {status} | {size} | {r.get('k', '')} | "
                      f"{r.get('candidates', '')} | {r.get('params_m', '')} | {r.get('mode', '')} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def _in_target(row: dict) -> str:
+    if fx_excluded(row["model"]):
+        return "no (FX-excluded)"
+    return "no (not a classifier)" if row["status"] == "no head" else "yes"
 
 
 def _scope(recorded: list[str]) -> str:

@@ -23,6 +23,7 @@ from .errors import (
     IncompatibleOptionsError,
     InputSizeError,
     KOutOfRangeError,
+    NotAClassifierError,
     PartitionError,
     PlanMismatchError,
 )
@@ -108,13 +109,28 @@ def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed
     return own
 
 
-def _num_classes(gm, num_classes: int | None) -> int:
-    if num_classes is not None:
-        return num_classes
+def _num_classes(gm, num_classes: int | None, model_name: str) -> int:
+    """The classes the model's own output scores: the local losses and the last block's are
+    cross-entropies over them. A model whose output is one tensor but not (batch, classes)
+    logits (a feature encoder: timm's ``*_enc`` models) is refused; tuples (a distilled or
+    aux-logit model's training output) are left to the objective."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     val = getattr(out, "meta", {}).get("val")
-    if isinstance(val, torch.Tensor) and val.dim() == 2:
+    if isinstance(val, torch.Tensor):
+        per_image = ", ".join(map(str, val.shape[1:]))
+        if val.dim() != 2:
+            raise NotAClassifierError(
+                f"{model_name} outputs (batch, {per_image}) features, not (batch, classes) logits: it has no "
+                "classification head; fxlocal trains classifiers, so use a variant of it with a head"
+            )
+        if num_classes is not None and val.shape[-1] != num_classes:
+            raise NotAClassifierError(
+                f"{model_name} outputs {val.shape[-1]} values per image, not the {num_classes} classes asked for: "
+                "its head ignores num_classes (or it has none); use a variant of it with a classification head"
+            )
         return int(val.shape[-1])
+    if num_classes is not None:
+        return num_classes
     raise FxLocalError("cannot tell the number of classes from the model's output; pass num_classes")
 
 
@@ -165,7 +181,7 @@ def convert(
         analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed)
     model, gm, analysis, model_name = analyzed.model, analyzed.gm, analyzed.analysis, analyzed.model_name
     input_size, num_classes, model_kwargs = analyzed.input_size, analyzed.num_classes, analyzed.model_kwargs
-    classes = _num_classes(gm, num_classes)
+    classes = _num_classes(gm, num_classes, model_name)
     units = _unit_library(gm, analysis)
     unit_at = {u.cut_position: u.index for u in analysis.units}
 

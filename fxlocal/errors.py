@@ -42,6 +42,10 @@ class IncompatibleOptionsError(FxLocalError, ValueError):
     """Options that cannot be used together."""
 
 
+class NotAClassifierError(FxLocalError, ValueError):
+    """The model's output is not one row of class logits per image (a feature encoder)."""
+
+
 class KOutOfRangeError(PartitionError):
     """More blocks than the graph has places to cut; ``max_k`` is the largest K it allows."""
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
 from .convert import AnalyzedModel, analyze_model, convert
-from .errors import FxLocalError, InputSizeError, KOutOfRangeError
+from .errors import FxLocalError, InputSizeError, KOutOfRangeError, NotAClassifierError
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
 from .verify import export_mismatch, isolation_violations
@@ -154,8 +154,9 @@ def stratified_sample(names: list[str]) -> list[str]:
 
 
 def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict]:
-    """One row per aux method: status (ok, fail, or unsplittable: convert refused every K above
-    1 with an error naming it), the failing stage and reason, details, seconds.
+    """One row per aux method: status (ok; fail; unsplittable: convert refused every K above 1
+    with an error naming it; no head: a feature encoder, refused as not a classifier), the
+    failing stage and reason, details, seconds.
 
     Runs on fake tensors when the model has more than ``fake_above`` parameters. The model is
     built, traced and analysed once (the first row's seconds include that), then converted for
@@ -180,11 +181,18 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
                 raise analyzed
             row.update(check(analyzed, aux, fake=fake))
         except ZooFailure as failure:
-            status = "unsplittable" if isinstance(failure, Unsplittable) else "fail"
-            row.update(status=status, stage=failure.stage, reason=failure.reason)
+            row.update(status=_status(failure), stage=failure.stage, reason=failure.reason)
         row["seconds"] = round(time.perf_counter() - started, 2)
         rows.append(row)
     return rows
+
+
+def _status(failure: ZooFailure) -> str:
+    if isinstance(failure, Unsplittable):
+        return "unsplittable"
+    if isinstance(failure.__cause__, NotAClassifierError):
+        return "no head"  # a feature encoder (timm's *_enc): refused with that reason, outside the target
+    return "fail"
 
 
 def prepare(name: str, fake: bool) -> AnalyzedModel:

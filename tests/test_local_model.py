@@ -218,3 +218,14 @@ def test_an_analysed_model_converts_again_like_its_name_without_sharing_weights(
     assert load_converted(tmp_path / "a.pt").plan.cuts == a.plan.cuts
     with pytest.raises(fxlocal.FxLocalError, match=r"input_size=\(3, 64, 64\) differs from the analysed model's"):
         fxlocal.convert(analyzed, k=2, input_size=(3, 64, 64))
+
+
+def test_a_feature_encoder_is_refused_as_not_a_classifier():
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # (B, 8, H, W) features
+    with pytest.raises(fxlocal.FxLocalError, match=r"outputs \(batch, 8, 12, 12\) features, not \(batch, classes\) logits"):
+        fxlocal.convert(encoder, k=2, input_size=(3, 16, 16), num_classes=10)
+    # a head that ignores num_classes: 7 outputs are not 10 classes
+    pooled = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 7, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(fxlocal.FxLocalError, match="outputs 7 values per image, not the 10 classes asked for"):
+        fxlocal.convert(pooled, k=2, input_size=(3, 16, 16), num_classes=10)
+    assert fxlocal.convert(pooled, k=2, input_size=(3, 16, 16)).num_classes == 7

