@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs/zoo.md")
     p.add_argument("--fresh", action="store_true", help="forget the results already recorded")
     p.add_argument("--rerun", action="store_true", help="check the selected models again; their new rows replace the old")
+    p.add_argument("--render", action="store_true", help="run nothing: only render --out from the recorded rows")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:  # worker: print one JSON line per aux method
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     if args.fresh and args.results.exists():
         args.results.unlink()
     done = {(r["model"], r["aux"]) for r in _read(args.results)}
-    todo = _families_in_turn([n for n in names if args.rerun or any((n, a) not in done for a in args.aux)])
+    todo = [] if args.render else _families_in_turn([n for n in names if args.rerun or any((n, a) not in done for a in args.aux)])
     print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
         for i, rows in enumerate(pool.map(lambda n: _run_one(n, args.aux, args.fake_above, args.timeout), todo)):

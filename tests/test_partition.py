@@ -96,13 +96,18 @@ class _CheapThenCounted(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+# large enough maps that each sine takes milliseconds: a loaded machine's scheduling noise
+# (a preempted node) then moves the measured split by a few sines, not a dozen
+SIZE_TIMED = (16, 64, 64)
+
+
 def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
     """FLOPs see only the Linear; measured time sees the sines, so K=2 cuts inside the chain of
     sines, not next to either end (near its middle when the machine is quiet; the margin leaves
     room for a loaded CI box's timing noise). Timing runs the model for real: BN statistics,
     gradients and the RNG are restored."""
     model = _CheapThenCounted()
-    gm = fxlocal.trace(model, (16, 32, 32))
+    gm = fxlocal.trace(model, SIZE_TIMED)
     running = gm.bn.running_mean.clone()
     rng = torch.get_rng_state()
     plan = fxlocal.partition(gm, 2, "time")
@@ -110,7 +115,7 @@ def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
     assert plan.balance == "time" and 5 <= sines.index(plan.cuts[0]) <= 34, plan.cuts
     assert torch.equal(gm.bn.running_mean, running) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in gm.parameters())
-    analysis = fxlocal.analyze(gm, (16, 32, 32))
+    analysis = fxlocal.analyze(gm, SIZE_TIMED)
     assert not any(c.seconds for c in analysis.segment_costs)  # not timed unless asked
     with pytest.raises(PartitionError, match="timed=True"):
         fxlocal.partition(gm, 2, "time", analysis=analysis)
