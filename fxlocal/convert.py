@@ -87,6 +87,7 @@ def analyze_model(
             raise
         made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
         raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
+    _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
     return AnalyzedModel(
         model, gm, analyze(gm, input_size, timed=timed), input_size, model_name,
         from_name=isinstance(model_or_name, str), num_classes=num_classes, model_kwargs=dict(model_kwargs or {}),
