@@ -14,17 +14,37 @@ import subprocess
 import sys
 import time
 
-# name -> (what it does, the code that builds it): each returns the op to time
-OPS = {
-    "matmul": ("256×256 float matmul (in cache)", "a = torch.randn(256, 256); op = lambda: a @ a"),
-    "conv": (
-        "3×3 conv, batch 16, 16×28×28 (a resnet32 stage at batch 16)",
-        "x = torch.randn(16, 16, 28, 28); w = torch.randn(16, 16, 3, 3); "
-        "op = lambda: torch.nn.functional.conv2d(x, w, padding=1)",
-    ),
-    "stream": ("in-place multiply over 64 MB (streams from memory)", "a = torch.randn(16_000_000); op = lambda: a.mul_(1.0)"),
-}
 SECONDS = 3.0
+
+
+# Each builds its tensors in the child process (by name: nothing to pickle) and returns the op to time.
+def _matmul():
+    import torch
+
+    a = torch.randn(256, 256)
+    return lambda: a @ a
+
+
+def _conv():
+    import torch
+
+    x, w = torch.randn(16, 16, 28, 28), torch.randn(16, 16, 3, 3)
+    return lambda: torch.nn.functional.conv2d(x, w, padding=1)
+
+
+def _stream():
+    import torch
+
+    a = torch.randn(16_000_000)
+    return lambda: a.mul_(1.0)
+
+
+# name -> (what it does, the function that builds it)
+OPS = {
+    "matmul": ("256×256 float matmul (in cache)", _matmul),
+    "conv": ("3×3 conv, batch 16, 16×28×28 (a resnet32 stage at batch 16)", _conv),
+    "stream": ("in-place multiply over 64 MB (streams from memory)", _stream),
+}
 
 
 def _rate(name: str) -> float:
@@ -32,9 +52,7 @@ def _rate(name: str) -> float:
     import torch
 
     torch.set_num_threads(1)
-    scope: dict = {"torch": torch}
-    exec(OPS[name][1], scope)  # noqa: S102 - the fixed snippets above
-    op = scope["op"]
+    op = OPS[name][1]()
     op()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < SECONDS:

@@ -5,7 +5,7 @@
     >>> losses = local.train_step(x, y, optimizer)
 """
 
-from .analyze import CutCandidate, GraphAnalysis, analyze, find_cut_candidates
+from .analyze import CutCandidate, GraphAnalysis, analyze, find_cut_candidates, recomputable_values
 from .aux import available_aux, get_aux, register_aux
 from . import paper_models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .convert import AnalyzedModel, analyze_model, convert
@@ -36,6 +36,7 @@ __all__ = [
     "convert",
     "create_model",
     "find_cut_candidates",
+    "recomputable_values",
     "get_aux",
     "min_max_partition",
     "partition",

@@ -3,7 +3,9 @@
 A *cut candidate* is a node after which exactly one tensor value is live: the node's own
 output. ``get_attr`` values (parameters, buffers, training flags) are not live values (each block
 fetches its own) and neither are shape values (ints, ``torch.Size``), which are carried across a
-cut as plain values. One linear sweep over the topological order finds them all. A candidate is
+cut as plain values, nor tensors computed from buffers and shape values alone (a ViT's rotary
+table, built from the patch grid and a frequency buffer): each block that uses one recomputes it
+(:func:`recomputable_values`). One linear sweep over the topological order finds them all. A candidate is
 refused when a parameter is used on both sides of it (torchvision's shared modules, tied weights):
 cutting there would train one parameter with two local losses, and when its tensor does not have
 the batch first (EfficientViM stacks its per-stage logits as (heads, B, classes)): aux heads,
@@ -15,6 +17,7 @@ candidates there are ``C + 1`` segments, the last one ending at the output.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +34,7 @@ __all__ = [
     "GraphAnalysis",
     "analyze",
     "find_cut_candidates",
+    "recomputable_values",
     "covered_module_paths",
     "tensor_layout",
 ]
@@ -57,6 +61,56 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
 
 def _holds_tensor(node: fx.Node) -> bool:
     return node.op != "get_attr" and bool(_tensors_in(node.meta.get("val")))
+
+
+# ops whose result a second run would not reproduce
+_RANDOM_OPS = ("rand", "randn", "randint", "randperm", "bernoulli", "normal", "multinomial", "dropout", "uniform")
+
+
+def recomputable_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """Tensor values computed from buffers, constants and plain values (shapes) alone.
+
+    None of their inputs is a tensor that depends on the graph input or on a trainable
+    parameter, so any block can recompute one from the buffers it fetches and the plain values
+    it is handed; that keeps them from being live at a cut (DeepSeek's and Qwen3's ViTs build one
+    rotary table from the patch grid and use it in every block). Nothing random is recomputed,
+    and nothing written in place (``mask[i] = v``): a recomputed copy would miss the write.
+    """
+    recomputable: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op not in COMPUTE_OPS or not _tensors_in(node.meta.get("val")):
+            continue
+        name = str(getattr(node.target, "__name__", node.target)).lower()
+        if any(r in name for r in _RANDOM_OPS):
+            continue
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.modules.dropout._DropoutNd) or any(p.requires_grad for p in module.parameters()):
+                continue
+        if any(_writes_into(u, node) for u in node.users):
+            continue
+        if all(_is_fixed_input(gm, i, recomputable) for i in node.all_input_nodes):
+            recomputable.add(node)
+    return recomputable
+
+
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+
+
+def _writes_into(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` may write into ``value`` (its first argument, for in-place ops)."""
+    if user.op == "call_module":
+        return getattr(user.graph.owning_module.get_submodule(user.target), "inplace", False) is True
+    name = str(getattr(user.target, "__name__", user.target))
+    first = user.args[0] if user.args else None
+    in_place = user.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+    return first is value and (in_place or user.kwargs.get("inplace") is True)
+
+
+def _is_fixed_input(gm: fx.GraphModule, node: fx.Node, recomputable: set[fx.Node]) -> bool:
+    if node.op == "get_attr":
+        return not any(p.requires_grad for p in node_parameters(gm, node))
+    return node in recomputable or (node.op != "placeholder" and not _tensors_in(node.meta.get("val")))
 
 
 def _param_spans(gm: fx.GraphModule, index: dict[fx.Node, int]) -> list[tuple[int, int]]:
@@ -134,11 +188,12 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
                 last_of_module[prefix] = i
 
     batch = next(int(n.meta["val"].shape[0]) for n in order if n.op == "placeholder")
+    recomputed = recomputable_values(gm)
     live: set[fx.Node] = set()
     dying: dict[int, list[fx.Node]] = {}
     candidates = []
     for i, node in enumerate(order):
-        if _holds_tensor(node) and last_use[node] > i:
+        if _holds_tensor(node) and node not in recomputed and last_use[node] > i:
             live.add(node)
             dying.setdefault(last_use[node], []).append(node)
         for done in dying.pop(i, []):

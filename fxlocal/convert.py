@@ -68,16 +68,18 @@ def analyze_model(
     num_classes: int | None = None,
     model_kwargs: dict | None = None,
     timed: bool = False,
+    name: str | None = None,
 ) -> AnalyzedModel:
     """Build (from a name: timm, then torchvision, random init), trace and analyse a model:
-    its cut candidates, units and per-segment costs (``timed``: also wall time, measured here)."""
+    its cut candidates, units and per-segment costs (``timed``: also wall time, measured here).
+    ``name`` names a module in messages and plans (default: the name it was built from, or its class)."""
     input_size = tuple(int(s) for s in input_size)
     try:
         if isinstance(model_or_name, str):
-            model_name = model_or_name
+            model_name = name or model_or_name
             model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
         else:
-            model_name, model = type(model_or_name).__name__, model_or_name
+            model_name, model = name or type(model_or_name).__name__, model_or_name
         gm = trace(model, input_size)
     except InputSizeError as exc:
         # fixed-resolution models timm does not flag (EfficientFormer) and patch sizes that do

@@ -11,6 +11,9 @@ Contract of :func:`split_graph`:
   cascade) chain them without;
 * ``get_attr`` values (parameters, buffers, training flags) are fetched inside the block that
   uses them: passing a parameter in as an input and detaching it would silently freeze it;
+  tensors computed from buffers and plain values alone (a rotary table) are recomputed inside
+  every block that uses them, from the plain values that cross
+  (:func:`~fxlocal.analyze.recomputable_values`);
 * ops that consume a block's input in place (``relu_``, ``inplace=True``, ``+=``) are rewritten
   out of place, because the tensor they would overwrite is still the previous block's output;
 * a parameter used by two blocks raises :class:`SharedParameterError`.
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .analyze import recomputable_values
 from .errors import PlanMismatchError, SharedParameterError
 
 __all__ = ["split_graph"]
@@ -42,7 +46,8 @@ _OUT_OF_PLACE = {
 
 
 
-def _block_of(gm: fx.GraphModule, cuts: list[str]) -> dict[fx.Node, int]:
+def _block_of(gm: fx.GraphModule, cuts: list[str], fetched: set[fx.Node]) -> dict[fx.Node, int]:
+    """Block index of every node; -1 for ``fetched`` ones, which each block makes for itself."""
     names = {n.name: n for n in gm.graph.nodes}
     missing = [c for c in cuts if c not in names]
     if missing:
@@ -53,7 +58,7 @@ def _block_of(gm: fx.GraphModule, cuts: list[str]) -> dict[fx.Node, int]:
     cut_set = set(cuts)
     block, owner = 0, {}
     for node in gm.graph.nodes:
-        owner[node] = block if node.op != "get_attr" else -1
+        owner[node] = -1 if node in fetched else block
         if node.name in cut_set:
             block += 1
     if block != len(cuts):
@@ -91,18 +96,27 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
 
 def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
     """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring."""
-    owner = _block_of(gm, cuts)
-    k = len(cuts) + 1
     order = list(gm.graph.nodes)
+    fetched = {n for n in order if n.op == "get_attr"} | recomputable_values(gm)
+    owner = _block_of(gm, cuts, fetched)
+    k = len(cuts) + 1
+    needed_in: dict[fx.Node, list[int]] = {}
+
+    def blocks_needing(node: fx.Node) -> list[int]:
+        # a fetched user is made where it is used, so this value is needed there
+        if node not in needed_in:
+            needed_in[node] = [
+                k - 1 if u.op == "output" else owner[u] if u not in fetched else max(blocks_needing(u), default=-1)
+                for u in node.users
+            ]
+        return needed_in[node]
+
     # Values defined in a block <= b and used in a block > b cross boundary b.
     crossing: list[list[fx.Node]] = [[] for _ in range(k - 1)]
     for node in order:
-        if node.op in ("get_attr", "output"):
+        if node in fetched or node.op == "output":
             continue
-        later = [owner[u] for u in node.users if u.op != "output"]
-        if any(u.op == "output" for u in node.users):
-            later.append(k - 1)
-        last = max(later, default=owner[node])
+        last = max(blocks_needing(node), default=owner[node])
         for b in range(owner[node], last):
             crossing[b].append(node)
     for b, cut in enumerate(cuts):
@@ -125,9 +139,12 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
             env[node].meta = dict(node.meta)
 
         def lookup(n: fx.Node) -> fx.Node:
-            if n not in env and n.op == "get_attr":  # fetched where used
-                env[n] = graph.node_copy(n)
-                modules[n.target] = attrgetter(n.target)(gm)
+            if n not in env and n in fetched:  # made where used
+                env[n] = graph.node_copy(n, lookup)
+                if n.op == "get_attr":
+                    modules[n.target] = attrgetter(n.target)(gm)
+                elif n.op == "call_module":
+                    modules[n.target] = gm.get_submodule(n.target)
             return env[n]
 
         for node in order:

@@ -204,12 +204,11 @@ def prepare(name: str, fake: bool) -> AnalyzedModel:
             with _stage("create"):
                 original = _create(name, size, meta=fake)
             with _stage("convert"):
-                analyzed = analyze_model(original, size, num_classes=CLASSES)
+                analyzed = analyze_model(original, size, num_classes=CLASSES, name=name)
         except ZooFailure as failure:
             if isinstance(failure.__cause__, InputSizeError) and i + 1 < len(sizes):
                 continue  # the model rejects this size: the next one
             raise
-        analyzed.model_name = name
         return analyzed
     raise AssertionError("unreachable: the last size raises")
 

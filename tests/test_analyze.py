@@ -113,3 +113,59 @@ def test_fake_activation_bytes_match_a_real_run(name, tolerance):
     predicted = 2 * sum(c.activation_bytes for c in first.segment_costs)  # per sample -> batch 2
     real = _saved_bytes_of_a_real_step(model, torch.randn(2, *size))
     assert abs(predicted - real) <= tolerance * real
+
+
+class RotaryTokens(nn.Module):
+    """A ViT-like net whose blocks all use one table computed from the patch grid and a buffer
+    (DeepSeek's and Qwen3's ViTs build their rotary tables so). ``table_from`` makes the table
+    from a trainable parameter, adds noise or writes into it instead: then it must not be recomputed."""
+
+    def __init__(self, table_from="buffer", depth=4, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        frequencies = torch.linspace(0.1, 1.0, dim // 2)
+        if table_from == "parameter":
+            self.frequencies = nn.Parameter(frequencies)
+        else:
+            self.register_buffer("frequencies", frequencies)
+        self.table_from = table_from
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.patch(x)
+        rows, cols = x.shape[-2], x.shape[-1]
+        grid = torch.arange(rows * cols, dtype=torch.float32)
+        angles = grid[:, None] * self.frequencies[None, :]
+        table = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (tokens, dim)
+        if self.table_from == "noise":
+            table = table + torch.rand(table.shape)
+        if self.table_from == "written":
+            table.mul_(2.0)
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = x + block(x * table)
+        return self.head(x.mean(1))
+
+
+def test_a_table_built_from_buffers_and_shapes_is_recomputed_not_live():
+    gm = fxlocal.trace(RotaryTokens(), (3, 16, 16))
+    table = {n.name for n in fxlocal.recomputable_values(gm)}
+    assert {"sin", "cos", "cat"} <= table and "patch" not in table
+    # after every block (each residual add), though the table is used by the blocks after it
+    assert [c.node for c in fxlocal.find_cut_candidates(gm) if c.node.startswith("add")] == [
+        "add", "add_1", "add_2", "add_3"
+    ]
+    assert len(fxlocal.analyze(gm, (3, 16, 16)).units) == 5  # the patch stem and four blocks
+
+
+@pytest.mark.parametrize(
+    "table_from, live", [("parameter", {"sin", "cos", "cat"}), ("noise", {"rand", "add"}), ("written", {"cat"})]
+)
+def test_a_trained_or_random_table_is_live_as_before(table_from, live):
+    # a table from a trainable parameter would carry gradient across a cut; a random one would
+    # differ when recomputed, and a copy of one written in place would miss the write: all stay live from where they are made to their last use
+    gm = fxlocal.trace(RotaryTokens(table_from), (3, 16, 16))
+    assert not live & {n.name for n in fxlocal.recomputable_values(gm)}
+    # only after the last block, where the table dies
+    assert len([c for c in fxlocal.find_cut_candidates(gm) if c.node.startswith("add")]) == 1

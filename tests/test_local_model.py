@@ -7,7 +7,7 @@ from torch import nn
 import fxlocal
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
-from helpers import assert_gradient_isolation
+from helpers import assert_gradient_isolation, assert_trains
 
 
 @pytest.mark.parametrize(
@@ -224,8 +224,32 @@ def test_a_feature_encoder_is_refused_as_not_a_classifier():
     encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))  # (B, 8, H, W) features
     with pytest.raises(fxlocal.FxLocalError, match=r"outputs \(batch, 8, 12, 12\) features, not \(batch, classes\) logits"):
         fxlocal.convert(encoder, k=2, input_size=(3, 16, 16), num_classes=10)
+    # a module is named by its class, or as the caller says
+    with pytest.raises(fxlocal.FxLocalError, match=r"^my_encoder outputs \(batch, 8, 12, 12\) features"):
+        fxlocal.analyze_model(encoder, (3, 16, 16), num_classes=10, name="my_encoder")
     # a head that ignores num_classes: 7 outputs are not 10 classes
     pooled = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 7, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(fxlocal.FxLocalError, match="outputs 7 values per image, not the 10 classes asked for"):
         fxlocal.convert(pooled, k=2, input_size=(3, 16, 16), num_classes=10)
     assert fxlocal.convert(pooled, k=2, input_size=(3, 16, 16)).num_classes == 7
+
+
+@pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan"])
+def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
+    from test_analyze import RotaryTokens
+
+    torch.manual_seed(0)
+    model = RotaryTokens().eval()
+    local = fxlocal.convert(model, k=3, aux=aux, input_size=(3, 16, 16), num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(local(x), model(x), atol=1e-6)
+    # every block that uses the table makes its own; none is handed one
+    for block in local.blocks[1:]:
+        assert any(n.target == "sin" for n in block.graph.nodes)
+        inputs = [n for n in block.graph.nodes if n.op == "placeholder"]
+        assert all(not isinstance(n.meta.get("val"), torch.Tensor) for n in inputs[1:])
+    local.train()
+    window = local.input_window
+    assert_gradient_isolation(local, torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)), window=window)
+    assert_trains(local, (3, 16, 16), num_classes=5)
