@@ -11,6 +11,12 @@ cutting there would train one parameter with two local losses, and when its tens
 the batch first (EfficientViM stacks its per-stage logits as (heads, B, classes)): aux heads,
 unit copies and per-sample costs all read dim 0 as the batch, and a head there would mix samples.
 
+Where two branches run side by side from one unit to the next (CrossViT's two token streams,
+the two cell inputs of NASNet, TNT's pixel and patch embeddings), no point leaves a single tensor
+live; there a unit's last node is a candidate that *carries* the one other live tensor across
+the cut as well (:attr:`CutCandidate.carried`): both are detached, and a head is trained on
+both. Only at unit ends: inside a residual block the skip tensor would ride along everywhere.
+
 A *segment* is the run of nodes after one candidate up to and including the next; with ``C``
 candidates there are ``C + 1`` segments, the last one ending at the output.
 """
@@ -30,6 +36,7 @@ from .cost import Cost, measure_nodes, node_parameters, time_nodes
 from .errors import FxLocalError
 
 __all__ = [
+    "CarriedTensor",
     "CutCandidate",
     "GraphAnalysis",
     "analyze",
@@ -43,6 +50,15 @@ COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 
 @dataclass(frozen=True)
+class CarriedTensor:
+    """A second tensor live at a cut, carried across it beside the cut node's own."""
+
+    node: str
+    shape: tuple[int, ...]  # per sample
+    layout: str
+
+
+@dataclass(frozen=True)
 class CutCandidate:
     """A node after which the graph can be cut."""
 
@@ -52,7 +68,8 @@ class CutCandidate:
     shape: tuple[int, ...]  # per-sample shape of the single live tensor
     layout: str  # "nchw", "nhwc", "nlc" (tokens) or "nc"
     closes: str | None = None  # the largest module whose last node this is (a natural cut)
-    nbytes: int = 0  # per-sample bytes of that tensor
+    nbytes: int = 0  # per-sample bytes of what crosses the cut (that tensor and any carried)
+    carried: tuple[CarriedTensor, ...] = ()  # other live tensors that cross with it
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
@@ -168,7 +185,8 @@ def _consumer_says_channels_last(node: fx.Node) -> bool | None:
 
 
 def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
-    """Nodes after which exactly one tensor is live, with their module path, shape and layout.
+    """Nodes after which exactly one tensor is live, with their module path, shape and layout,
+    and unit ends after which two are (the other one carried; see the module docstring).
 
     ``gm`` must come from :func:`fxlocal.trace` (nodes need ``meta["val"]``).
     """
@@ -198,32 +216,63 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
             dying.setdefault(last_use[node], []).append(node)
         for done in dying.pop(i, []):
             live.discard(done)
-        if (
-            live == {node}
-            and node.op in COMPUTE_OPS
-            and compute_after[i]
-            and isinstance(node.meta["val"], torch.Tensor)
-            and node.meta["val"].is_floating_point()
-            and 2 <= node.meta["val"].dim() <= 4
-            and node.meta["val"].shape[0] == batch
-            and not any(first <= i < last for first, last in spans)
+        if node not in live or len(live) > 2 or not _crossable(node, batch):
+            continue
+        if node.op not in COMPUTE_OPS or not compute_after[i] or any(first <= i < last for first, last in spans):
+            continue
+        closes = next((p for p in _prefixes(node.meta.get("module_path", "")) if last_of_module[p] == i), None)
+        others = [n for n in live if n is not node]
+        if others and not (
+            _closes_unit_atom(gm, node, i, last_of_module) and others[0].op in COMPUTE_OPS and _crossable(others[0], batch)
         ):
-            val = node.meta["val"]
-            candidates.append(
-                CutCandidate(
-                    node=node.name,
-                    index=i,
-                    module_path=node.meta.get("module_path", ""),
-                    shape=tuple(int(s) for s in val.shape[1:]),
-                    nbytes=val[0].numel() * val.element_size(),
-                    layout=tensor_layout(node),
-                    closes=next(
-                        (p for p in _prefixes(node.meta.get("module_path", "")) if last_of_module[p] == i),
-                        None,
-                    ),
-                )
+            continue
+        candidates.append(
+            CutCandidate(
+                node=node.name,
+                index=i,
+                module_path=node.meta.get("module_path", ""),
+                shape=_per_sample_shape(node),
+                nbytes=sum(_per_sample_bytes(n) for n in [node, *others]),
+                layout=tensor_layout(node),
+                closes=closes,
+                carried=tuple(CarriedTensor(n.name, _per_sample_shape(n), tensor_layout(n)) for n in others),
             )
+        )
     return _batch_first(gm, candidates, batch)
+
+
+def _crossable(node: fx.Node, batch: int) -> bool:
+    """A batch-first float tensor of 2-4 dims: what a head and the per-sample costs can read."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point() and 2 <= val.dim() <= 4 and val.shape[0] == batch
+
+
+def _per_sample_shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape[1:])
+
+
+def _per_sample_bytes(node: fx.Node) -> int:
+    val = node.meta["val"]
+    return val[0].numel() * val.element_size()
+
+
+def _closes_unit_atom(gm: fx.GraphModule, node: fx.Node, i: int, last_of_module: dict[str, int]) -> bool:
+    """Whether ``node`` is the last node of a block units are made of (a cell, a transformer
+    block: a module of parameterised modules). Not of a single layer: a model that adds its skip
+    tensor in its own forward (``h + self.b(h)``) would carry the skip across every layer."""
+    atoms = gm.meta.get("fxlocal_unit_atoms") or {}
+    return any(
+        p in atoms and last_of_module[p] == i and _is_composite(gm, p)
+        for p in _prefixes(node.meta.get("module_path", ""))
+    )
+
+
+def _is_composite(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        module = gm.get_submodule(path)
+    except AttributeError:  # a container the graph does not keep
+        return False
+    return any(any(True for _ in child.parameters()) for child in module.children())
 
 
 # Ops that work on each sample where it is: computed from batch-first tensors only, their
@@ -318,10 +367,11 @@ def _batch_first(gm: fx.GraphModule, candidates: list[CutCandidate], batch: int)
     (2, B, classes)) and the value does not come from per-sample ops on the input: those are
     told apart by the values at another batch size."""
     node = {n.name: n for n in gm.graph.nodes}
-    unsure = [c for c in candidates if batch in node[c.node].meta["val"].shape[1:]]
+    unsure = {name for c in candidates for name in [c.node, *(t.node for t in c.carried)]
+              if batch in node[name].meta["val"].shape[1:]}
     if unsure:
         sure = _surely_batch_first(gm, batch)
-        unsure = [c for c in unsure if node[c.node] not in sure]
+        unsure = {name for name in unsure if node[name] not in sure}
     if not unsure:
         return candidates
     from .trace import values_at_batch  # trace builds on this module
@@ -330,8 +380,8 @@ def _batch_first(gm: fx.GraphModule, candidates: list[CutCandidate], batch: int)
         other = values_at_batch(gm, batch + 1)
     except FxLocalError:  # the model takes no other batch size: keep them
         return candidates
-    wrong = {c.node for c in unsure if other[c.node].shape[0] != batch + 1}
-    return [c for c in candidates if c.node not in wrong]
+    wrong = {name for name in unsure if other[name].shape[0] != batch + 1}
+    return [c for c in candidates if c.node not in wrong and not any(t.node in wrong for t in c.carried)]
 
 
 def _prefixes(path: str) -> list[str]:

@@ -164,7 +164,8 @@ def inspect(
     report = gm.meta["fxlocal_trace"]
     table = Table(
         title=f"{model}: {len(analysis.candidates)} cut candidates, K can be 1 to {analysis.max_k}",
-        caption="cost of the segment that ends at each cut (forward+backward, per image)",
+        caption="cost of the segment that ends at each cut (forward+backward, per image); "
+        "shape a + b: the cut carries a second tensor beside its own",
     )
     for col in ("#", "cut after", "module path", "closes unit", "shape", "GFLOPs", "act (MiB)", "params (M)"):
         table.add_column(col, justify="right" if col in ("#", "GFLOPs", "act (MiB)", "params (M)") else "left")
@@ -176,7 +177,8 @@ def inspect(
             cand.node if cand else "(output)",
             cand.module_path if cand else "",
             (cand.closes or "") if cand else "",
-            "×".join(map(str, cand.shape)) if cand else "",
+            " + ".join("×".join(map(str, shape)) for shape in [cand.shape, *(t.shape for t in cand.carried)])
+            if cand else "",
             f"{cost.flops / 1e9:.3f}",
             f"{cost.activation_bytes / 2**20:.2f}",
             f"{cost.params / 1e6:.3f}",

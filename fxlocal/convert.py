@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
+from .aux.joint import JointHead
 from .backbone import map_backbone
 from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
 from .errors import (
@@ -188,21 +189,32 @@ def convert(
     units = _unit_library(gm, analysis)
     unit_at = {u.cut_position: u.index for u in analysis.units}
 
-    def spec(position: int, block: int, num_blocks: int) -> HeadSpec:
+    def specs(position: int, block: int, num_blocks: int) -> list[HeadSpec]:
+        """One per tensor crossing the cut: its own, and the one it carries if any."""
         c = analysis.candidates[position]
-        return HeadSpec(c.shape, c.layout, classes, block, num_blocks, unit_at.get(position), units)
+        return [
+            HeadSpec(shape, layout, classes, block, num_blocks, unit_at.get(position), units)
+            for shape, layout in [(c.shape, c.layout), *((t.shape, t.layout) for t in c.carried)]
+        ]
+
+    def build_head(position: int, block: int, num_blocks: int) -> nn.Module:
+        heads = [method.build_head(s) for s in specs(position, block, num_blocks)]
+        return heads[0] if len(heads) == 1 else JointHead(heads)
 
     @lru_cache(maxsize=None)
     def head_cost(position: int, block: int = 0) -> Cost:
         """What the head at ``position`` costs; the DP prices every cut as if for block 0."""
         if aux == "none":
             return Cost()
-        s = spec(position, block, k)
-        if hasattr(method, "head_cost"):
-            return method.head_cost(s)
-        # a head that copies no units is made from the boundary's shape and layout alone: cuts
-        # of one shape (every block of a ConvMixer, a ViT) are measured once
-        return built_head_cost(s.shape, s.layout, block, s.unit if method.cuts_at_units else None)
+        total = Cost()
+        for s in specs(position, block, k):
+            if hasattr(method, "head_cost"):
+                total = total + method.head_cost(s)
+            else:
+                # a head that copies no units is made from the boundary's shape and layout alone:
+                # cuts of one shape (every block of a ConvMixer, a ViT) are measured once
+                total = total + built_head_cost(s.shape, s.layout, block, s.unit if method.cuts_at_units else None)
+        return total
 
     @lru_cache(maxsize=None)
     def built_head_cost(shape: tuple[int, ...], layout: str, block: int, unit: int | None) -> Cost:
@@ -243,12 +255,14 @@ def convert(
     if plan.balance == "time" and not any(c.seconds for c in analysis.segment_costs):
         for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
             block.cost = measured.cost
-    blocks = split_graph(gm, plan.cuts)
+    carries = {c: analysis.candidates[position[c]].carried for c in plan.cuts}
+    blocks = split_graph(gm, plan.cuts, {c: carried[0].node for c, carried in carries.items() if carried})
     heads = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
         with model_device(model):  # heads live with the weights (the meta device for a sweep)
-            head = method.build_head(spec(position[block_plan.cut_node], b, plan.k))
-        block_plan.head = method.describe(head)
+            head = build_head(position[block_plan.cut_node], b, plan.k)
+        parts = head.heads if isinstance(head, JointHead) else [head]
+        block_plan.head = " + ".join(method.describe(h) for h in parts) + (", logits averaged" if len(parts) > 1 else "")
         heads.append(head)
     config = dict(
         model=model_name if analyzed.from_name else None,

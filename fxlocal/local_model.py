@@ -20,8 +20,8 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _isolated(carried: tuple) -> tuple:
-    """What crosses a boundary: the tensor detached (no gradient flows back), plain values as is."""
-    return (carried[0].detach(), *carried[1:])
+    """What crosses a boundary: the tensors detached (no gradient flows back), plain values as is."""
+    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in carried)
 
 
 class _TakingCodeGen(fx.CodeGen):
@@ -229,6 +229,11 @@ class LocalModel(nn.Module):
         if b < len(self.heads):
             yield from self.heads[b].parameters()
 
+    def head_logits(self, b: int, out: tuple) -> torch.Tensor:
+        """Head ``b`` on block ``b``'s output: the cut's tensor, and the one the cut carries beside
+        it if any (plain values never are tensors)."""
+        return self.heads[b](*(v for v in out if isinstance(v, torch.Tensor)))
+
     def _objective(self, b: int) -> Callable:
         """``(ctx, block, output) -> (loss, logits)`` for block ``b``."""
         head = self.heads[b] if b < len(self.heads) else self.final_objective
@@ -237,7 +242,7 @@ class LocalModel(nn.Module):
         if b < len(self.heads):
 
             def head_loss(ctx, _, out):
-                logits = head(out[0])
+                logits = self.head_logits(b, out)
                 return ctx.criterion(logits, ctx.target), logits
 
             return head_loss

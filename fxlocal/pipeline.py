@@ -203,7 +203,7 @@ def _eval_pass(local, rank, link, batches, autocast) -> dict:
                 counts["correct1"] += c1
                 counts["correct5"] += c5
             else:
-                counts["local_correct"] += int((local.heads[rank](out[0]).argmax(-1) == y).sum().item())
+                counts["local_correct"] += int((local.head_logits(rank, out).argmax(-1) == y).sum().item())
                 link.send(EVAL, out, y)
         counts["total"] += len(y)
     if not last:

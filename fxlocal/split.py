@@ -4,11 +4,12 @@ Contract of :func:`split_graph`:
 
 * block ``b`` holds the nodes after cut ``b-1`` up to and including cut ``b``; its modules and
   parameters are the original objects (shared, never copied);
-* a block takes what crosses into it: the cut tensor first, then any plain values computed
-  earlier (shapes, ints). Non-last blocks return a tuple ``(tensor, *values)``; the last block
-  returns what the model returns. The blocks stay connectable: :class:`~fxlocal.LocalModel`
-  detaches the tensor at every boundary, and aux methods that re-run earlier blocks (MLAAN's
-  cascade) chain them without;
+* a block takes what crosses into it: the cut tensor first, then the tensor the cut carries
+  beside it, if any (``carries``; see :class:`~fxlocal.analyze.CutCandidate`), then any plain
+  values computed earlier (shapes, ints). Non-last blocks return a tuple
+  ``(tensor, *values)``; the last block returns what the model returns. The blocks stay
+  connectable: :class:`~fxlocal.LocalModel` detaches the tensors at every boundary, and aux
+  methods that re-run earlier blocks (MLAAN's cascade) chain them without;
 * ``get_attr`` values (parameters, buffers, training flags) are fetched inside the block that
   uses them: passing a parameter in as an input and detaching it would silently freeze it;
   tensors computed from buffers and plain values alone (a rotary table) are recomputed inside
@@ -94,8 +95,10 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
             node.target = new_target
 
 
-def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
-    """Split ``gm`` after each node named in ``cuts`` (graph order). See the module docstring."""
+def split_graph(gm: fx.GraphModule, cuts: list[str], carries: dict[str, str] | None = None) -> list[fx.GraphModule]:
+    """Split ``gm`` after each node named in ``cuts`` (graph order); ``carries`` names the second
+    tensor a cut may carry across (cut node -> carried node). See the module docstring."""
+    carries = carries or {}
     order = list(gm.graph.nodes)
     fetched = {n for n in order if n.op == "get_attr"} | recomputable_values(gm)
     owner = _block_of(gm, cuts, fetched)
@@ -120,9 +123,9 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
         for b in range(owner[node], last):
             crossing[b].append(node)
     for b, cut in enumerate(cuts):
-        # the cut tensor travels first; anything else must be a plain value (a shape)
-        crossing[b].sort(key=lambda n: n.name != cut)
-        for node in crossing[b][1:]:
+        # the cut tensor travels first, then the one it carries; anything else must be a plain value (a shape)
+        crossing[b].sort(key=lambda n: (n.name != cut, n.name != carries.get(cut)))
+        for node in crossing[b][1 + (cut in carries):]:
             if isinstance(node.meta.get("val"), torch.Tensor):
                 raise PlanMismatchError(
                     f"cut {cut!r} leaves tensor {node.name!r} live as well; it is not a cut candidate"
@@ -160,8 +163,9 @@ def split_graph(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
             out = next(n for n in order if n.op == "output")
             graph.output(torch.fx.map_arg(out.args[0], lookup))
         if b > 0:
-            for user in list(env[crossing[b - 1][0]].users):
-                _make_out_of_place(user, modules)
+            for tensor in crossing[b - 1][: 1 + (cuts[b - 1] in carries)]:
+                for user in list(env[tensor].users):
+                    _make_out_of_place(user, modules)
         graph.lint()
         blocks.append(fx.GraphModule(modules, graph, class_name=f"Block{b}"))
     _check_no_shared_parameters(blocks)

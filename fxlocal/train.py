@@ -308,7 +308,7 @@ def evaluate(local: LocalModel, loader, device: torch.device, amp: bool = False)
             for b, block in enumerate(local.blocks):
                 carried = block(*carried)
                 if b < len(local.heads):
-                    local_correct[b] += (local.heads[b](carried[0]).argmax(-1) == y).sum().item()
+                    local_correct[b] += (local.head_logits(b, carried).argmax(-1) == y).sum().item()
             logits = carried
         c1, c5 = top_correct(logits, y)
         correct1, correct5, total = correct1 + c1, correct5 + c5, total + y.numel()

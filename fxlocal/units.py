@@ -14,7 +14,8 @@ How units are found, from the module tree and the graph together:
    candidate whose tensor still has a spatial or token extent; units come before it.
 4. A unit ends at the last cut candidate before the next unit starts; a unit that cannot be cut
    from the next (no single live tensor between them, as in DenseNet's dense layers) merges
-   into it.
+   into it. Candidates that carry a second tensor do not end units: a copy of the unit after
+   one would need that tensor too.
 5. *Stages*: consecutive units with the same output shape.
 """
 
@@ -135,7 +136,7 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
             seen.add(atom)
             if atoms[atom]:
                 starts.append(i)
-    trunk = [c for c in candidates if _has_extent(c)]
+    trunk = [c for c in candidates if _has_extent(c) and not c.carried]
     if not trunk:
         return []
     tail_from = trunk[-1].index  # the model's own head starts after this candidate
@@ -146,7 +147,7 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
     cuts: list[int] = []  # candidate positions, one per unit
     boundaries = starts[1:] + [tail_from + 1]
     for start, next_start in zip(starts, boundaries):
-        inside = [c.index for c in candidates if start <= c.index < next_start]
+        inside = [c.index for c in candidates if start <= c.index < next_start and not c.carried]
         if inside and (not cuts or candidates[cuts[-1]].index < inside[-1]):
             cuts.append(by_index[inside[-1]])
     units: list[Unit] = []

@@ -169,3 +169,55 @@ def test_a_trained_or_random_table_is_live_as_before(table_from, live):
     assert not live & {n.name for n in fxlocal.recomputable_values(gm)}
     # only after the last block, where the table dies
     assert len([c for c in fxlocal.find_cut_candidates(gm) if c.node.startswith("add")]) == 1
+
+
+class TwoBranches(nn.Module):
+    """Two token streams side by side, each block mixing one into the other (CrossViT's shape):
+    no point between blocks leaves a single tensor live."""
+
+    def __init__(self, depth=4, dim=8):
+        super().__init__()
+        self.embed = nn.ModuleList([nn.Linear(12, dim), nn.Linear(12, dim)])
+        self.blocks = nn.ModuleList(CrossBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(2 * dim, 5)
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (B, 16, 12) from (B, 12, 4, 4)
+        xs = [self.embed[0](tokens), self.embed[1](tokens)]
+        for block in self.blocks:
+            xs = block(xs)
+        return self.head(torch.cat([xs[0].mean(1), xs[1].mean(1)], dim=-1))
+
+
+class CrossBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.own = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim)])
+        self.mix = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim)])
+
+    def forward(self, xs):
+        a = xs[0] + torch.relu(self.own[0](xs[0]))
+        b = xs[1] + torch.relu(self.own[1](xs[1]))
+        return [a + self.mix[0](b), b + self.mix[1](a)]
+
+
+def test_side_by_side_branches_are_cut_at_block_ends_carrying_the_other_branch():
+    gm = fxlocal.trace(TwoBranches(), (12, 4, 4))
+    cands = fxlocal.find_cut_candidates(gm)
+    carrying = [c for c in cands if c.carried]
+    # not after embed.0, a single layer (it would carry its input)
+    assert [c.module_path for c in carrying] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    end = carrying[0]  # after blocks.0: its second branch, carrying the first
+    assert end.shape == (16, 8) and [(t.shape, t.layout) for t in end.carried] == [((16, 8), "nlc")]
+    assert end.nbytes == 2 * 16 * 8 * 4
+    # units end only where one tensor is live (a copy of the next unit would need both branches)
+    assert [u.cut for u in fxlocal.analyze(gm, (12, 4, 4)).units] == ["transpose"]
+
+
+def test_a_residual_blocks_skip_tensor_is_never_carried():
+    # inside a residual block two tensors are live too (the skip and the branch): not unit ends
+    import torchvision
+
+    gm = fxlocal.trace(torchvision.models.resnet18(num_classes=3), (3, 32, 32))
+    cands = fxlocal.find_cut_candidates(gm)
+    assert not [c for c in cands if c.carried] and len(cands) > 8

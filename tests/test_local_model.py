@@ -7,6 +7,7 @@ from torch import nn
 import fxlocal
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
+from fxlocal.verify import export_mismatch
 from helpers import assert_gradient_isolation, assert_trains
 
 
@@ -253,3 +254,26 @@ def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
     window = local.input_window
     assert_gradient_isolation(local, torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)), window=window)
     assert_trains(local, (3, 16, 16), num_classes=5)
+    # the buffer the blocks share goes back once, under its own name
+    assert export_mismatch(local, RotaryTokens(), x) is None
+
+
+def test_a_cut_carrying_a_second_branch_detaches_both_and_trains_a_head_on_each():
+    from test_analyze import TwoBranches
+
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    plan = fxlocal.convert(model, k=3, input_size=(12, 4, 4), num_classes=5).plan
+    plan.blocks[0].cut_node, plan.blocks[1].cut_node = "add_3", "add_7"  # after blocks.0 and blocks.1
+    local = fxlocal.convert(model, k=3, aux="dgl", input_size=(12, 4, 4), num_classes=5, plan=plan).eval()
+    x = torch.randn(2, 12, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(local(x), model(x), atol=1e-6)
+        out = local.blocks[0](x)
+    assert [type(v) for v in out[:2]] == [torch.Tensor, torch.Tensor]
+    assert all(", logits averaged" in b.head for b in local.plan.blocks[:-1])
+    local.train()
+    # each loss reaches every parameter of its block, both branches', and nothing before it
+    assert_gradient_isolation(local, torch.randn(4, 12, 4, 4), torch.randint(0, 5, (4,)))
+    assert_trains(local, (12, 4, 4), num_classes=5)
+    assert export_mismatch(local, TwoBranches(), x) is None

@@ -170,7 +170,7 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo")
 link = _Link(rank, 2, torch.device("cpu"), max_in_flight=1, timeout_s=30)
 if rank == 0:
-    link.send(TRAIN, (torch.arange(6.0).view(2, 3), 7, torch.Size([3])), torch.tensor([4, 5]))
+    link.send(TRAIN, (torch.arange(6.0).view(2, 3), torch.full((2, 4), 0.5), 7, torch.Size([3])), torch.tensor([4, 5]))
     link.send(TRAIN, (torch.ones(1, 2, dtype=torch.bfloat16),), torch.tensor([9]))
     link.send(END)
     link.flush()
@@ -181,12 +181,14 @@ dist.destroy_process_group()
 
 
 def test_link_carries_tensors_labels_and_plain_values(tmp_path):
-    """A boundary may carry plain values after its tensor (shapes, ints); dtypes and shapes vary."""
+    """A boundary may carry a second tensor and plain values after its tensor (shapes, ints);
+    dtypes and shapes vary."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     got = tmp_path / "got.pt"
     ranks = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(got)], env={**env, "RANK": str(r)}) for r in (0, 1)]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
     (first, y1), (second, y2) = torch.load(got)
-    assert torch.equal(first[0], torch.arange(6.0).view(2, 3)) and first[1:] == (7, torch.Size([3]))
+    assert torch.equal(first[0], torch.arange(6.0).view(2, 3)) and first[2:] == (7, torch.Size([3]))
+    assert torch.equal(first[1], torch.full((2, 4), 0.5))
     assert torch.equal(y1, torch.tensor([4, 5])) and torch.equal(y2, torch.tensor([9]))
     assert second[0].dtype == torch.bfloat16 and second[0].shape == (1, 2) and len(second) == 1

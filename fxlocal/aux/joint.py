@@ -1,0 +1,22 @@
+"""One head per tensor that crosses a cut, for cuts that carry a second tensor (two branches
+side by side: CrossViT's token streams, NASNet's cell inputs). Their logits are averaged, as
+CrossViT's own head averages its branches', so the local loss reaches every parameter of the
+block, whichever branch it feeds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["JointHead"]
+
+
+class JointHead(nn.Module):
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if len(tensors) != len(self.heads):
+            raise ValueError(f"{len(self.heads)} heads take {len(self.heads)} tensors, got {len(tensors)}")
+        return torch.stack([head(t) for head, t in zip(self.heads, tensors)]).mean(0)
