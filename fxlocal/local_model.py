@@ -150,7 +150,10 @@ class StepContext:
             x, *rest = self.inputs[b]
             if b > first:
                 x = x.detach().requires_grad_()
-            torch.autograd.backward(self.model.blocks[b](x, *rest)[0], grad)
+            out = self.model.blocks[b](x, *rest)[0]
+            if not out.requires_grad:  # a first block without parameters (TNT's unfold): nothing to train
+                break
+            torch.autograd.backward(out, grad)
             grad = x.grad
         return part.detach()
 

@@ -250,3 +250,31 @@ def test_ema_twins_are_priced_as_what_they_save(unit):
     assert priced.activation_bytes == pytest.approx(_saved_activation_bytes(twin, x) / 8, rel=0.02)
     weights = sum(b.numel() * b.element_size() for name, b in twin.named_buffers() if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert priced.buffer_bytes == weights and priced.param_bytes == 0
+
+
+class UnfoldFirst(torch.nn.Module):
+    """Its first unit has no parameters (TNT's starts with an unfold into pixel tokens)."""
+
+    def __init__(self, depth=3, dim=12):
+        super().__init__()
+        self.unfold = torch.nn.Unfold(2, stride=2)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+        self.head = torch.nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.unfold(x).transpose(1, 2)  # (B, 16, 12) from (B, 3, 8, 8)
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        return self.head(x.mean(1))
+
+
+def test_a_cascade_into_a_block_without_parameters_trains_the_rest():
+    size = (3, 8, 8)
+    plan = fxlocal.convert(UnfoldFirst(), k=3, aux="mlaan", input_size=size).plan
+    analysis = fxlocal.analyze(fxlocal.trace(UnfoldFirst(), size), size)
+    plan.blocks[0].cut_node = analysis.units[0].cut  # block 0: the unfold alone
+    local = fxlocal.convert(UnfoldFirst(), k=3, aux="mlaan", input_size=size, plan=plan)
+    assert not list(local.blocks[0].parameters())
+    assert_gradient_isolation(local, torch.randn(4, *size), torch.randint(0, 5, (4,)), blocks=[1, 2], window=2)
+    losses = local.train_step(torch.randn(4, *size), torch.randint(0, 5, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
