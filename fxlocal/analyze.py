@@ -11,11 +11,12 @@ cutting there would train one parameter with two local losses, and when its tens
 the batch first (EfficientViM stacks its per-stage logits as (heads, B, classes)): aux heads,
 unit copies and per-sample costs all read dim 0 as the batch, and a head there would mix samples.
 
-Where two branches run side by side from one unit to the next (CrossViT's two token streams,
-the two cell inputs of NASNet, TNT's pixel and patch embeddings), no point leaves a single tensor
-live; there a unit's last node is a candidate that *carries* the one other live tensor across
-the cut as well (:attr:`CutCandidate.carried`): both are detached, and a head is trained on
-both. Only at unit ends: inside a residual block the skip tensor would ride along everywhere.
+Where two branches run side by side from one block to the next (CrossViT's two token streams,
+the two cell inputs of NASNet), no point leaves a single tensor live; there a block's last node
+is a candidate that *carries* the one other live tensor across the cut as well
+(:attr:`CutCandidate.carried`): both are detached, and a head is trained on both. Not where the
+other tensor is a skip that the enclosing block itself still uses (a residual block's identity,
+an inception block's input): that would cut the block in two.
 
 A *segment* is the run of nodes after one candidate up to and including the next; with ``C``
 candidates there are ``C + 1`` segments, the last one ending at the output.
@@ -207,6 +208,8 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
 
     batch = next(int(n.meta["val"].shape[0]) for n in order if n.op == "placeholder")
     recomputed = recomputable_values(gm)
+    # modules that run code of their own (functions, methods), not only their children
+    glue = {n.meta.get("module_path", "") for n in order if n.op in ("call_function", "call_method")}
     live: set[fx.Node] = set()
     dying: dict[int, list[fx.Node]] = {}
     candidates = []
@@ -223,7 +226,9 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
         closes = next((p for p in _prefixes(node.meta.get("module_path", "")) if last_of_module[p] == i), None)
         others = [n for n in live if n is not node]
         if others and not (
-            _closes_unit_atom(gm, node, i, last_of_module) and others[0].op in COMPUTE_OPS and _crossable(others[0], batch)
+            others[0].op in COMPUTE_OPS
+            and _crossable(others[0], batch)
+            and _branches_side_by_side(gm, node, others[0], index, last_of_module, glue)
         ):
             continue
         candidates.append(
@@ -256,14 +261,28 @@ def _per_sample_bytes(node: fx.Node) -> int:
     return val[0].numel() * val.element_size()
 
 
-def _closes_unit_atom(gm: fx.GraphModule, node: fx.Node, i: int, last_of_module: dict[str, int]) -> bool:
-    """Whether ``node`` is the last node of a block units are made of (a cell, a transformer
-    block: a module of parameterised modules). Not of a single layer: a model that adds its skip
-    tensor in its own forward (``h + self.b(h)``) would carry the skip across every layer."""
-    atoms = gm.meta.get("fxlocal_unit_atoms") or {}
-    return any(
-        p in atoms and last_of_module[p] == i and _is_composite(gm, p)
-        for p in _prefixes(node.meta.get("module_path", ""))
+def _branches_side_by_side(
+    gm: fx.GraphModule, node: fx.Node, other: fx.Node, index: dict[fx.Node, int], last_of_module: dict[str, int],
+    glue: set[str],
+) -> bool:
+    """Whether ``other`` crosses the end of ``node``'s block as a branch of its own, not as a skip.
+
+    ``node`` must be the last node of a block (a module of parameterised modules: a cell, a
+    transformer block), and ``other`` must not be used after it inside any module around ``node``
+    that runs code of its own: a residual block's skip, or an inception block's input, is used by its
+    block's own ``forward`` (the add, the concatenation), so cutting there would cut a block in
+    two. Plain containers (a ``Sequential`` of blocks, a ``ModuleList``) run no code of their own.
+    """
+    i = index[node]
+    enclosing = _prefixes(node.meta.get("module_path", ""))
+    if not any(last_of_module[p] == i and _is_composite(gm, p) for p in enclosing):
+        return False
+    running = [p for p in enclosing if p in glue]
+    return not any(
+        u.meta.get("module_path", "") == p or u.meta.get("module_path", "").startswith(p + ".")
+        for u in other.users
+        if index[u] > i
+        for p in running
     )
 
 

@@ -205,19 +205,20 @@ def test_side_by_side_branches_are_cut_at_block_ends_carrying_the_other_branch()
     gm = fxlocal.trace(TwoBranches(), (12, 4, 4))
     cands = fxlocal.find_cut_candidates(gm)
     carrying = [c for c in cands if c.carried]
-    # not after embed.0, a single layer (it would carry its input)
-    assert [c.module_path for c in carrying] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
-    end = carrying[0]  # after blocks.0: its second branch, carrying the first
+    # after both embeddings and after each block; not after embed.0, a single layer
+    assert [c.module_path for c in carrying] == ["embed.1", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    end = carrying[1]  # after blocks.0: its second branch, carrying the first
     assert end.shape == (16, 8) and [(t.shape, t.layout) for t in end.carried] == [((16, 8), "nlc")]
     assert end.nbytes == 2 * 16 * 8 * 4
     # units end only where one tensor is live (a copy of the next unit would need both branches)
     assert [u.cut for u in fxlocal.analyze(gm, (12, 4, 4)).units] == ["transpose"]
 
 
-def test_a_residual_blocks_skip_tensor_is_never_carried():
-    # inside a residual block two tensors are live too (the skip and the branch): not unit ends
-    import torchvision
-
-    gm = fxlocal.trace(torchvision.models.resnet18(num_classes=3), (3, 32, 32))
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:googlenet", "xception41p", "densenet121"])
+def test_a_skip_that_its_block_still_uses_is_never_carried(name):
+    # inside a residual block two tensors are live too (the skip and the branch), inside an
+    # inception block the block's input and a finished branch: cutting there cuts a block in two
+    size = (3, 64, 64)
+    gm = fxlocal.trace(fxlocal.create_model(name, 3, size), size)
     cands = fxlocal.find_cut_candidates(gm)
     assert not [c for c in cands if c.carried] and len(cands) > 8

@@ -45,7 +45,7 @@ def test_inspect_lists_candidates():
         # no point of CrossViT's graph leaves a single tensor live, so it has no units: DGL cuts
         # carrying both branches, the unit-copying methods cannot cut it
         (["convert", "crossvit_tiny_240", "--input-size", "3", "240", "240", "--aux", "auglocal"],
-         "crossvit_tiny_240 has 0 units, so k can be 1 to 1; aux='dgl' can cut at its 17 cut candidates"),
+         "crossvit_tiny_240 has 0 units, so k can be 1 to 1; aux='dgl' can cut at its 6 cut candidates"),
         (["convert", "efficientformer_l1", "--input-size", "3", "64", "64"], "made for --input-size 3 224 224"),
         (["convert", "resnet18", "--aux", "dgll"], "did you mean 'dgl'"),
         (["convert", "resnet18", "--balance", "speed"], "choose one of flops, params, activations"),
