@@ -286,12 +286,16 @@ def _branches_side_by_side(
     )
 
 
+def has_parameterised_children(m: nn.Module) -> bool:
+    """A module of parameterised modules (a block, a cell), not a single layer."""
+    return any(any(True for _ in c.parameters()) for c in m.children())
+
+
 def _is_composite(gm: fx.GraphModule, path: str) -> bool:
     try:
-        module = gm.get_submodule(path)
+        return has_parameterised_children(gm.get_submodule(path))
     except AttributeError:  # a container the graph does not keep
         return False
-    return any(any(True for _ in child.parameters()) for child in module.children())
 
 
 # Ops that work on each sample where it is: computed from batch-first tensors only, their

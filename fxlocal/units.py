@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .analyze import CutCandidate, covered_module_paths
+from .analyze import CutCandidate, covered_module_paths, has_parameterised_children
 
 __all__ = ["Unit", "find_units", "unit_atoms"]
 
@@ -57,10 +57,6 @@ def _is_plain_container(m: nn.Module) -> bool:
     return isinstance(m, _PLAIN_CONTAINERS)
 
 
-def _has_param_children(m: nn.Module) -> bool:
-    return any(any(True for _ in c.parameters()) for c in m.children())
-
-
 def _holds_block_stack(m: nn.Module) -> bool:
     """A module with a plain container of >= 2 same-class composite blocks (a model stage)."""
     for child in m.children():
@@ -68,7 +64,7 @@ def _holds_block_stack(m: nn.Module) -> bool:
             continue
         kinds = {type(g) for g in child.children()}
         first = next(iter(child.children()))
-        if len(kinds) == 1 and not isinstance(first, nn.Sequential) and _has_param_children(first):
+        if len(kinds) == 1 and not isinstance(first, nn.Sequential) and has_parameterised_children(first):
             return True
     return False
 
@@ -97,7 +93,7 @@ def unit_atoms(model: nn.Module) -> dict[str, bool]:
 
 
 def _starts_unit(m: nn.Module) -> bool:
-    if _has_param_children(m):
+    if has_parameterised_children(m):
         return True
     return any(p.dim() >= 2 for p in m.parameters(recurse=False))
 
