@@ -177,8 +177,7 @@ def inspect(
             cand.node if cand else "(output)",
             cand.module_path if cand else "",
             (cand.closes or "") if cand else "",
-            " + ".join("×".join(map(str, shape)) for shape in [cand.shape, *(t.shape for t in cand.carried)])
-            if cand else "",
+            _shapes([cand.shape, *(t.shape for t in cand.carried)]) if cand else "",
             f"{cost.flops / 1e9:.3f}",
             f"{cost.activation_bytes / 2**20:.2f}",
             f"{cost.params / 1e6:.3f}",
@@ -205,9 +204,18 @@ def _print_units(units, model: str) -> None:
         table.add_column(col, justify="right" if col in ("unit", "stage") else "left")
     for u in units:
         table.add_row(
-            str(u.index), str(u.stage), u.name, "×".join(map(str, u.in_shape)), "×".join(map(str, u.out_shape)), u.cut
+            str(u.index), str(u.stage), u.name,
+            _shapes([u.in_shape, *(t.shape for t in u.in_carried)]),
+            _shapes([u.out_shape, *(t.shape for t in u.carried)]),
+            u.cut,
         )
     console.print(table)
+
+
+def _shapes(shapes) -> str:
+    """Per-sample shapes of what crosses a cut: ``256×14×14``, or ``197×192 + 401×384`` where
+    it carries a second tensor."""
+    return " + ".join("×".join(map(str, shape)) for shape in shapes)
 
 
 class _RichReporter:

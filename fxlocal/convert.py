@@ -190,11 +190,16 @@ def convert(
     unit_at = {u.cut_position: u.index for u in analysis.units}
 
     def specs(position: int, block: int, num_blocks: int) -> list[HeadSpec]:
-        """One per tensor crossing the cut: its own, and the one it carries if any."""
+        """What the head at a cut is built from: a method that copies units gets the cut's
+        tensor and the one it carries if any (its copies take both); any other one spec per
+        tensor, and a head for each (``JointHead``)."""
         c = analysis.candidates[position]
+        carried = tuple((t.shape, t.layout) for t in c.carried)
+        if method.cuts_at_units:
+            return [HeadSpec(c.shape, c.layout, classes, block, num_blocks, unit_at.get(position), units, carried)]
         return [
             HeadSpec(shape, layout, classes, block, num_blocks, unit_at.get(position), units)
-            for shape, layout in [(c.shape, c.layout), *((t.shape, t.layout) for t in c.carried)]
+            for shape, layout in [(c.shape, c.layout), *carried]
         ]
 
     def build_head(position: int, block: int, num_blocks: int) -> nn.Module:

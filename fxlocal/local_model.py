@@ -19,6 +19,11 @@ __all__ = ["LocalModel", "StepContext"]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _tensors(values: tuple) -> list[torch.Tensor]:
+    """The tensors among what crosses a boundary (the cut's, and the one it carries if any)."""
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def _isolated(carried: tuple) -> tuple:
     """What crosses a boundary: the tensors detached (no gradient flows back), plain values as is."""
     return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in carried)
@@ -82,9 +87,10 @@ class StepContext:
     criterion: Criterion
     inputs: dict[int, tuple] = field(default_factory=dict)
     backward: Callable[..., None] | None = None  # set by train_step: backward(loss, retain_graph=False)
-    # Training with a cascade: the current block's input, made to require grad so that a cascaded
-    # loss can be carried back into the blocks before it.
-    input_leaf: torch.Tensor | None = None
+    # Training with a cascade: the current block's input tensors (the cut's, and the one it
+    # carries), made to require grad so that a cascaded loss can be carried back into the blocks
+    # before it.
+    input_leaves: list[torch.Tensor] = field(default_factory=list)
     _cascade: tuple[int, int] | None = None  # (first, last) of the cascade being trained
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
@@ -96,8 +102,8 @@ class StepContext:
         if self.backward is None:  # local_losses(): keep every graph
             return part
         self.backward(part, retain_graph=True)
-        if self.input_leaf is not None:
-            self.input_leaf.grad = None
+        for leaf in self.input_leaves:
+            leaf.grad = None
         return part.detach()
 
     def run_connected(self, first: int, last: int) -> Any:
@@ -112,14 +118,14 @@ class StepContext:
         ``out`` is that block's output in this step.
 
         Keeping graphs (``local_losses``), blocks ``first..last`` re-run connected (``out`` when
-        there is no earlier block). Training, it is ``out`` itself, computed from an input that
-        requires grad (``input_leaf``): :meth:`backward_cascaded` carries the gradient reaching
+        there is no earlier block). Training, it is ``out`` itself, computed from inputs that
+        require grad (``input_leaves``): :meth:`backward_cascaded` carries the gradient reaching
         that input back through the earlier blocks by recomputing them one at a time, so at most
         one block's graph is alive (same gradients, since the recomputed forward is the connected
         one)."""
         if self.backward is None:
             return out if first == last else self.run_connected(first, last)
-        if last > first and self.input_leaf is None:
+        if last > first and not self.input_leaves:
             raise IncompatibleOptionsError(
                 f"block {last}'s loss cascades into blocks {first}..{last - 1}, but its objective's "
                 f"input_window is below {last - first + 1}: set it to the cascade's span"
@@ -138,23 +144,29 @@ class StepContext:
         first, last = self._cascade
         self._cascade = None
         self.backward(part)
-        grad = None
+        grads: list[torch.Tensor | None] = []
         if last > first:
-            # the block's graph, held by its output until the next block, reaches the leaf: let go of its gradient
-            grad, self.input_leaf.grad = self.input_leaf.grad, None
-            if grad is not None and input_share != 1.0:
-                grad = grad * input_share
+            # the block's graph, held by its output until the next block, reaches the leaves: let go of their gradients
+            grads = [leaf.grad for leaf in self.input_leaves]
+            for leaf in self.input_leaves:
+                leaf.grad = None
+            if input_share != 1.0:
+                grads = [g * input_share if g is not None else None for g in grads]
         for b in range(last - 1, first - 1, -1):
-            if grad is None:  # the loss did not depend on the earlier blocks
-                break
-            x, *rest = self.inputs[b]
+            inputs = list(self.inputs[b])
+            leaves = []
             if b > first:
-                x = x.detach().requires_grad_()
-            out = self.model.blocks[b](x, *rest)[0]
-            if not out.requires_grad:  # a first block without parameters (TNT's unfold): nothing to train
-                break
-            torch.autograd.backward(out, grad)
-            grad = x.grad
+                for i, v in enumerate(inputs):
+                    if isinstance(v, torch.Tensor) and v.is_floating_point():
+                        inputs[i] = v.detach().requires_grad_()
+                        leaves.append(inputs[i])
+            # what block b hands on and what reaches it: both in the next block's input order
+            outs = [t for t in _tensors(self.model.blocks[b](*inputs)) if t.is_floating_point()]
+            reached = [(out, g) for out, g in zip(outs, grads) if g is not None and out.requires_grad]
+            if not reached:  # the loss did not depend on the earlier blocks, or they have nothing to
+                break        # train (TNT's unfold is a first block without parameters)
+            torch.autograd.backward([out for out, _ in reached], [g for _, g in reached])
+            grads = [leaf.grad for leaf in leaves]
         return part.detach()
 
 
@@ -235,7 +247,7 @@ class LocalModel(nn.Module):
     def head_logits(self, b: int, out: tuple) -> torch.Tensor:
         """Head ``b`` on block ``b``'s output: the cut's tensor, and the one the cut carries beside
         it if any (plain values never are tensors)."""
-        return self.heads[b](*(v for v in out if isinstance(v, torch.Tensor)))
+        return self.heads[b](*_tensors(out))
 
     def _objective(self, b: int) -> Callable:
         """``(ctx, block, output) -> (loss, logits)`` for block ``b``."""
@@ -269,12 +281,15 @@ class LocalModel(nn.Module):
         for b, block in enumerate(self.blocks):
             inputs = list(_isolated(carried) if b else carried)
             carried = ()
-            ctx.input_leaf = None
+            ctx.input_leaves = []
             if window > 1:  # a cascade may re-run this block from its input
                 ctx.inputs[b] = tuple(inputs)
                 ctx.inputs.pop(b - window, None)
-                if b and backward is not None and inputs[0].is_floating_point():  # and train through it
-                    inputs[0] = ctx.input_leaf = inputs[0].detach().requires_grad_()
+                if b and backward is not None:  # and train through it
+                    for i, v in enumerate(inputs):
+                        if isinstance(v, torch.Tensor) and v.is_floating_point():
+                            inputs[i] = v.detach().requires_grad_()
+                            ctx.input_leaves.append(inputs[i])
             # the block alone holds its input: freed once used, unless its graph saved it
             out = _run_taking(block, inputs)
             # (loss, logits) are held by the caller alone, not here through the next block's step

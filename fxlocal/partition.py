@@ -105,9 +105,11 @@ def partition(
         raise PartitionError("balance='time' needs a timed analysis: analyze(gm, input_size, timed=True)")
     allowed = sorted(allowed) if allowed is not None else list(range(len(analysis.candidates)))
     if k < 1 or k > len(allowed) + 1:
-        where = "cut candidates" if len(allowed) == len(analysis.candidates) else "unit boundaries to cut at"
+        units_only = len(allowed) < len(analysis.candidates)
+        where = ("unit boundary" if len(allowed) == 1 else "unit boundaries") + " to cut at" if units_only else "cut candidates"
         raise KOutOfRangeError(
             f"k={k} is out of range: this graph has {len(allowed)} {where}, so k can be 1 to {len(allowed) + 1}"
+            + (f"; aux='dgl' can cut at its {len(analysis.candidates)} cut candidates" if units_only else "")
             + ("" if analysis.candidates else " (no point of it leaves a single tensor live: branches run side by side to the output)"),
             max_k=len(allowed) + 1,
         )

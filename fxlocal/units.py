@@ -12,11 +12,12 @@ How units are found, from the module tree and the graph together:
    unit before them. So a ResNet stem (conv, bn, act, pool) is one unit and so is each block.
 3. The *tail* (the model's own head: pooling and classifier) begins after the last cut
    candidate whose tensor still has a spatial or token extent; units come before it.
-4. A unit ends at the last cut candidate before the next unit starts; a unit that cannot be cut
-   from the next (no single live tensor between them, as in DenseNet's dense layers) merges
-   into it. Candidates that carry a second tensor do not end units: a copy of the unit after
-   one would need that tensor too.
-5. *Stages*: consecutive units with the same output shape.
+4. A unit ends at the last cut candidate before the next unit starts that leaves one tensor
+   live, or, where there is none, at the last that carries a second tensor beside it (the
+   cells of NASNet, CrossViT's two token streams): the unit then hands both on, and a copy of
+   the next unit takes both (``Unit.tensors``). A unit that cannot be cut from the next at all
+   (as DenseNet's dense layers) merges into it.
+5. *Stages*: consecutive units with the same output shapes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .analyze import CutCandidate, covered_module_paths, has_parameterised_children
+from .analyze import CarriedTensor, CutCandidate, covered_module_paths, has_parameterised_children
 
 __all__ = ["Unit", "find_units", "unit_atoms"]
 
@@ -44,6 +45,15 @@ class Unit:
     out_shape: tuple[int, ...]
     layout: str  # layout of its output
     stage: int
+    # a second tensor it hands on beside its output, and one it takes beside its input (the
+    # unit after a cut that carries one)
+    carried: tuple[CarriedTensor, ...] = ()
+    in_carried: tuple[CarriedTensor, ...] = ()
+
+    @property
+    def tensors(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """(shape, layout) of every tensor it hands on: its output, then the carried one."""
+        return ((self.out_shape, self.layout), *((t.shape, t.layout) for t in self.carried))
 
     @property
     def name(self) -> str:
@@ -132,7 +142,7 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
             seen.add(atom)
             if atoms[atom]:
                 starts.append(i)
-    trunk = [c for c in candidates if _has_extent(c) and not c.carried]
+    trunk = [c for c in candidates if _has_extent(c)]
     if not trunk:
         return []
     tail_from = trunk[-1].index  # the model's own head starts after this candidate
@@ -143,17 +153,20 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
     cuts: list[int] = []  # candidate positions, one per unit
     boundaries = starts[1:] + [tail_from + 1]
     for start, next_start in zip(starts, boundaries):
-        inside = [c.index for c in candidates if start <= c.index < next_start and not c.carried]
-        if inside and (not cuts or candidates[cuts[-1]].index < inside[-1]):
-            cuts.append(by_index[inside[-1]])
+        inside = [c for c in candidates if start <= c.index < next_start]
+        # a single live tensor where there is one: a copy of the next unit then takes it alone
+        inside = [c for c in inside if not c.carried] or inside
+        if inside and (not cuts or candidates[cuts[-1]].index < inside[-1].index):
+            cuts.append(by_index[inside[-1].index])
     units: list[Unit] = []
     from .trace import traced_input_size  # trace imports this module for unit_atoms
 
-    prev_index, prev_shape, stage = -1, traced_input_size(gm), 0
+    prev_index, prev_shape, prev_carried, stage = -1, traced_input_size(gm), (), 0
     for u, pos in enumerate(cuts):
         c = candidates[pos]
+        carried = c.carried
         names = {n.name for n in order[prev_index + 1 : c.index + 1] if n.op in _COMPUTE_OPS}
-        if units and c.shape != units[-1].out_shape:
+        if units and units[-1].tensors != ((c.shape, c.layout), *((t.shape, t.layout) for t in carried)):
             stage += 1
         units.append(
             Unit(
@@ -165,7 +178,9 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
                 out_shape=c.shape,
                 layout=c.layout,
                 stage=stage,
+                carried=carried,
+                in_carried=prev_carried,
             )
         )
-        prev_index, prev_shape = c.index, c.shape
+        prev_index, prev_shape, prev_carried = c.index, c.shape, carried
     return units

@@ -210,8 +210,13 @@ def test_side_by_side_branches_are_cut_at_block_ends_carrying_the_other_branch()
     end = carrying[1]  # after blocks.0: its second branch, carrying the first
     assert end.shape == (16, 8) and [(t.shape, t.layout) for t in end.carried] == [((16, 8), "nlc")]
     assert end.nbytes == 2 * 16 * 8 * 4
-    # units end only where one tensor is live (a copy of the next unit would need both branches)
-    assert [u.cut for u in fxlocal.analyze(gm, (12, 4, 4)).units] == ["transpose"]
+    # units end where one tensor is live, else at a cut that carries the other branch: a copy of
+    # the next unit takes both
+    units = fxlocal.analyze(gm, (12, 4, 4)).units
+    assert [u.name for u in units] == ["", "embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert [len(u.tensors) for u in units] == [1, 2, 2, 2, 2, 2]
+    assert [len(u.in_carried) for u in units] == [0, 0, 1, 1, 1, 1]
+    assert units[2].carried[0].node == end.carried[0].node
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:googlenet", "xception41p", "densenet121"])

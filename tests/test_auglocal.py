@@ -3,7 +3,7 @@ import torch
 from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.aux.adapters import make_adapter
+from fxlocal.aux.adapters import make_adapter, make_tensors_adapter
 from fxlocal.aux.auglocal import pyramid_depths, sampled_units
 from fxlocal.cli import app
 from helpers import assert_gradient_isolation, assert_trains
@@ -95,6 +95,26 @@ def test_adapter_is_the_smallest_that_fits(src, src_layout, dst, dst_layout, par
     adapter = make_adapter(src, src_layout, dst, dst_layout)
     assert tuple(adapter(torch.randn(2, *src)).shape[1:]) == dst
     assert sum(p.numel() for p in adapter.parameters()) == params
+
+
+@pytest.mark.parametrize(
+    "given,wanted,identity",
+    [
+        ([((8, 4, 4), "nchw"), ((3, 4, 4), "nchw")], [((8, 4, 4), "nchw"), ((3, 4, 4), "nchw")], True),
+        ([((8, 4, 4), "nchw"), ((3, 4, 4), "nchw")], [((16, 2, 2), "nchw"), ((8, 4, 4), "nchw")], False),
+        ([((8, 4, 4), "nchw")], [((16, 2, 2), "nchw"), ((8, 4, 4), "nchw")], False),  # second made from the first
+        ([((8, 4, 4), "nchw"), ((3, 4, 4), "nchw")], [((8, 4, 4), "nchw")], False),  # carried one added in
+    ],
+)
+def test_tensors_adapter_fits_each_tensor_a_unit_takes(given, wanted, identity):
+    adapter = make_tensors_adapter(given, wanted)
+    assert isinstance(adapter, torch.nn.Identity) == identity
+    if not identity:
+        inputs = [torch.randn(2, *shape, requires_grad=True) for shape, _ in given]
+        out = adapter(*inputs)
+        assert [tuple(t.shape[1:]) for t in out] == [shape for shape, _ in wanted]
+        sum(t.sum() for t in out).backward()  # every tensor given reaches what is handed on
+        assert all(t.grad is not None for t in inputs)
 
 
 # --- the heads ----------------------------------------------------------------------------------

@@ -42,10 +42,10 @@ def test_inspect_lists_candidates():
         (["convert", "resnet1O1"], "did you mean resnet101"),
         (["convert", "resnet18", "--k", "0"], "k must be at least 1"),
         (["convert", "resnet18", "--k", "99", "--input-size", "3", "32", "32"], "k can be 1 to 23"),
-        # no point of CrossViT's graph leaves a single tensor live, so it has no units: DGL cuts
-        # carrying both branches, the unit-copying methods cannot cut it
-        (["convert", "crossvit_tiny_240", "--input-size", "3", "240", "240", "--aux", "auglocal"],
-         "crossvit_tiny_240 has 0 units, so k can be 1 to 1; aux='dgl' can cut at its 6 cut candidates"),
+        # TNT's pixel stream is (batch·patches, …), never carried beside its patch stream, so
+        # its blocks are one unit; DGL cuts it elsewhere too
+        (["convert", "tnt_s_patch16_224", "--aux", "auglocal"],
+         "1 unit boundary to cut at, so k can be 1 to 2; aux='dgl' can cut at its 8 cut candidates"),
         (["convert", "efficientformer_l1", "--input-size", "3", "64", "64"], "made for --input-size 3 224 224"),
         (["convert", "resnet18", "--aux", "dgll"], "did you mean 'dgl'"),
         (["convert", "resnet18", "--balance", "speed"], "choose one of flops, params, activations"),

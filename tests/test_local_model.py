@@ -258,22 +258,42 @@ def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
     assert export_mismatch(local, RotaryTokens(), x) is None
 
 
-def test_a_cut_carrying_a_second_branch_detaches_both_and_trains_a_head_on_each():
+@pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan", "man"])
+def test_a_cut_carrying_a_second_branch_detaches_both_and_trains_through_both(aux):
+    """DGL puts a head on each tensor; the methods that copy units hand both to copies of the
+    units after the cut, which take both (TwoBranches' units are its blocks)."""
+    import copy
+
     from test_analyze import TwoBranches
 
     torch.manual_seed(0)
     model = TwoBranches().eval()
     plan = fxlocal.convert(model, k=3, input_size=(12, 4, 4), num_classes=5).plan
     plan.blocks[0].cut_node, plan.blocks[1].cut_node = "add_3", "add_7"  # after blocks.0 and blocks.1
-    local = fxlocal.convert(model, k=3, aux="dgl", input_size=(12, 4, 4), num_classes=5, plan=plan).eval()
+    local = fxlocal.convert(model, k=3, aux=aux, input_size=(12, 4, 4), num_classes=5, plan=plan).eval()
     x = torch.randn(2, 12, 4, 4)
     with torch.no_grad():
         assert torch.allclose(local(x), model(x), atol=1e-6)
         out = local.blocks[0](x)
     assert [type(v) for v in out[:2]] == [torch.Tensor, torch.Tensor]
-    assert all(", logits averaged" in b.head for b in local.plan.blocks[:-1])
+    if aux == "dgl":
+        assert all(", logits averaged" in b.head for b in local.plan.blocks[:-1])
+    else:  # head 0 copies blocks.1 (AugLocal, MLAAN: then later ones), which takes both branches
+        assert "blocks.1" in local.plan.blocks[0].head
     local.train()
     # each loss reaches every parameter of its block, both branches', and nothing before it
-    assert_gradient_isolation(local, torch.randn(4, 12, 4, 4), torch.randint(0, 5, (4,)))
+    # (MLAAN's cascade: and of the block before)
+    xs, y = torch.randn(4, 12, 4, 4), torch.randint(0, 5, (4,))
+    assert_gradient_isolation(local, xs, y, window=local.input_window)
+    if aux == "mlaan":  # the cascade carries both branches' gradients back into block 0
+        connected, got = copy.deepcopy(local), {}
+
+        def record(params):
+            got.update({name: p.grad.clone() for name, p in local.named_parameters() if p.grad is not None})
+
+        local.train_step(xs, y, torch.optim.SGD(local.parameters(), lr=0.0), grad_hook=record)
+        sum(connected.local_losses(xs, y)).backward()
+        for name, p in connected.named_parameters():
+            assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-6), name
     assert_trains(local, (12, 4, 4), num_classes=5)
     assert export_mismatch(local, TwoBranches(), x) is None

@@ -30,8 +30,9 @@ OUTSIDE = {"gemma4_vit"}
 # CoaT's units take the batch size from before them (MAN's copies got no value for it);
 # EfficientViM stacks per-stage logits batch-second (MLAAN's copies gave batch 4 for 2);
 # CrossViT runs two branches side by side from the stem to the head (no point leaves a single
-# tensor live): its cuts carry the second branch, with a DGL head on each.
-PINNED = {"coat": "man", "efficientvim": "mlaan", "crossvit": "dgl"}
+# tensor live): its cuts carry the second branch, and its units hand both on (MLAAN: copies of
+# later units take both, the cascade carries both gradients back).
+PINNED = {"coat": "man", "efficientvim": "mlaan", "crossvit": "mlaan"}
 FAKE_ABOVE = 15_000_000
 # Real-tensor runs that take more than a few seconds here (large inputs, wide early layers).
 SLOW = {"byoanet", "convmixer", "efficientformer"}

@@ -31,6 +31,14 @@ class HeadSpec:
     num_blocks: int = 0  # K
     unit: int | None = None  # index of the unit this cut closes (methods that copy units)
     units: "UnitLibrary | None" = None  # the graph's units, for methods that copy them
+    # (shape, layout) of a second tensor the cut carries beside it: only methods that copy units
+    # see one (their copies take both); the others get one head per tensor (``JointHead``)
+    carried: tuple[tuple[tuple[int, ...], str], ...] = ()
+
+    @property
+    def tensors(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """(shape, layout) of every tensor crossing the cut: its own, then the carried one."""
+        return ((self.shape, self.layout), *self.carried)
 
 
 class AuxMethod(Protocol):

@@ -8,11 +8,13 @@ channels-first maps, a Linear on the last dim otherwise). Nothing is added that 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
 from ..errors import FxLocalError
 
-__all__ = ["make_adapter"]
+__all__ = ["make_adapter", "make_tensors_adapter"]
 
 # Tokens before the patch grid that a map does not have: class, distillation, register tokens.
 MAX_PREFIX_TOKENS = 8
@@ -132,6 +134,42 @@ def make_adapter(
         if c_src != c_dst:
             layers.append(nn.Linear(c_src, c_dst, bias=False))
     return nn.Sequential(*layers) if len(layers) != 1 else layers[0]
+
+
+Tensors = Sequence[tuple[tuple[int, ...], str]]  # (per-sample shape, layout) of each tensor
+
+
+class TensorsAdapter(nn.Module):
+    """Maps the tensors one unit hands on to those the next copy takes, one adapter per route:
+    the ``i``-th tensor wanted is made from the ``i``-th one given, or from the first when fewer
+    are given (a unit that takes a carried tensor, after a cut that carries none); a given tensor
+    with no place is added into the first one wanted, so that what computed it still trains."""
+
+    def __init__(self, adapters: list[nn.Module], routes: list[tuple[int, int]], outputs: int):
+        super().__init__()
+        self.adapters = nn.ModuleList(adapters)
+        self.routes = routes  # (given index, wanted index) per adapter
+        self.outputs = outputs
+
+    def forward(self, *tensors):
+        out: list = [None] * self.outputs
+        for adapter, (src, dst) in zip(self.adapters, self.routes):
+            y = adapter(tensors[src])
+            out[dst] = y if out[dst] is None else out[dst] + y
+        return tuple(out)
+
+
+def make_tensors_adapter(given: Tensors, wanted: Tensors) -> nn.Module:
+    """:func:`make_adapter` for each tensor crossing between two units (see :class:`TensorsAdapter`);
+    ``nn.Identity`` when they already fit."""
+    if len(given) == 1 and len(wanted) == 1:
+        return make_adapter(*given[0], *wanted[0])
+    routes = [(i if i < len(given) else 0, i) for i in range(len(wanted))]
+    routes += [(j, 0) for j in range(len(wanted), len(given))]
+    adapters = [make_adapter(*given[src], *wanted[dst]) for src, dst in routes]
+    if len(given) == len(wanted) and all(isinstance(a, nn.Identity) for a in adapters):
+        return nn.Identity()
+    return TensorsAdapter(adapters, routes, len(wanted))
 
 
 class _MeanTokens(nn.Module):

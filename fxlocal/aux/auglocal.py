@@ -17,7 +17,7 @@ from torch import nn
 from ..cost import Cost
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
-from .adapters import make_adapter
+from .adapters import make_tensors_adapter
 from .unit_copies import UnitChain
 
 __all__ = ["sampled_units", "pyramid_depths", "AugLocal"]
@@ -65,10 +65,10 @@ class AugLocal:
         library = spec.units
         picks = self.picks(spec)
         stages: list[nn.Module] = []
-        shape, layout, adapters = spec.shape, spec.layout, 0
+        tensors, adapters = spec.tensors, 0
         for u in picks + [None]:  # None: the model's own head, after the last unit
             want = library.units[u - 1] if u is not None else library.units[-1]
-            adapter = make_adapter(shape, layout, want.out_shape, want.layout)
+            adapter = make_tensors_adapter(tensors, want.tensors)
             if not isinstance(adapter, nn.Identity):
                 stages.append(adapter)
                 adapters += 1
@@ -76,7 +76,7 @@ class AugLocal:
                 stages.append(library.fresh_tail())
             else:
                 stages.append(library.fresh_unit(u))
-                shape, layout = library.units[u].out_shape, library.units[u].layout
+                tensors = library.units[u].tensors
         head = UnitChain(stages)
         names = ", ".join(library.units[u].name for u in picks)
         head.summary = (

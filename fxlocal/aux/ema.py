@@ -77,8 +77,8 @@ class ParallelSum(nn.Module):
         super().__init__()
         self.a, self.b = a, b
 
-    def forward(self, x):
-        ya, yb = self.a(x), self.b(x)
-        if isinstance(ya, tuple):  # unit pieces return (tensor, *values)
-            return (ya[0] + yb[0], *ya[1:])
+    def forward(self, *x):
+        ya, yb = self.a(*x), self.b(*x)
+        if isinstance(ya, tuple):  # unit pieces return (tensor, [carried,] *values): tensors add
+            return tuple(p + q if isinstance(p, torch.Tensor) else p for p, q in zip(ya, yb))
         return ya + yb

@@ -14,9 +14,12 @@ from torch import nn
 
 from ..cost import Cost, measure_module
 from ..errors import FxLocalError
+from ..units import Unit
 from . import HeadSpec, register_aux
 from .dgl import DGLHead
 from .ema import EMATwin, ParallelSum, twin_cost
+from .joint import JointHead
+from .unit_copies import handed_on
 
 __all__ = ["MAN"]
 
@@ -28,8 +31,8 @@ class MANHead(nn.Module):
         self.head = head
         self.summary = summary
 
-    def forward(self, x):
-        return self.head(self.pair(x)[0])
+    def forward(self, *tensors):
+        return self.head(*handed_on(self.pair(*tensors)))
 
     def after_backward(self) -> None:
         self.pair.b.update()
@@ -50,9 +53,18 @@ class MAN:
         live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
         pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
-        dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)
-        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {dgl.summary}"
+        dgl = self._dgl_heads(unit, spec)
+        summaries = " + ".join(h.summary for h in (dgl.heads if isinstance(dgl, JointHead) else [dgl]))
+        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {summaries}"
         return MANHead(pair, dgl, summary)
+
+    def _dgl_heads(self, unit: Unit, spec: HeadSpec) -> nn.Module:
+        """DGL's head on what unit U hands on: one per tensor where it carries a second."""
+        heads = [
+            DGLHead(HeadSpec(shape, layout, spec.num_classes, spec.block), **self.dgl_options)
+            for shape, layout in unit.tensors
+        ]
+        return heads[0] if len(heads) == 1 else JointHead(heads)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
@@ -60,8 +72,10 @@ class MAN:
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
-            dgl = DGLHead(HeadSpec(unit.out_shape, unit.layout, spec.num_classes, spec.block), **self.dgl_options)
-        return lb + twin_cost(lb) + measure_module(dgl, unit.out_shape)
+            dgl = self._dgl_heads(unit, spec)
+        return lb + twin_cost(lb) + sum(
+            (measure_module(h, shape) for h, (shape, _) in zip(getattr(dgl, "heads", [dgl]), unit.tensors)), Cost()
+        )
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

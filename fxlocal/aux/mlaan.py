@@ -28,10 +28,11 @@ from torch import nn
 from ..cost import Cost
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
-from .adapters import make_adapter
+from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
-from .unit_copies import UnitChain
+from .joint import JointHead
+from .unit_copies import UnitChain, handed_on
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
 
@@ -88,15 +89,15 @@ class MLAANHead(nn.Module):
         self.wx, self.wy = wx, wy
         self.summary = summary
 
-    def forward(self, x):
+    def forward(self, *tensors):
         """The cascaded path's logits for a block output (evaluation)."""
-        return self.cascade(x)
+        return self.cascade(*tensors)
 
     def local_loss(self, ctx, b: int, out):
         # the x path is backpropagated before the cascade's chain runs on the same output
-        weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(out[0]), ctx.target))
-        z = ctx.run_cascaded(max(0, b - self.input_window + 1), b, out)[0]
-        logits = self.cascade(z)
+        weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(*handed_on(out)), ctx.target))
+        z = ctx.run_cascaded(max(0, b - self.input_window + 1), b, out)
+        logits = self.cascade(*handed_on(z))
         return weighted_x + ctx.backward_cascaded(self.wy * ctx.criterion(logits, ctx.target)), logits
 
     def after_backward(self) -> None:
@@ -150,16 +151,15 @@ class MLAAN:
         library = spec.units
         picks = self.chain(spec)
         stages: list[nn.Module] = []
-        shape, layout = spec.shape, spec.layout
+        tensors = spec.tensors
         for i, u in enumerate(picks):
-            want = library.units[u - 1]
-            adapter = make_adapter(shape, layout, want.out_shape, want.layout)
+            adapter = make_tensors_adapter(tensors, library.units[u - 1].tensors)
             if not isinstance(adapter, nn.Identity):
                 stages.append(adapter)
             copy_ = library.fresh_unit(u)
             stages.append(ParallelSum(copy_, EMATwin(library.pieces[u], self.momentum)) if i == 0 else copy_)
-            shape, layout = library.units[u].out_shape, library.units[u].layout
-        stages.append(PoolLinear(shape, layout, spec.num_classes, self.narrow_width))
+            tensors = library.units[u].tensors
+        stages.append(self._pool_linear(tensors, spec.num_classes))
         names = ", ".join(library.units[u].name for u in picks)
         first = max(0, spec.block - self.span + 1)
         summary = (
@@ -167,8 +167,13 @@ class MLAAN:
             f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → pool→fc; "
             f"loss {self.wx}·x + {self.wy}·y"
         )
-        independent = PoolLinear(spec.shape, spec.layout, spec.num_classes, self.narrow_width)
+        independent = self._pool_linear(spec.tensors, spec.num_classes)
         return MLAANHead(independent, UnitChain(stages), self.span, self.wx, self.wy, summary)
+
+    def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
+        """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
+        heads = [PoolLinear(shape, layout, num_classes, self.narrow_width) for shape, layout in tensors]
+        return heads[0] if len(heads) == 1 else JointHead(heads)
 
     def final_objective(self) -> nn.Module:
         return CascadedFinalLoss(self.span, self.wx, self.wy)

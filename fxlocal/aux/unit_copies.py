@@ -26,7 +26,7 @@ from ..split import split_graph
 from ..trace import SHAPE_BATCH, values_at_batch
 from ..units import Unit
 
-__all__ = ["UnitChain", "UnitLibrary", "WithPlainInputs", "reinitialise"]
+__all__ = ["UnitChain", "UnitLibrary", "WithPlainInputs", "handed_on", "reinitialise"]
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
@@ -64,14 +64,17 @@ class UnitLibrary:
     @cached_property
     def _split(self) -> tuple[list[nn.Module], dict[int, str]]:
         """The pieces, and for those that cannot run alone the plain input that stops them."""
-        graphs = split_graph(self.gm, [u.cut for u in self.units])
-        if not any(_extra_inputs(g) for g in graphs):
+        carries = {u.cut: u.carried[0].node for u in self.units if u.carried}
+        graphs = split_graph(self.gm, [u.cut for u in self.units], carries)
+        # piece i takes unit i-1's tensors (one, or two where it carries one), then plain values
+        takes = [1] + [len(u.tensors) for u in self.units]
+        if not any(_extra_inputs(g, n) for g, n in zip(graphs, takes)):
             return list(graphs), {}
         other = _values_at_other_batch(self.gm)
         pieces: list[nn.Module] = []
         not_alone: dict[int, str] = {}
         for i, graph in enumerate(graphs):
-            extra = _extra_inputs(graph)
+            extra = _extra_inputs(graph, takes[i])
             values = [_batch_template(n.meta.get("val"), other[n.name]) if other else _UNKNOWN for n in extra]
             bad = [n.name for n, v in zip(extra, values) if v is _UNKNOWN]
             if bad:
@@ -109,8 +112,9 @@ class BatchSize:
 _UNKNOWN = object()
 
 
-def _extra_inputs(piece: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in piece.graph.nodes if n.op == "placeholder"][1:]
+def _extra_inputs(piece: fx.GraphModule, tensors: int) -> list[fx.Node]:
+    """The plain values a piece takes after its ``tensors`` input tensors."""
+    return [n for n in piece.graph.nodes if n.op == "placeholder"][tensors:]
 
 
 def _values_at_other_batch(gm: fx.GraphModule) -> dict[str, Any] | None:
@@ -147,7 +151,7 @@ def _fill(template: Any, batch: int) -> Any:
 
 
 class WithPlainInputs(nn.Module):
-    """A unit piece called on its input tensor alone: the plain values it took from before it are
+    """A unit piece called on its input tensors alone: the plain values it took from before it are
     supplied, the batch size read from the input, the rest as traced."""
 
     def __init__(self, piece: fx.GraphModule, values: list[Any]):
@@ -155,20 +159,28 @@ class WithPlainInputs(nn.Module):
         self.piece = piece
         self.values = values
 
-    def forward(self, x):
-        return self.piece(x, *(_fill(v, x.shape[0]) for v in self.values))
+    def forward(self, *tensors):
+        return self.piece(*tensors, *(_fill(v, tensors[0].shape[0]) for v in self.values))
+
+
+def handed_on(out: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors a stage hands to the next: unit pieces return ``(tensor, [carried,] *values)``
+    (the plain values are for the backbone's next piece; a copy is given its own), the model's
+    head and the heads' layers a tensor."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(v for v in out if isinstance(v, torch.Tensor))
 
 
 class UnitChain(nn.Module):
-    """``stages`` applied in turn; unit pieces return ``(tensor,)`` and hand the tensor on."""
+    """``stages`` applied in turn, each on the tensors the one before handed on (one, or two
+    across units that carry a second)."""
 
     def __init__(self, stages: list[nn.Module]):
         super().__init__()
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x):
+    def forward(self, *tensors):
         for stage in self.stages:
-            x = stage(x)
-            if isinstance(x, tuple):
-                x = x[0]
-        return x
+            tensors = handed_on(stage(*tensors))
+        return tensors[0] if len(tensors) == 1 else tensors
