@@ -266,8 +266,7 @@ def convert(
     for b, block_plan in enumerate(plan.blocks[:-1]):
         with model_device(model):  # heads live with the weights (the meta device for a sweep)
             head = build_head(position[block_plan.cut_node], b, plan.k)
-        parts = head.heads if isinstance(head, JointHead) else [head]
-        block_plan.head = " + ".join(method.describe(h) for h in parts) + (", logits averaged" if len(parts) > 1 else "")
+        block_plan.head = head.describe(method.describe) if isinstance(head, JointHead) else method.describe(head)
         heads.append(head)
     config = dict(
         model=model_name if analyzed.from_name else None,

@@ -20,3 +20,7 @@ class JointHead(nn.Module):
         if len(tensors) != len(self.heads):
             raise ValueError(f"{len(self.heads)} heads take {len(self.heads)} tensors, got {len(tensors)}")
         return torch.stack([head(t) for head, t in zip(self.heads, tensors)]).mean(0)
+
+    def describe(self, describe_head) -> str:
+        """What the heads are, each as ``describe_head`` says, and how their logits combine."""
+        return " + ".join(describe_head(h) for h in self.heads) + ", logits averaged"

@@ -54,8 +54,8 @@ class MAN:
         unit = spec.units.units[u]
         pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
         dgl = self._dgl_heads(unit, spec)
-        summaries = " + ".join(h.summary for h in (dgl.heads if isinstance(dgl, JointHead) else [dgl]))
-        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {summaries}"
+        heads = dgl.describe(lambda h: h.summary) if isinstance(dgl, JointHead) else dgl.summary
+        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {heads}"
         return MANHead(pair, dgl, summary)
 
     def _dgl_heads(self, unit: Unit, spec: HeadSpec) -> nn.Module:
