@@ -98,7 +98,7 @@ def render(rows: list[dict], command: str) -> str:
         (f"Each row: convert with K={K} ({CLASSES} classes, input {SIZE}; a model that rejects it is "
         "built for the sizes its source gives for it, smallest first: column *input*), one train step "
         "with per-block optimizers, gradient isolation of every block's loss, export round trip "
-        "(strict load into a fresh original; bit-identical eval output on real tensors). A model "
+        "(strict load into a fresh original; bit-identical eval output on real tensors, NaN where NaN). A model "
         f"with too few cut points for K={K} must fail with an error naming its largest K, and is "
         "then checked at that K. *fake*: built on the meta device, every stage on fake tensors. "
         "Models timm itself excludes from its FX tests (`vit_gi*`, `hiera*`, `gemma4_vit*`) are "

@@ -46,6 +46,10 @@ def export_mismatch(local: LocalModel, fresh: nn.Module, x: torch.Tensor | None 
         return None
     with torch.no_grad():
         want, got = local.eval()(x), fresh.eval()(x)
-    if not torch.equal(want, got):
-        return f"eval outputs differ by up to {(want - got).abs().max().item():.3g}"
+    # bit-identical, NaN where NaN: an untrained net in eval mode (BatchNorm's running variance
+    # still 1) can overflow, and then both compute the same NaNs (torchvision's mnasnet1_0)
+    if not torch.allclose(want, got, rtol=0, atol=0, equal_nan=True):
+        if not torch.equal(want.isnan(), got.isnan()):
+            return "eval outputs differ: NaN in one where the other has a number"
+        return f"eval outputs differ by up to {(want - got).nan_to_num().abs().max().item():.3g}"
     return None

@@ -38,6 +38,36 @@ def test_backbone_round_trip_is_bit_identical(name, size, aux):
         assert torch.equal(fresh(x), local(x))
 
 
+class PartlyNaN(torch.nn.Module):
+    """Eval output NaN in some places (log of a negative), as an untrained deep net's can be
+    where its activations overflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).log()
+
+
+class PartlyNaNShifted(PartlyNaN):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_export_check_is_bit_identical_with_nan_where_nan():
+    from fxlocal.verify import export_mismatch
+
+    torch.manual_seed(0)
+    local = fxlocal.convert(PartlyNaN(), k=2, input_size=(4,))
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        out = local.eval()(x)
+    assert out.isnan().any() and not out.isnan().all()
+    assert export_mismatch(local, PartlyNaN(), x) is None  # the same NaNs, the same numbers
+    assert export_mismatch(local, PartlyNaNShifted(), x) == "eval outputs differ by up to 1"
+
+
 def test_modules_off_the_traced_path_are_kept():
     # GoogLeNet's aux classifiers are off the inference path the trace follows; strict loading
     # still needs them, so they are carried unchanged
