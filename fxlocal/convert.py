@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .analyze import GraphAnalysis, analyze
 from .aux import HeadSpec, UnitLibrary, get_aux
-from .aux.joint import JointHead
+from .aux.joint import JointHead, one_per_tensor
 from .backbone import map_backbone
 from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
 from .errors import (
@@ -204,7 +204,7 @@ def convert(
 
     def build_head(position: int, block: int, num_blocks: int) -> nn.Module:
         heads = [method.build_head(s) for s in specs(position, block, num_blocks)]
-        return heads[0] if len(heads) == 1 else JointHead(heads)
+        return one_per_tensor(heads)
 
     @lru_cache(maxsize=None)
     def head_cost(position: int, block: int = 0) -> Cost:

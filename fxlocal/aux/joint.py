@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["JointHead"]
+__all__ = ["JointHead", "one_per_tensor"]
 
 
 class JointHead(nn.Module):
@@ -24,3 +24,8 @@ class JointHead(nn.Module):
     def describe(self, describe_head) -> str:
         """What the heads are, each as ``describe_head`` says, and how their logits combine."""
         return " + ".join(describe_head(h) for h in self.heads) + ", logits averaged"
+
+
+def one_per_tensor(heads: list[nn.Module]) -> nn.Module:
+    """The head for a cut from one head per tensor crossing it: that head, or their JointHead."""
+    return heads[0] if len(heads) == 1 else JointHead(heads)

@@ -18,7 +18,7 @@ from ..units import Unit
 from . import HeadSpec, register_aux
 from .dgl import DGLHead
 from .ema import EMATwin, ParallelSum, twin_cost
-from .joint import JointHead
+from .joint import JointHead, one_per_tensor
 from .unit_copies import handed_on
 
 __all__ = ["MAN"]
@@ -64,7 +64,7 @@ class MAN:
             DGLHead(HeadSpec(shape, layout, spec.num_classes, spec.block), **self.dgl_options)
             for shape, layout in unit.tensors
         ]
-        return heads[0] if len(heads) == 1 else JointHead(heads)
+        return one_per_tensor(heads)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`

@@ -31,7 +31,7 @@ from . import HeadSpec, register_aux
 from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
-from .joint import JointHead
+from .joint import one_per_tensor
 from .unit_copies import UnitChain, handed_on
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
@@ -173,7 +173,7 @@ class MLAAN:
     def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
         """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
         heads = [PoolLinear(shape, layout, num_classes, self.narrow_width) for shape, layout in tensors]
-        return heads[0] if len(heads) == 1 else JointHead(heads)
+        return one_per_tensor(heads)
 
     def final_objective(self) -> nn.Module:
         return CascadedFinalLoss(self.span, self.wx, self.wy)
