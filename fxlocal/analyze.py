@@ -3,11 +3,14 @@
 A *cut candidate* is a node after which exactly one tensor value is live: the node's own
 output. ``get_attr`` values (parameters, buffers, training flags) are not live values (each block
 fetches its own) and neither are shape values (ints, ``torch.Size``), which are carried across a
-cut as plain values, nor tensors computed from buffers and shape values alone (a ViT's rotary
-table, built from the patch grid and a frequency buffer): each block that uses one recomputes it
-(:func:`recomputable_values`). One linear sweep over the topological order finds them all. A candidate is
-refused when a parameter is used on both sides of it (torchvision's shared modules, tied weights):
-cutting there would train one parameter with two local losses, and when its tensor does not have
+cut as plain values, nor tensors computed from parameters, buffers and shape values alone (a ViT's
+rotary table, built from the patch grid and a frequency buffer or from learned frequencies; a
+position bias made by a small MLP): each block that uses one recomputes it
+(:func:`recomputable_values`), and a parameter it is made from is then *tied* between those
+blocks (each block's local loss trains it; see :class:`~fxlocal.LocalModel`). One linear sweep
+over the topological order finds them all. A candidate is refused when a parameter is used on
+both sides of it on the way from the input (torchvision's shared modules, tied weights): cutting
+there would cut through the blocks that share it, and when its tensor does not have
 the batch first (EfficientViM stacks its per-stage logits as (heads, B, classes)): aux heads,
 unit copies and per-sample costs all read dim 0 as the batch, and a head there would mix samples.
 
@@ -77,7 +80,7 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
-def _holds_tensor(node: fx.Node) -> bool:
+def holds_tensor(node: fx.Node) -> bool:
     return node.op != "get_attr" and bool(_tensors_in(node.meta.get("val")))
 
 
@@ -86,13 +89,16 @@ _RANDOM_OPS = ("rand", "randn", "randint", "randperm", "bernoulli", "normal", "m
 
 
 def recomputable_values(gm: fx.GraphModule) -> set[fx.Node]:
-    """Tensor values computed from buffers, constants and plain values (shapes) alone.
+    """Tensor values computed from parameters, buffers, constants and plain values (shapes) alone.
 
-    None of their inputs is a tensor that depends on the graph input or on a trainable
-    parameter, so any block can recompute one from the buffers it fetches and the plain values
-    it is handed; that keeps them from being live at a cut (DeepSeek's and Qwen3's ViTs build one
-    rotary table from the patch grid and use it in every block). Nothing random is recomputed,
-    and nothing written in place (``mask[i] = v``): a recomputed copy would miss the write.
+    None of their inputs depends on the graph input's values, so any block can recompute one from
+    what it fetches and the plain values it is handed; that keeps them from being live at a cut.
+    DeepSeek's and Qwen3's ViTs build one rotary table from the patch grid and use it in every
+    block; timm's ``rope_mixed`` ViTs build theirs from learned frequencies and ``vit_srelpos`` its
+    shared position bias with an MLP. Made from parameters, a recomputed table ties them between
+    the blocks that use it (split_graph allows exactly that sharing). Nothing random is
+    recomputed, nothing written in place (``mask[i] = v``: a recomputed copy would miss the
+    write), and no module that updates state when called (BatchNorm's running statistics).
     """
     recomputable: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -101,15 +107,23 @@ def recomputable_values(gm: fx.GraphModule) -> set[fx.Node]:
         name = str(getattr(node.target, "__name__", node.target)).lower()
         if any(r in name for r in _RANDOM_OPS):
             continue
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, nn.modules.dropout._DropoutNd) or any(p.requires_grad for p in module.parameters()):
-                continue
+        if node.op == "call_module" and not _is_pure(gm.get_submodule(node.target)):
+            continue
         if any(_writes_into(u, node) for u in node.users):
             continue
-        if all(_is_fixed_input(gm, i, recomputable) for i in node.all_input_nodes):
+        if all(_is_fixed_input(i, recomputable) for i in node.all_input_nodes):
             recomputable.add(node)
     return recomputable
+
+
+def _is_pure(module: nn.Module) -> bool:
+    """Whether calling ``module`` twice gives the same result and changes nothing (timm's MLPs
+    hold ``Dropout(0.0)``: no dropout at all)."""
+    return not any(
+        (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats)
+        for m in module.modules()
+    )
 
 
 _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
@@ -125,10 +139,10 @@ def _writes_into(user: fx.Node, value: fx.Node) -> bool:
     return first is value and (in_place or user.kwargs.get("inplace") is True)
 
 
-def _is_fixed_input(gm: fx.GraphModule, node: fx.Node, recomputable: set[fx.Node]) -> bool:
-    if node.op == "get_attr":
-        return not any(p.requires_grad for p in node_parameters(gm, node))
-    return node in recomputable or (node.op != "placeholder" and not _tensors_in(node.meta.get("val")))
+def _is_fixed_input(node: fx.Node, recomputable: set[fx.Node]) -> bool:
+    return node.op == "get_attr" or node in recomputable or (
+        node.op != "placeholder" and not _tensors_in(node.meta.get("val"))
+    )
 
 
 def _param_spans(gm: fx.GraphModule, index: dict[fx.Node, int]) -> list[tuple[int, int]]:
@@ -214,7 +228,7 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
     dying: dict[int, list[fx.Node]] = {}
     candidates = []
     for i, node in enumerate(order):
-        if _holds_tensor(node) and node not in recomputed and last_use[node] > i:
+        if holds_tensor(node) and node not in recomputed and last_use[node] > i:
             live.add(node)
             dying.setdefault(last_use[node], []).append(node)
         for done in dying.pop(i, []):

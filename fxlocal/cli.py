@@ -71,6 +71,15 @@ def _print_heads(plan) -> None:
         console.print(f"  head {b.index}: {b.head or 'the model' + chr(39) + 's own head'}", highlight=False)
 
 
+def _print_tied(local) -> None:
+    for name, holders in local.tied_parameters().items():
+        console.print(
+            f"  tied: {name} is used by blocks {', '.join(map(str, holders))} (a table each recomputes); "
+            f"each one's loss trains it, block {holders[-1]} steps it",
+            highlight=False,
+        )
+
+
 def _parse_aux_options(pairs: list[str]) -> dict:
     """``["span=3", "momentum=0.99"]`` -> ``{"span": 3, "momentum": 0.99}`` (YAML scalars)."""
     import yaml
@@ -137,6 +146,7 @@ def convert(
         )
     console.print(_plan_table(local.plan))
     _print_heads(local.plan)
+    _print_tied(local)
     _print_trace_report(local.trace_report)
     if save_plan:
         local.plan.save(save_plan)

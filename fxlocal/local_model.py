@@ -239,10 +239,26 @@ class LocalModel(nn.Module):
         return out
 
     def block_parameters(self, b: int) -> Iterator[nn.Parameter]:
-        """Parameters trained by block ``b``'s local loss: the block's and its head's."""
-        yield from self.blocks[b].parameters()
+        """Parameters block ``b``'s optimizer steps: the block's and its head's.
+
+        A parameter several blocks hold (*tied*: a table each of them recomputes is made from it,
+        see :func:`~fxlocal.split_graph`) is trained by each of their losses and stepped by the
+        last of them, once all those gradients are in.
+        """
+        last_holder = {id(p): i for i, block in enumerate(self.blocks) for p in block.parameters()}
+        yield from (p for p in self.blocks[b].parameters() if last_holder[id(p)] == b)
         if b < len(self.heads):
             yield from self.heads[b].parameters()
+
+    def tied_parameters(self) -> dict[str, list[int]]:
+        """Parameters held by more than one block, by name, with the blocks that hold them."""
+        holders: dict[int, list[int]] = {}
+        names: dict[int, str] = {}
+        for b, block in enumerate(self.blocks):
+            for name, p in block.named_parameters():
+                holders.setdefault(id(p), []).append(b)
+                names.setdefault(id(p), name)
+        return {names[i]: blocks for i, blocks in holders.items() if len(blocks) > 1}
 
     def head_logits(self, b: int, out: tuple) -> torch.Tensor:
         """Head ``b`` on block ``b``'s output: the cut's tensor, and the one the cut carries beside

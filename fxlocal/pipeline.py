@@ -54,10 +54,18 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     """Why ``local``'s blocks cannot be trained one per process, or None when they can.
 
     A stage holds one block's weights only, so an objective must not read another block's:
-    MLAAN's cascade re-runs earlier blocks, MAN's EMA twin follows the next block's first unit.
+    MLAAN's cascade re-runs earlier blocks, MAN's EMA twin follows the next block's first unit;
+    nor may two blocks hold one parameter (a tied table's).
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    tied = local.tied_parameters()
+    if tied:
+        name, holders = next(iter(tied.items()))
+        return (
+            f"blocks {' and '.join(map(str, holders))} share parameter {name!r} (a table each recomputes "
+            "from it), which one process per block cannot keep in step"
+        )
     for b in range(local.k):
         own = {id(p) for p in local.block_parameters(b)}
         objective = local.heads[b] if b < len(local.heads) else local.final_objective

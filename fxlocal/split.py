@@ -12,12 +12,13 @@ Contract of :func:`split_graph`:
   methods that re-run earlier blocks (MLAAN's cascade) chain them without;
 * ``get_attr`` values (parameters, buffers, training flags) are fetched inside the block that
   uses them: passing a parameter in as an input and detaching it would silently freeze it;
-  tensors computed from buffers and plain values alone (a rotary table) are recomputed inside
-  every block that uses them, from the plain values that cross
-  (:func:`~fxlocal.analyze.recomputable_values`);
+  tensors computed from parameters, buffers and plain values alone (a rotary table) are
+  recomputed inside every block that uses them, from the plain values that cross
+  (:func:`~fxlocal.analyze.recomputable_values`); the parameters such a table is made from are
+  then *tied*: held by each of those blocks, and trained by each one's local loss;
 * ops that consume a block's input in place (``relu_``, ``inplace=True``, ``+=``) are rewritten
   out of place, because the tensor they would overwrite is still the previous block's output;
-* a parameter used by two blocks raises :class:`SharedParameterError`.
+* any other parameter used by two blocks raises :class:`SharedParameterError`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .analyze import recomputable_values
+from .analyze import holds_tensor, recomputable_values
+from .cost import node_parameters
 from .errors import PlanMismatchError, SharedParameterError
 
 __all__ = ["split_graph"]
@@ -100,7 +102,8 @@ def split_graph(gm: fx.GraphModule, cuts: list[str], carries: dict[str, str] | N
     tensor a cut may carry across (cut node -> carried node). See the module docstring."""
     carries = carries or {}
     order = list(gm.graph.nodes)
-    fetched = {n for n in order if n.op == "get_attr"} | recomputable_values(gm)
+    recomputed = recomputable_values(gm)
+    fetched = {n for n in order if n.op == "get_attr"} | recomputed
     owner = _block_of(gm, cuts, fetched)
     k = len(cuts) + 1
     needed_in: dict[fx.Node, list[int]] = {}
@@ -168,15 +171,24 @@ def split_graph(gm: fx.GraphModule, cuts: list[str], carries: dict[str, str] | N
                     _make_out_of_place(user, modules)
         graph.lint()
         blocks.append(fx.GraphModule(modules, graph, class_name=f"Block{b}"))
-    _check_no_shared_parameters(blocks)
+    # parameters the recomputed tables are made from, and nothing else (reading a plain value
+    # off one, ``weight.dtype``, passes no gradient)
+    tied = {
+        id(p)
+        for n in fetched
+        if n in recomputed or all(u in recomputed or not holds_tensor(u) for u in n.users)
+        for p in node_parameters(gm, n)
+    }
+    _check_no_shared_parameters(blocks, tied)
     return blocks
 
 
-def _check_no_shared_parameters(blocks: list[fx.GraphModule]) -> None:
+def _check_no_shared_parameters(blocks: list[fx.GraphModule], tied: set[int]) -> None:
+    """Raise unless every parameter two blocks hold is one of ``tied`` (the recomputed tables')."""
     first_seen: dict[int, tuple[int, str]] = {}
     for b, block in enumerate(blocks):
         for name, p in block.named_parameters(remove_duplicate=True):
-            if id(p) in first_seen and first_seen[id(p)][0] != b:
+            if id(p) in first_seen and first_seen[id(p)][0] != b and id(p) not in tied:
                 other, other_name = first_seen[id(p)]
                 raise SharedParameterError(
                     f"parameter {name!r} is used by block {other} ({other_name}) and block {b}; "

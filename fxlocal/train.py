@@ -148,22 +148,35 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     return build(k)
 
 
-def _make_optimizer(recipe: Recipe, module: nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """timm's optimizer for ``module`` (no weight decay on biases and norms), over ``only`` of its
+    parameters when given."""
     from timm.optim import create_optimizer_v2
+    from timm.optim._param_groups import param_groups_weight_decay
 
     o = recipe.optimizer
-    return create_optimizer_v2(module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+
+    def only_those(m: nn.Module) -> list[dict]:
+        keep = {id(p) for p in only}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in param_groups_weight_decay(m, o.weight_decay)]
+        return [g for g in groups if g["params"]]
+
+    return create_optimizer_v2(
+        module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        param_group_fn=only_those if only is not None else None,
+    )
 
 
 def _stage(local: LocalModel, b: int) -> nn.ModuleList:
-    """What block ``b``'s local loss trains (its per-block optimizer's parameters): the block and its head."""
+    """Block ``b`` and its head: what its local loss trains."""
     return nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])])
 
 
 def _optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
     if not recipe.optimizer.per_block:
         return [_make_optimizer(recipe, local)]
-    return [_make_optimizer(recipe, _stage(local, b)) for b in range(local.k)]
+    # a tied parameter is stepped by one block's optimizer only (LocalModel.block_parameters)
+    return [_make_optimizer(recipe, _stage(local, b), list(local.block_parameters(b))) for b in range(local.k)]
 
 
 def _schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list[Any]:

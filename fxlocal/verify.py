@@ -17,7 +17,8 @@ __all__ = ["isolation_violations", "export_mismatch"]
 def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, blocks=None) -> list[str]:
     """Where block ``j``'s local loss reaches other parameters than block ``j``'s, head ``j``'s
     and, for a cascade, the ``input_window - 1`` blocks before it, or misses one of those
-    (empty: isolated). ``blocks``: the losses to check (default all)."""
+    (empty: isolated). A tied parameter (:meth:`LocalModel.block_parameters`) counts as each
+    holding block's own. ``blocks``: the losses to check (default all)."""
     names = {id(p): n for n, p in local.named_parameters()}
     problems = []
     window = local.input_window
@@ -25,8 +26,8 @@ def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, bl
         local.zero_grad(set_to_none=True)
         local.local_losses(x, y)[j].backward()
         got = {id(p) for p in local.parameters() if p.grad is not None}
-        own = {id(p) for p in local.block_parameters(j)}
-        own |= {id(p) for b in range(max(0, j - window + 1), j) for p in local.blocks[b].parameters()}
+        own = {id(p) for p in local.heads[j].parameters()} if j < len(local.heads) else set()
+        own |= {id(p) for b in range(max(0, j - window + 1), j + 1) for p in local.blocks[b].parameters()}
         for what, ids in (("reaches foreign", got - own), ("misses own", own - got)):
             if ids:
                 problems.append(f"loss {j} {what} parameters: {', '.join(sorted(names[i] for i in ids)[:3])}")

@@ -148,6 +148,11 @@ class RotaryTokens(nn.Module):
         return self.head(x.mean(1))
 
 
+def rotary_tokens_with_learned_frequencies() -> RotaryTokens:
+    """A model factory for the CLI (``test_analyze:rotary_tokens_with_learned_frequencies``)."""
+    return RotaryTokens("parameter")
+
+
 def test_a_table_built_from_buffers_and_shapes_is_recomputed_not_live():
     gm = fxlocal.trace(RotaryTokens(), (3, 16, 16))
     table = {n.name for n in fxlocal.recomputable_values(gm)}
@@ -159,12 +164,39 @@ def test_a_table_built_from_buffers_and_shapes_is_recomputed_not_live():
     assert len(fxlocal.analyze(gm, (3, 16, 16)).units) == 5  # the patch stem and four blocks
 
 
-@pytest.mark.parametrize(
-    "table_from, live", [("parameter", {"sin", "cos", "cat"}), ("noise", {"rand", "add"}), ("written", {"cat"})]
-)
-def test_a_trained_or_random_table_is_live_as_before(table_from, live):
-    # a table from a trainable parameter would carry gradient across a cut; a random one would
-    # differ when recomputed, and a copy of one written in place would miss the write: all stay live from where they are made to their last use
+def test_a_table_built_from_a_trained_parameter_is_recomputed_too():
+    # timm's rope_mixed ViTs (learned frequencies) and vit_srelpos (a shared position-bias MLP)
+    gm = fxlocal.trace(RotaryTokens("parameter"), (3, 16, 16))
+    assert {"sin", "cos", "cat"} <= {n.name for n in fxlocal.recomputable_values(gm)}
+    assert [c.node for c in fxlocal.find_cut_candidates(gm) if c.node.startswith("add")] == [
+        "add", "add_1", "add_2", "add_3"
+    ]
+
+
+def test_a_module_that_updates_state_when_called_is_not_recomputed():
+    class NormedTable(nn.Module):  # BatchNorm over a parameter: calling it twice moves its running statistics twice
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, 8))
+            self.norm = nn.BatchNorm1d(8)
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            table = self.norm(self.table).mean(0)
+            for block in self.blocks:
+                x = block(x) + table
+            return x
+
+    gm = fxlocal.trace(NormedTable(), (8,))
+    assert not {"norm", "mean"} & {n.name for n in fxlocal.recomputable_values(gm)}
+    # the table stays live from the first block to the last: nothing between blocks is a candidate
+    assert not [c.node for c in fxlocal.find_cut_candidates(gm) if c.node.startswith("add")]
+
+
+@pytest.mark.parametrize("table_from, live", [("noise", {"rand", "add"}), ("written", {"cat"})])
+def test_a_random_or_written_table_is_live_as_before(table_from, live):
+    # a random table would differ when recomputed, and a copy of one written in place would miss
+    # the write: both stay live from where they are made to their last use
     gm = fxlocal.trace(RotaryTokens(table_from), (3, 16, 16))
     assert not live & {n.name for n in fxlocal.recomputable_values(gm)}
     # only after the last block, where the table dies

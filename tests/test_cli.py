@@ -29,6 +29,19 @@ def test_convert_prints_plan_and_saves(tmp_path):
     assert local(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
 
+def test_convert_names_tied_parameters_and_saves_them_once(tmp_path):
+    out = tmp_path / "local.pt"
+    result = run(
+        "convert", "test_analyze:rotary_tokens_with_learned_frequencies", "--k", "3",
+        "--input-size", "3", "16", "16", "--output", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "tied: frequencies is used by blocks 1, 2 (a table each recomputes); each one's loss trains it, block 2 steps it" in result.output
+    local = load_converted(out)
+    assert local.tied_parameters() == {"frequencies": [1, 2]}
+    assert local.blocks[1].get_parameter("frequencies") is local.blocks[2].get_parameter("frequencies")
+
+
 def test_inspect_lists_candidates():
     result = run("inspect", "resnet18", "--input-size", "3", "32", "32")
     assert result.exit_code == 0, result.output

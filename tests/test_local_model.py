@@ -259,6 +259,40 @@ def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
 
 
 @pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan", "man"])
+def test_a_table_made_from_a_parameter_ties_it_between_the_blocks_that_recompute_it(aux):
+    from test_analyze import RotaryTokens
+
+    from fxlocal.pipeline import pipeline_obstacle
+
+    torch.manual_seed(0)
+    model = RotaryTokens("parameter").eval()
+    local = fxlocal.convert(model, k=3, aux=aux, input_size=(3, 16, 16), num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(local(x), model(x), atol=1e-6)
+    assert local.tied_parameters() == {"frequencies": [1, 2]}  # the patch stem (block 0) uses no table
+    tied = local.blocks[1].get_parameter("frequencies")
+    # stepped once, by the last block that holds it
+    assert [any(p is tied for p in local.block_parameters(b)) for b in range(3)] == [False, False, True]
+
+    local.train()
+    xs, ys = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    assert_gradient_isolation(local, xs, ys, window=local.input_window)
+    # its update is the sum of both holders' local-loss gradients (plain SGD, lr 1)
+    local.zero_grad(set_to_none=True)
+    for loss in local.local_losses(xs, ys):
+        loss.backward()
+    want = tied.detach() - tied.grad
+    local.zero_grad(set_to_none=True)
+    optimizers = [torch.optim.SGD(list(local.block_parameters(b)), lr=1.0) for b in range(3)]
+    local.train_step(xs, ys, optimizers)
+    assert torch.allclose(tied.detach(), want, atol=1e-6)
+    obstacle = pipeline_obstacle(local)
+    assert "re-runs 1 earlier block" in obstacle if aux == "mlaan" else "share parameter 'frequencies'" in obstacle
+    assert export_mismatch(local, RotaryTokens("parameter"), x) is None
+
+
+@pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan", "man"])
 def test_a_cut_carrying_a_second_branch_detaches_both_and_trains_through_both(aux):
     """DGL puts a head on each tensor; the methods that copy units hand both to copies of the
     units after the cut, which take both (TwoBranches' units are its blocks)."""

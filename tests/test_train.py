@@ -178,3 +178,20 @@ def test_recipe_max_memory_chooses_k(tmp_path):
     chosen = build_model(load_recipe(data={**recipe.model_dump(mode="json"),
                                            "convert": {**recipe.convert.model_dump(), "k": 9, "max_memory": f"{limit}B"}}))
     assert chosen.k == 2
+
+
+def test_per_block_optimizers_step_a_tied_parameter_once(tmp_path):
+    from test_analyze import RotaryTokens
+
+    from fxlocal.train import _optimizers
+
+    local = fxlocal.convert(RotaryTokens("parameter"), k=3, input_size=(3, 16, 16), num_classes=5)
+    tied = local.blocks[1].get_parameter("frequencies")
+    optimizers = _optimizers(tiny(tmp_path, optimizer__weight_decay=0.05), local)
+    holding = [
+        (b, group["weight_decay"]) for b, opt in enumerate(optimizers) for group in opt.param_groups
+        if any(p is tied for p in group["params"])
+    ]
+    assert holding == [(2, 0.0)]  # the last block that uses it; a 1-D parameter: no weight decay
+    stepped = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    assert len(stepped) == len({id(p) for p in stepped}) == len(list(local.parameters()))
