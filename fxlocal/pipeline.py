@@ -43,7 +43,9 @@ __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 TRAIN, EVAL, END = 0, 1, 2
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _MAX_DIMS = 8
-_HEADER = 4 + _MAX_DIMS  # kind, dtype, ndim, has extra values, shape
+_MAX_TENSORS = 2  # a cut's tensor and the one it may carry beside it
+_TENSOR_HEADER = 2 + _MAX_DIMS  # dtype, ndim, shape
+_HEADER = 3 + _MAX_TENSORS * _TENSOR_HEADER  # kind, tensor count, has plain values, each tensor's
 
 
 class PipelineError(FxLocalError, RuntimeError):
@@ -85,9 +87,10 @@ def _first_line(exc: BaseException) -> str:
 class _Link:
     """Messages between neighbouring stages: stage r receives from r-1 and sends to r+1.
 
-    A message is a fixed-size header (kind, dtype, shape) and, unless it marks the end of a pass
-    over the data, the boundary tensor, the labels and, rarely, the plain values that cross the
-    boundary with the tensor (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
+    A message is a fixed-size header (kind; count, dtype and shape of the boundary tensors) and,
+    unless it marks the end of a pass over the data, the boundary tensors (the cut's, and the one
+    it carries where it carries one), the labels and, rarely, the plain values that cross the
+    boundary after them (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
     """
 
     def __init__(self, rank: int, world: int, device: torch.device, max_in_flight: int, timeout_s: float):
@@ -110,17 +113,23 @@ class _Link:
         header = torch.zeros(_HEADER, dtype=torch.long)
         header[0] = kind
         tensors: list[torch.Tensor] = []
-        extra = list(carried[1:])
+        # a block hands on its tensors first, then plain values (see fxlocal.split)
+        boundary = [v.contiguous() for v in carried if isinstance(v, torch.Tensor)]
+        plain = list(carried[len(boundary):])
         if kind != END:
-            x = carried[0].contiguous()
-            header[1:4] = torch.tensor([_DTYPES.index(x.dtype), x.dim(), bool(extra)])
-            header[4 : 4 + x.dim()] = torch.tensor(x.shape)
-            tensors = [x, y.long().contiguous()]
+            if len(boundary) > _MAX_TENSORS:
+                raise ValueError(f"a boundary carries at most {_MAX_TENSORS} tensors, got {len(boundary)}")
+            header[1:3] = torch.tensor([len(boundary), bool(plain)])
+            for i, t in enumerate(boundary):
+                at = 3 + i * _TENSOR_HEADER
+                header[at : at + 2] = torch.tensor([_DTYPES.index(t.dtype), t.dim()])
+                header[at + 2 : at + 2 + t.dim()] = torch.tensor(t.shape)
+            tensors = [*boundary, y.long().contiguous()]
         tensors = [header.to(self.device), *tensors]
         with self.talking_to(f"stage {self.rank + 1}"):
             works = [dist.isend(t, self.rank + 1) for t in tensors]
-            if extra:
-                dist.send_object_list([extra], self.rank + 1, device=self.device)
+            if plain:
+                dist.send_object_list([plain], self.rank + 1, device=self.device)
             self.in_flight.append((works, tensors))
             while len(self.in_flight) > self.max_in_flight:
                 self._wait(self.in_flight.popleft()[0])
@@ -130,16 +139,19 @@ class _Link:
         with self.talking_to(f"stage {source}"):
             header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
             self._wait([dist.irecv(header, source)])
-            kind, code, ndim, has_extra, *shape = header.tolist()
+            kind, count, has_plain, *specs = header.tolist()
             if kind == END:
                 return END, (), None
-            x = torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device)
-            y = torch.empty(shape[0], dtype=torch.long, device=self.device)
-            self._wait([dist.irecv(x, source), dist.irecv(y, source)])
-            extra: list = [[]]
-            if has_extra:
-                dist.recv_object_list(extra, source, device=self.device)
-        return kind, (x, *extra[0]), y
+            boundary = []
+            for i in range(count):
+                code, ndim, *shape = specs[i * _TENSOR_HEADER : (i + 1) * _TENSOR_HEADER]
+                boundary.append(torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device))
+            y = torch.empty(boundary[0].shape[0], dtype=torch.long, device=self.device)
+            self._wait([dist.irecv(t, source) for t in [*boundary, y]])
+            plain: list = [[]]
+            if has_plain:
+                dist.recv_object_list(plain, source, device=self.device)
+        return kind, (*boundary, *plain[0]), y
 
     def receive(self, kind: int) -> Iterator[tuple[tuple, torch.Tensor]]:
         """``(input, labels)`` of each ``kind`` message until the end of the pass."""

@@ -170,10 +170,15 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo")
 link = _Link(rank, 2, torch.device("cpu"), max_in_flight=1, timeout_s=30)
 if rank == 0:
+    pickled = []
+    send_object_list = dist.send_object_list
+    dist.send_object_list = lambda objects, *a, **k: (pickled.append(objects), send_object_list(objects, *a, **k))
     link.send(TRAIN, (torch.arange(6.0).view(2, 3), torch.full((2, 4), 0.5), 7, torch.Size([3])), torch.tensor([4, 5]))
     link.send(TRAIN, (torch.ones(1, 2, dtype=torch.bfloat16),), torch.tensor([9]))
+    link.send(TRAIN, (torch.zeros(1, 3, 2), torch.ones(1, 5, dtype=torch.float16)), torch.tensor([1]))
     link.send(END)
     link.flush()
+    assert pickled == [[[7, torch.Size([3])]]], pickled  # tensors go as tensors, only plain values pickled
 else:
     torch.save(list(link.receive(TRAIN)), sys.argv[2])
 dist.destroy_process_group()
@@ -187,8 +192,10 @@ def test_link_carries_tensors_labels_and_plain_values(tmp_path):
     got = tmp_path / "got.pt"
     ranks = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(got)], env={**env, "RANK": str(r)}) for r in (0, 1)]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
-    (first, y1), (second, y2) = torch.load(got)
+    (first, y1), (second, y2), (third, y3) = torch.load(got)
     assert torch.equal(first[0], torch.arange(6.0).view(2, 3)) and first[2:] == (7, torch.Size([3]))
     assert torch.equal(first[1], torch.full((2, 4), 0.5))
     assert torch.equal(y1, torch.tensor([4, 5])) and torch.equal(y2, torch.tensor([9]))
     assert second[0].dtype == torch.bfloat16 and second[0].shape == (1, 2) and len(second) == 1
+    assert len(third) == 2 and torch.equal(third[0], torch.zeros(1, 3, 2)) and torch.equal(y3, torch.tensor([1]))
+    assert third[1].dtype == torch.float16 and torch.equal(third[1], torch.ones(1, 5, dtype=torch.float16))

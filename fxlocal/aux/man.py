@@ -53,18 +53,17 @@ class MAN:
         live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
         pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
-        dgl = self._dgl_heads(unit, spec)
+        dgl = one_per_tensor(self._dgl_heads(unit, spec))
         heads = dgl.describe(lambda h: h.summary) if isinstance(dgl, JointHead) else dgl.summary
         summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {heads}"
         return MANHead(pair, dgl, summary)
 
-    def _dgl_heads(self, unit: Unit, spec: HeadSpec) -> nn.Module:
-        """DGL's head on what unit U hands on: one per tensor where it carries a second."""
-        heads = [
+    def _dgl_heads(self, unit: Unit, spec: HeadSpec) -> list[DGLHead]:
+        """DGL's head on each tensor unit U hands on (two where it carries a second)."""
+        return [
             DGLHead(HeadSpec(shape, layout, spec.num_classes, spec.block), **self.dgl_options)
             for shape, layout in unit.tensors
         ]
-        return one_per_tensor(heads)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
@@ -72,9 +71,9 @@ class MAN:
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
-            dgl = self._dgl_heads(unit, spec)
+            heads = self._dgl_heads(unit, spec)
         return lb + twin_cost(lb) + sum(
-            (measure_module(h, shape) for h, (shape, _) in zip(getattr(dgl, "heads", [dgl]), unit.tensors)), Cost()
+            (measure_module(h, shape) for h, (shape, _) in zip(heads, unit.tensors)), Cost()
         )
 
     def describe(self, head: nn.Module) -> str:
