@@ -65,7 +65,7 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     if tied:
         name, holders = next(iter(tied.items()))
         return (
-            f"blocks {' and '.join(map(str, holders))} share parameter {name!r} (a table each recomputes "
+            f"blocks {', '.join(map(str, holders))} share parameter {name!r} (a table each recomputes "
             "from it), which one process per block cannot keep in step"
         )
     for b in range(local.k):
