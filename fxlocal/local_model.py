@@ -245,20 +245,24 @@ class LocalModel(nn.Module):
         see :func:`~fxlocal.split_graph`) is trained by each of their losses and stepped by the
         last of them, once all those gradients are in.
         """
-        last_holder = {id(p): i for i, block in enumerate(self.blocks) for p in block.parameters()}
-        yield from (p for p in self.blocks[b].parameters() if last_holder[id(p)] == b)
+        holders = self._holders()
+        yield from (p for p in self.blocks[b].parameters() if holders[id(p)][-1] == b)
         if b < len(self.heads):
             yield from self.heads[b].parameters()
 
     def tied_parameters(self) -> dict[str, list[int]]:
         """Parameters held by more than one block, by name, with the blocks that hold them."""
-        holders: dict[int, list[int]] = {}
-        names: dict[int, str] = {}
-        for b, block in enumerate(self.blocks):
-            for name, p in block.named_parameters():
-                holders.setdefault(id(p), []).append(b)
-                names.setdefault(id(p), name)
+        holders = self._holders()
+        names = {id(p): name for block in reversed(self.blocks) for name, p in block.named_parameters()}
         return {names[i]: blocks for i, blocks in holders.items() if len(blocks) > 1}
+
+    def _holders(self) -> dict[int, list[int]]:
+        """The blocks holding each parameter (by id), in order."""
+        holders: dict[int, list[int]] = {}
+        for b, block in enumerate(self.blocks):
+            for p in block.parameters():
+                holders.setdefault(id(p), []).append(b)
+        return holders
 
     def head_logits(self, b: int, out: tuple) -> torch.Tensor:
         """Head ``b`` on block ``b``'s output: the cut's tensor, and the one the cut carries beside

@@ -151,8 +151,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
 def _make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """timm's optimizer for ``module`` (no weight decay on biases and norms), over ``only`` of its
     parameters when given."""
-    from timm.optim import create_optimizer_v2
-    from timm.optim._param_groups import param_groups_weight_decay
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
     o = recipe.optimizer
 
