@@ -22,9 +22,11 @@ def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, bl
     names = {id(p): n for n, p in local.named_parameters()}
     problems = []
     window = local.input_window
+    # one forward for every loss, each backpropagated alone: the graphs are kept between them
+    losses = local.local_losses(x, y)
     for j in blocks if blocks is not None else range(local.k):
         local.zero_grad(set_to_none=True)
-        local.local_losses(x, y)[j].backward()
+        losses[j].backward(retain_graph=True)
         got = {id(p) for p in local.parameters() if p.grad is not None}
         own = {id(p) for p in local.heads[j].parameters()} if j < len(local.heads) else set()
         own |= {id(p) for b in range(max(0, j - window + 1), j + 1) for p in local.blocks[b].parameters()}
