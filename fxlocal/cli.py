@@ -33,6 +33,10 @@ def _one_line_errors(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        global console, err_console
+        # rich fixes a console's width when it is made if COLUMNS is set then: made per command,
+        # the width is this invocation's, not the importing process's
+        console, err_console = Console(), Console(stderr=True)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torchvision/timm init chatter is not ours to show

@@ -1,4 +1,5 @@
 import gzip
+import os
 import warnings
 from pathlib import Path
 
@@ -6,6 +7,11 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of several test processes on a machine of few cores (CI: 2 workers on 2 cores): a
+    # second intra-op thread per process would only contend (the suite is mostly dispatch-bound).
+    torch.set_num_threads(1)
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-mnist"
 

@@ -8,31 +8,28 @@ import fxlocal
 from helpers import assert_exports_bit_identically, assert_trains
 
 SMALL = (3, 64, 64)
+# Beside tests/test_zoo_sample.py, which checks the smallest model of every family (real tensors
+# up to 15M parameters, fake above), these are the larger models of the main families, for real:
+# deeper stacks, wider stages, the 96×96 Inception stems. Sample models checked for real there
+# (deit_tiny, regnetx_002, densenet121, torchvision's efficientnet_b0, mobilenet_v3_small,
+# regnet_y_400mf, densenet121, googlenet, shufflenet_v2_x0_5; torchvision's resnet18 stays, for
+# every aux method below) are not repeated here; nor are
+# VGG-11 and torchvision's ViT-B/16, plain stacks of layouts the rest cover, whose 86–129M
+# parameters make a real step the slowest of the suite (the sample checks them on fake tensors).
 ZOO = [
     ("resnet50", SMALL),
     ("convnext_atto", SMALL),
     ("vit_tiny_patch16_224", SMALL),
-    ("deit_tiny_patch16_224", SMALL),
     ("swin_tiny_patch4_window7_224", SMALL),
     ("efficientnet_b0", SMALL),
     ("mobilenetv3_small_050", SMALL),
-    ("regnetx_002", SMALL),
-    ("densenet121", SMALL),
     ("inception_v3", (3, 96, 96)),
     ("mixer_s16_224", SMALL),
     ("maxvit_tiny_tf_224", SMALL),
-    ("vgg11", SMALL),
     ("torchvision:resnet18", SMALL),
     ("torchvision:convnext_tiny", SMALL),
-    ("torchvision:vit_b_16", SMALL),
     ("torchvision:swin_t", SMALL),
-    ("torchvision:efficientnet_b0", SMALL),
-    ("torchvision:mobilenet_v3_small", SMALL),
-    ("torchvision:regnet_y_400mf", SMALL),
-    ("torchvision:densenet121", SMALL),
     ("torchvision:inception_v3", (3, 96, 96)),
-    ("torchvision:googlenet", SMALL),
-    ("torchvision:shufflenet_v2_x0_5", SMALL),
     ("torchvision:squeezenet1_0", SMALL),
 ]
 

@@ -8,7 +8,9 @@ dgl, auglocal, mlaan and man so that each meets a quarter of the families. Model
 ``FAKE_ABOVE`` parameters, or slow at their input size, are built on the meta device and checked
 on fake tensors (shapes, graphs, gradient flow, state-dict keys); the others on real tensors,
 with a bit-identical export. The checks run two at a time in worker processes: most of the work
-is single-threaded fake-tensor dispatch, and a CI box has two cores.
+is single-threaded fake-tensor dispatch, and a CI box has two cores. Under pytest-xdist the module
+must stay in one test process (``--dist loadfile``, as CI runs it): the fixture runs every
+selected case of the module, so a split would run them all twice.
 """
 
 import multiprocessing
