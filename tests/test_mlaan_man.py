@@ -157,7 +157,7 @@ def test_checkpoint_keeps_ema_twins(tmp_path):
 @pytest.mark.parametrize("aux,marker", [("mlaan", "EMA twin on unit"), ("man", "MAN: LB(unit")])
 def test_cli_prints_each_heads_structure(aux, marker):
     result = CliRunner().invoke(
-        app, ["convert", "resnet101", "--k", "4", "--aux", aux, "--input-size", "3", "64", "64"], env={"COLUMNS": "250"}
+        app, ["convert", "resnet32_cifar", "--k", "4", "--aux", aux, "--input-size", "3", "32", "32"], env={"COLUMNS": "250"}
     )
     assert result.exit_code == 0, result.output
     assert result.output.count(marker) == 3
