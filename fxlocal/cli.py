@@ -21,21 +21,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Supervised local learning for any timm / torchvision model, from its torch.fx graph.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# Made per command by _one_line_errors, which every command goes through: rich fixes a console's
+# width when it is made if COLUMNS is set then, so one made at import would keep the importing
+# process's width (pytest-xdist workers export COLUMNS=80), not this invocation's.
+console: Console
+err_console: Console
 
 InputSize = Tuple[int, int, int]
 INPUT_SIZE_HELP = "input size C H W the model is traced and measured at"
 
 
 def _one_line_errors(command):
-    """Turn fxlocal's own errors into one red line and exit code 2, no traceback."""
+    """Turn fxlocal's own errors into one red line and exit code 2, no traceback; make the
+    consoles the command prints to."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         global console, err_console
-        # rich fixes a console's width when it is made if COLUMNS is set then: made per command,
-        # the width is this invocation's, not the importing process's
         console, err_console = Console(), Console(stderr=True)
         try:
             with warnings.catch_warnings():

@@ -9,13 +9,13 @@ from helpers import assert_exports_bit_identically, assert_trains
 
 SMALL = (3, 64, 64)
 # Beside tests/test_zoo_sample.py, which checks the smallest model of every family (real tensors
-# up to 15M parameters, fake above), these are the larger models of the main families, for real:
-# deeper stacks, wider stages, the 96×96 Inception stems. Sample models checked for real there
-# (deit_tiny, regnetx_002, densenet121, torchvision's efficientnet_b0, mobilenet_v3_small,
-# regnet_y_400mf, densenet121, googlenet, shufflenet_v2_x0_5; torchvision's resnet18 stays, for
-# every aux method below) are not repeated here; nor are
-# VGG-11 and torchvision's ViT-B/16, plain stacks of layouts the rest cover, whose 86–129M
-# parameters make a real step the slowest of the suite (the sample checks them on fake tensors).
+# up to 15M parameters, fake above), the larger models of the main families, for real: deeper
+# stacks, wider stages, the 96×96 Inception stems. Not repeated here: the models the sample checks
+# for real (timm's deit_tiny, regnetx_002, densenet121; torchvision's efficientnet_b0,
+# mobilenet_v3_small, regnet_y_400mf, densenet121, googlenet, shufflenet_v2_x0_5; its resnet18
+# stays, for every aux method below), and VGG-11 and torchvision's ViT-B/16, plain stacks of
+# layouts the rest cover, whose 86-129M parameters made theirs the slowest real steps (the sample
+# checks them on fake tensors).
 ZOO = [
     ("resnet50", SMALL),
     ("convnext_atto", SMALL),
