@@ -216,17 +216,21 @@ def convert(
             if hasattr(method, "head_cost"):
                 total = total + method.head_cost(s)
             else:
-                # a head that copies no units is made from the boundary's shape and layout alone:
-                # cuts of one shape (every block of a ConvMixer, a ViT) are measured once
-                total = total + built_head_cost(s.shape, s.layout, block, s.unit if method.cuts_at_units else None)
+                total = total + built_head_cost(s)
         return total
 
-    @lru_cache(maxsize=None)
-    def built_head_cost(shape: tuple[int, ...], layout: str, block: int, unit: int | None) -> Cost:
-        s = HeadSpec(shape, layout, classes, block, k, unit, units)
+    measured: dict[tuple, Cost] = {}
+
+    def built_head_cost(s: HeadSpec) -> Cost:
+        # Built on the meta device (instant) and measured once per structure and input shape:
+        # the heads of cuts of one shape (every block of a ConvMixer, a ViT; DGL's heads of one
+        # stage, whatever block they train) are the same computation.
         with torch.device("meta"):
             head = method.build_head(s)
-        return measure_module(head, shape)
+        key = (s.shape, s.layout, repr(head))
+        if key not in measured:
+            measured[key] = measure_module(head, s.shape)
+        return measured[key]
 
     allowed = None
     if method.cuts_at_units:

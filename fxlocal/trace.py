@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,9 @@ class _TrainingFlag(fx.Proxy):
         return True
 
 
+_FX_POSTFIX = re.compile(r".+_[0-9]+$")
+
+
 class LocalTracer(NodePathTracer):
     """NodePathTracer with timm's leaves, leaf-by-path, a traced training flag and failure capture."""
 
@@ -99,6 +103,21 @@ class LocalTracer(NodePathTracer):
         self.root_branches_on_mode = False
         self.failed_module: tuple[str, nn.Module] | None = None
         self._patched: list[tuple[nn.Module, Any]] = []
+        self._last_postfix: dict[str, int] = {}  # qualname stem -> postfix of its latest use
+
+    def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
+        """torchvision's names (the op under its module, ``_N`` counting repeats within it), in
+        constant time: torchvision's own matches a regex against every earlier name (a million
+        matches on CoaT's 2,600 nodes). Stems never end in ``_<digits>`` (fx's postfix is cut
+        off), so the latest name from a stem is the one torchvision's reverse search finds."""
+        name = module_qualname
+        if node.op != "call_module":
+            name = f"{name}.{node}" if name else str(node)
+        if _FX_POSTFIX.match(name):
+            name = name.rsplit("_", 1)[0]
+        last = self._last_postfix.get(name)
+        self._last_postfix[name] = 0 if last is None else last + 1
+        return name if last is None else f"{name}_{last + 1}"
 
     def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
         return module_qualname in self.leaf_paths or super().is_leaf_module(m, module_qualname)

@@ -122,3 +122,31 @@ def test_shape_propagation_leaves_no_fake_tensor_on_the_model():
     assert not any(isinstance(t, FakeTensor) for t in local.buffers())
     losses = local.train_step(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)), torch.optim.SGD(local.parameters(), lr=0.1))
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+class RepeatedOps(nn.Module):
+    """The same op several times within one module and across modules: names count repeats per module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())
+
+    def forward(self, x):
+        y = self.a(x) + x
+        y = y + self.b(y) + 1
+        return torch.relu(y) + torch.relu(-y)
+
+
+def test_node_names_are_torchvisions():
+    """Our constant-time naming gives the names torchvision's NodePathTracer gives (which
+    feature-extraction users and saved plans refer to)."""
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    for model in (RepeatedOps(), timm.create_model("resnet18", num_classes=3)):
+        expected = NodePathTracer()
+        expected.trace(model)
+        ours = fxlocal.trace(model, (2, 8, 8) if isinstance(model, RepeatedOps) else (3, 32, 32))
+        names = [n.meta["qualname"] for n in ours.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+        assert names == [q for n, q in expected.node_to_qualname.items() if n.op not in ("placeholder", "output", "get_attr")]
+        assert len(set(names)) == len(names)
