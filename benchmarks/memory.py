@@ -61,12 +61,15 @@ def main(argv=None) -> None:
     if not args.no_hand_split:
         local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
         rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", peak(local, _local_step, per_block=True)))
-    configs = [("dgl", "flops"), ("dgl", "activations"), ("dgl", "memory")]
-    configs += [(aux, "memory") for aux in args.aux if aux != "dgl"]
-    for aux, balance in configs:
-        local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced)
+    configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
+    # the methods that copy units, as the reference runs them and with the copies recomputed
+    copying = [aux for aux in args.aux if aux != "dgl"]
+    configs += [(aux, "memory", options) for options in ({}, {"recompute": True}) for aux in copying]
+    for aux, balance, options in configs:
+        local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced, **options)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
-        rows.append((f"fxlocal (ends: {cuts})", local.k, aux, balance, peak(local, _local_step, per_block=True)))
+        label = aux + "".join(f", {key}" for key in options)
+        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, peak(local, _local_step, per_block=True)))
     cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
           f"{'predicted on fake tensors (CPU)' if args.device == 'fake' else 'measured on CUDA'}, "

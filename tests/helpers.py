@@ -61,3 +61,21 @@ def tiny(tmp_path, **changes):
         else:
             data[key] = value
     return load_recipe(data=data)
+
+
+def saved_activation_bytes(module, *inputs):
+    """Bytes ``module``'s forward keeps for backward, besides its inputs, weights and buffers."""
+    resident = {t.untyped_storage().data_ptr() for t in [*inputs, *module.parameters(), *module.buffers()]}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in resident and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return total

@@ -7,7 +7,7 @@ from fxlocal.aux.ema import EMATwin
 from fxlocal.aux.mlaan import leap_chain
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.cli import app
-from helpers import assert_gradient_isolation, assert_trains
+from helpers import assert_gradient_isolation, assert_trains, saved_activation_bytes
 
 CIFAR = (3, 32, 32)
 RESNET32_STAGES = [0] * 6 + [1] * 5 + [2] * 5  # stem + layer1 | layer2 | layer3
@@ -210,24 +210,6 @@ def test_mlaan_cascade_shares_the_blocks_forward():
     assert runs == [2, 2, 1]
 
 
-def _saved_activation_bytes(module, x):
-    """Bytes the module's forward saves for backward, its own weights and buffers and ``x`` not counted."""
-    resident = {t.untyped_storage().data_ptr() for t in [x, *module.parameters(), *module.buffers()]}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage().data_ptr()
-        if key not in resident and key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total
-
-
 @pytest.mark.parametrize("unit", [0, 5, 12])  # 32², the first downsampling unit, 8²
 def test_ema_twins_are_priced_as_what_they_save(unit):
     # the twin runs on the block's output, which needs a gradient: backward goes through it, so
@@ -247,7 +229,7 @@ def test_ema_twins_are_priced_as_what_they_save(unit):
     twin = head.pair.b
     x = torch.randn(8, *cut.shape, requires_grad=True)
     priced = twin_cost(library.unit_costs[unit + 1])
-    assert priced.activation_bytes == pytest.approx(_saved_activation_bytes(twin, x) / 8, rel=0.02)
+    assert priced.activation_bytes == pytest.approx(saved_activation_bytes(twin, x) / 8, rel=0.02)
     weights = sum(b.numel() * b.element_size() for name, b in twin.named_buffers() if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert priced.buffer_bytes == weights and priced.param_bytes == 0
 

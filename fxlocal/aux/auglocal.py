@@ -18,6 +18,7 @@ from ..cost import Cost
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .adapters import make_tensors_adapter
+from .recompute import recomputed_cost
 from .unit_copies import UnitChain
 
 __all__ = ["sampled_units", "pyramid_depths", "AugLocal"]
@@ -47,13 +48,14 @@ def pyramid_depths(num_aux: int, depth: int, tau: float = 0.5) -> list[int]:
 class AugLocal:
     cuts_at_units = True
 
-    def __init__(self, aux_depth: int = 3, pyramid: float = 0.5):
+    def __init__(self, aux_depth: int = 3, pyramid: float = 0.5, recompute: bool = False):
         if aux_depth < 1:
             raise FxLocalError(f"aux_depth must be at least 1, got {aux_depth}")
         if not 0 <= pyramid <= 1:
             raise FxLocalError(f"pyramid (tau) must be between 0 and 1, got {pyramid}")
         self.aux_depth = aux_depth
         self.pyramid = pyramid
+        self.recompute = recompute  # the copies recomputed in backward (see .recompute)
 
     def picks(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
@@ -77,19 +79,26 @@ class AugLocal:
             else:
                 stages.append(library.fresh_unit(u))
                 tensors = library.units[u].tensors
-        head = UnitChain(stages)
+        head = UnitChain(stages, recompute=self.recompute)
         names = ", ".join(library.units[u].name for u in picks)
         head.summary = (
             f"AugLocal d={len(picks)}: copies units {picks} ({names})"
             + (f" + {adapters} adapter{'s' * (adapters > 1)}" if adapters else "")
             + " → model head"
+            + ("; recomputed in backward" if self.recompute else "")
         )
         return head
 
     def head_cost(self, spec: HeadSpec) -> Cost:
-        """The copies cost what the units they copy cost (adapters are negligible)."""
+        """The copies cost what the units they copy cost (adapters are negligible); recomputed,
+        their forward runs again (a third of their training FLOPs)."""
         library = spec.units
-        return sum((library.unit_costs[u] for u in self.picks(spec)), library.tail_cost)
+        picks = self.picks(spec)
+        copies = [*(library.unit_costs[u] for u in picks), library.tail_cost]
+        if not self.recompute:
+            return sum(copies, Cost())
+        forward = sum(c.flops for c in copies) / 3
+        return recomputed_cost(copies, forward, sum(library.handed_bytes(u) for u in picks))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..cost import Cost
+from . import recompute as recompute_
 
 __all__ = ["EMATwin", "ParallelSum", "twin_cost"]
 
@@ -71,14 +72,17 @@ def twin_cost(unit: Cost) -> Cost:
 
 
 class ParallelSum(nn.Module):
-    """``a(x) + b(x)``: a trainable unit copy and its EMA twin side by side."""
+    """``a(x) + b(x)``: a trainable unit copy and its EMA twin side by side; with ``recompute``
+    each recomputed in backward on its own (see :mod:`.recompute`)."""
 
-    def __init__(self, a: nn.Module, b: nn.Module):
+    def __init__(self, a: nn.Module, b: nn.Module, recompute: bool = False):
         super().__init__()
         self.a, self.b = a, b
+        self.recompute = recompute
 
     def forward(self, *x):
-        ya, yb = self.a(*x), self.b(*x)
+        ya = recompute_.run(self.a, *x, recompute=self.recompute)
+        yb = recompute_.run(self.b, *x, recompute=self.recompute)
         if isinstance(ya, tuple):  # unit pieces return (tensor, [carried,] *values): tensors add
             return tuple(p + q if isinstance(p, torch.Tensor) else p for p, q in zip(ya, yb))
         return ya + yb

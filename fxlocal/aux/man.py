@@ -19,6 +19,7 @@ from . import HeadSpec, register_aux
 from .dgl import DGLHead
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
+from .recompute import recomputed_cost
 from .unit_copies import handed_on
 
 __all__ = ["MAN"]
@@ -42,8 +43,16 @@ class MANHead(nn.Module):
 class MAN:
     cuts_at_units = True
 
-    def __init__(self, momentum: float = 0.995, conv_layers: int = 3, mlp_layers: int = 3, max_mlp_width: int = 1024):
+    def __init__(
+        self,
+        momentum: float = 0.995,
+        conv_layers: int = 3,
+        mlp_layers: int = 3,
+        max_mlp_width: int = 1024,
+        recompute: bool = False,
+    ):
         self.momentum = momentum
+        self.recompute = recompute  # the copy and twin recomputed in backward (see .recompute)
         self.dgl_options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
@@ -52,10 +61,11 @@ class MAN:
         u = spec.unit + 1
         live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
-        pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum))
+        pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum), recompute=self.recompute)
         dgl = one_per_tensor(self._dgl_heads(unit, spec))
         heads = dgl.describe(lambda h: h.summary) if isinstance(dgl, JointHead) else dgl.summary
         summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {heads}"
+        summary += "; LB and twin recomputed in backward" if self.recompute else ""
         return MANHead(pair, dgl, summary)
 
     def _dgl_heads(self, unit: Unit, spec: HeadSpec) -> list[DGLHead]:
@@ -67,14 +77,16 @@ class MAN:
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
-        says, then DGL's head."""
+        says, then DGL's head; recomputed, both forwards run again (a third of the unit's
+        training FLOPs each)."""
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
             heads = self._dgl_heads(unit, spec)
-        return lb + twin_cost(lb) + sum(
-            (measure_module(h, shape) for h, (shape, _) in zip(heads, unit.tensors)), Cost()
-        )
+        dgl = sum((measure_module(h, shape) for h, (shape, _) in zip(heads, unit.tensors)), Cost())
+        if not self.recompute:
+            return lb + twin_cost(lb) + dgl
+        return recomputed_cost([lb, twin_cost(lb)], 2 * lb.flops / 3, spec.units.handed_bytes(u)) + dgl
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

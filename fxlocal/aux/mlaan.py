@@ -32,6 +32,7 @@ from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import one_per_tensor
+from .recompute import recomputed_cost
 from .unit_copies import UnitChain, handed_on
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
@@ -135,12 +136,14 @@ class MLAAN:
         chain_length: int = 4,
         narrow_width: int = 64,
         fill: bool = False,
+        recompute: bool = False,
     ):
         if span < 1 or chain_length < 1:
             raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
         self.span, self.wx, self.wy = span, wx, wy
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
+        self.recompute = recompute  # the chain's copies recomputed in backward (see .recompute)
 
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
@@ -156,8 +159,10 @@ class MLAAN:
             adapter = make_tensors_adapter(tensors, library.units[u - 1].tensors)
             if not isinstance(adapter, nn.Identity):
                 stages.append(adapter)
-            copy_ = library.fresh_unit(u)
-            stages.append(ParallelSum(copy_, EMATwin(library.pieces[u], self.momentum)) if i == 0 else copy_)
+            stage = library.fresh_unit(u)
+            if i == 0:  # LAM: the frozen EMA twin of the live unit, beside the first copy
+                stage = ParallelSum(stage, EMATwin(library.pieces[u], self.momentum), recompute=self.recompute)
+            stages.append(stage)
             tensors = library.units[u].tensors
         stages.append(self._pool_linear(tensors, spec.num_classes))
         names = ", ".join(library.units[u].name for u in picks)
@@ -165,10 +170,11 @@ class MLAAN:
         summary = (
             f"MLAAN: independent pool→fc + cascade re-running blocks {first}..{spec.block} → units {picks} "
             f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → pool→fc; "
-            f"loss {self.wx}·x + {self.wy}·y"
+            f"loss {self.wx}·x + {self.wy}·y" + ("; chain recomputed in backward" if self.recompute else "")
         )
         independent = self._pool_linear(spec.tensors, spec.num_classes)
-        return MLAANHead(independent, UnitChain(stages), self.span, self.wx, self.wy, summary)
+        cascade = UnitChain(stages, recompute=self.recompute)
+        return MLAANHead(independent, cascade, self.span, self.wx, self.wy, summary)
 
     def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
         """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
@@ -180,9 +186,15 @@ class MLAAN:
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """The copies cost what the units they copy cost, the EMA twin beside the first what
-        :func:`twin_cost` says; the pool/linear heads are negligible."""
+        :func:`twin_cost` says; the pool/linear heads are negligible. Recomputed, each copy's
+        and the twin's forward runs again (a third of the unit's training FLOPs)."""
         picks = self.chain(spec)
-        return sum((spec.units.unit_costs[u] for u in picks), twin_cost(spec.units.unit_costs[picks[0]]))
+        copies = [spec.units.unit_costs[u] for u in picks]
+        twin = twin_cost(copies[0])
+        if not self.recompute:
+            return sum(copies, twin)
+        forward = sum(c.flops for c in [*copies, copies[0]]) / 3
+        return recomputed_cost([*copies, twin], forward, sum(spec.units.handed_bytes(u) for u in picks))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -25,6 +25,8 @@ from ..errors import FxLocalError
 from ..split import split_graph
 from ..trace import SHAPE_BATCH, values_at_batch
 from ..units import Unit
+from . import recompute as recompute_
+from .ema import ParallelSum
 
 __all__ = ["UnitChain", "UnitLibrary", "WithPlainInputs", "handed_on", "reinitialise"]
 
@@ -103,6 +105,13 @@ class UnitLibrary:
     def fresh_tail(self) -> nn.Module:
         return reinitialise(copy.deepcopy(self.live(len(self.units))))
 
+    def handed_bytes(self, u: int) -> float:
+        """Per-sample bytes of the tensors unit ``u`` hands on (its output, and a carried one)."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        unit = self.units[u]
+        values = [nodes[name].meta["val"] for name in (unit.cut, *(t.node for t in unit.carried))]
+        return float(sum(v.numel() // v.shape[0] * v.element_size() for v in values))
+
 
 @dataclass(frozen=True)
 class BatchSize:
@@ -174,13 +183,16 @@ def handed_on(out: Any) -> tuple[torch.Tensor, ...]:
 
 class UnitChain(nn.Module):
     """``stages`` applied in turn, each on the tensors the one before handed on (one, or two
-    across units that carry a second)."""
+    across units that carry a second); with ``recompute``, each stage recomputed in backward
+    on its own (see :mod:`.recompute`; a copy and twin pair recomputes its two parts apart)."""
 
-    def __init__(self, stages: list[nn.Module]):
+    def __init__(self, stages: list[nn.Module], recompute: bool = False):
         super().__init__()
         self.stages = nn.ModuleList(stages)
+        self.recompute = recompute
 
     def forward(self, *tensors):
         for stage in self.stages:
-            tensors = handed_on(stage(*tensors))
+            whole = self.recompute and not isinstance(stage, ParallelSum)
+            tensors = handed_on(recompute_.run(stage, *tensors, recompute=whole))
         return tensors[0] if len(tensors) == 1 else tensors

@@ -1,0 +1,97 @@
+"""Aux heads of unit copies recomputed in backward (``recompute=True``): same training, less kept."""
+
+import copy
+
+import pytest
+import torch
+
+import fxlocal
+from fxlocal.aux.ema import ParallelSum
+from fxlocal.aux.unit_copies import UnitChain
+from fxlocal.memory import _local_step, step_peak_bytes
+from helpers import saved_activation_bytes
+
+CIFAR = (3, 32, 32)
+
+
+def _recomputing(local):
+    """A copy of ``local`` whose heads recompute, same weights and state."""
+    twin = copy.deepcopy(local)
+    flipped = [m for m in twin.modules() if isinstance(m, (UnitChain, ParallelSum))]
+    assert flipped
+    for m in flipped:
+        m.recompute = True
+    return twin
+
+
+def _assert_trains_as_stored(stored, size, classes):
+    """Two SGD-momentum steps from the same state, stored vs recomputed heads: every parameter,
+    BatchNorm running statistic and EMA twin ends the same (running statistics are updated once,
+    not again by the recompute)."""
+    recomputed = _recomputing(stored)
+    for local in (stored, recomputed):
+        opts = [torch.optim.SGD(list(local.block_parameters(b)), lr=0.1, momentum=0.9) for b in range(local.k)]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x, y = torch.randn(8, *size, generator=gen), torch.randint(0, classes, (8,), generator=gen)
+            local.train_step(x, y, opts)
+    want, got = stored.state_dict(), recomputed.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name].float(), got[name].float(), rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man"])
+def test_recomputed_heads_train_exactly_as_stored_ones(aux):
+    torch.manual_seed(0)
+    _assert_trains_as_stored(fxlocal.convert("resnet32_cifar", k=4, aux=aux, input_size=CIFAR), CIFAR, 10)
+
+
+@pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man"])
+def test_recomputed_copies_take_a_carried_second_branch(aux):
+    """Copies of units that hand two tensors on (TwoBranches' blocks), recomputed; priced for
+    balance="memory" with both tensors as the copies' inputs."""
+    from test_analyze import TwoBranches
+
+    torch.manual_seed(0)
+    size = (12, 4, 4)
+    kwargs = dict(k=3, aux=aux, input_size=size, num_classes=5, balance="memory")
+    local = fxlocal.convert(TwoBranches(), recompute=True, **kwargs)
+    assert all("recomputed" in b.head for b in local.plan.blocks[:-1])
+    _assert_trains_as_stored(fxlocal.convert(TwoBranches(), **kwargs), size, 5)
+
+
+def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so():
+    from fxlocal.analyze import analyze
+    from fxlocal.aux import HeadSpec, get_aux
+    from fxlocal.convert import _unit_library
+    from fxlocal.trace import trace
+
+    gm = trace(fxlocal.create_model("resnet32_cifar", 10, CIFAR), CIFAR)
+    analysis = analyze(gm, CIFAR)
+    library = _unit_library(gm, analysis)
+    unit = 2
+    cut = analysis.candidates[analysis.units[unit].cut_position]
+    spec = HeadSpec(cut.shape, cut.layout, 10, 0, 4, unit, library)
+    batch = 8
+    x = torch.randn(batch, *cut.shape, requires_grad=True)
+    kept = {}
+    for recompute in (False, True):
+        method = get_aux("mlaan", recompute=recompute)
+        head = method.build_head(spec).train()
+        kept[recompute] = saved_activation_bytes(head.cascade, x) / batch
+        if recompute:
+            inputs = sum(library.handed_bytes(u) for u in method.chain(spec))
+            assert kept[True] == pytest.approx(inputs, rel=0.05)
+            # priced: those inputs, plus the largest copy's activations while it is recomputed
+            priced = method.head_cost(spec).activation_bytes
+            assert priced == pytest.approx(inputs + max(library.unit_costs[u].activation_bytes for u in method.chain(spec)), rel=1e-6)
+    assert kept[True] < kept[False] / 4
+
+
+# (MLAAN's peak on resnet32_cifar is its last block's: the model's loss cascaded into the block before)
+@pytest.mark.parametrize("aux", ["auglocal", "man"])
+def test_recompute_lowers_the_predicted_step_peak(aux):
+    stored = fxlocal.convert("resnet32_cifar", k=4, aux=aux, input_size=CIFAR)
+    peaks = [step_peak_bytes(m, _local_step, 64, CIFAR, 10, "sgd", "fake", per_block=True) for m in (stored, _recomputing(stored))]
+    assert peaks[1] < 0.95 * peaks[0]
