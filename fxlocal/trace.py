@@ -108,13 +108,20 @@ class LocalTracer(NodePathTracer):
     def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
         """torchvision's names (the op under its module, ``_N`` counting repeats within it), in
         constant time: torchvision's own matches a regex against every earlier name (a million
-        matches on CoaT's 2,600 nodes). Stems never end in ``_<digits>`` (fx's postfix is cut
-        off), so the latest name from a stem is the one torchvision's reverse search finds."""
+        matches on CoaT's 2,600 nodes). With fx's postfix cut off, a stem rarely ends in
+        ``_<digits>``; for those, the latest name from a stem is the one torchvision's reverse
+        search finds. A stem that still does (a module ``conv_1_1``) takes torchvision's search."""
         name = module_qualname
         if node.op != "call_module":
             name = f"{name}.{node}" if name else str(node)
         if _FX_POSTFIX.match(name):
             name = name.rsplit("_", 1)[0]
+        if _FX_POSTFIX.match(name):
+            qualname = super()._get_node_qualname(module_qualname, node)
+            stem, postfix = qualname.rsplit("_", 1)
+            if not _FX_POSTFIX.match(stem):  # e.g. conv_1: torchvision's next conv counts on from it
+                self._last_postfix[stem] = int(postfix)
+            return qualname
         last = self._last_postfix.get(name)
         self._last_postfix[name] = 0 if last is None else last + 1
         return name if last is None else f"{name}_{last + 1}"

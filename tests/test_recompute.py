@@ -61,7 +61,10 @@ def test_recomputed_copies_take_a_carried_second_branch(aux):
     _assert_trains_as_stored(fxlocal.convert(TwoBranches(), **kwargs), size, 5)
 
 
-def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so():
+# (aux, hidden unit): MLAAN's chain from 32² maps; AugLocal's copies from unit 0 and 5 need
+# adapters between them (each its own recomputed stage, whose output is kept too)
+@pytest.mark.parametrize("aux,unit", [("mlaan", 2), ("auglocal", 0), ("auglocal", 5)])
+def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so(aux, unit):
     from fxlocal.analyze import analyze
     from fxlocal.aux import HeadSpec, get_aux
     from fxlocal.convert import _unit_library
@@ -70,23 +73,24 @@ def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so():
     gm = trace(fxlocal.create_model("resnet32_cifar", 10, CIFAR), CIFAR)
     analysis = analyze(gm, CIFAR)
     library = _unit_library(gm, analysis)
-    unit = 2
     cut = analysis.candidates[analysis.units[unit].cut_position]
     spec = HeadSpec(cut.shape, cut.layout, 10, 0, 4, unit, library)
     batch = 8
     x = torch.randn(batch, *cut.shape, requires_grad=True)
-    kept = {}
+    kept, priced = {}, {}
     for recompute in (False, True):
-        method = get_aux("mlaan", recompute=recompute)
+        method = get_aux(aux, recompute=recompute)
         head = method.build_head(spec).train()
-        kept[recompute] = saved_activation_bytes(head.cascade, x) / batch
-        if recompute:
-            inputs = sum(library.handed_bytes(u) for u in method.chain(spec))
-            assert kept[True] == pytest.approx(inputs, rel=0.05)
-            # priced: those inputs, plus the largest copy's activations while it is recomputed
-            priced = method.head_cost(spec).activation_bytes
-            assert priced == pytest.approx(inputs + max(library.unit_costs[u].activation_bytes for u in method.chain(spec)), rel=1e-6)
-    assert kept[True] < kept[False] / 4
+        chain = head.cascade if aux == "mlaan" else head
+        kept[recompute] = saved_activation_bytes(chain, x) / batch
+        priced[recompute] = method.head_cost(spec).activation_bytes
+    # priced: what the recomputed chain keeps (its stages' inputs), measured, plus the largest
+    # copy's activations, alive while that copy is recomputed
+    picks = get_aux(aux).chain(spec) if aux == "mlaan" else get_aux(aux).picks(spec)
+    regions = [library.unit_costs[u] for u in picks] + ([library.tail_cost] if aux == "auglocal" else [])
+    largest = max(r.activation_bytes for r in regions)
+    assert priced[True] == pytest.approx(kept[True] + largest, rel=0.05)
+    assert kept[True] < kept[False] / 2 and priced[True] < priced[False]
 
 
 # (MLAAN's peak on resnet32_cifar is its last block's: the model's loss cascaded into the block before)

@@ -138,15 +138,26 @@ class RepeatedOps(nn.Module):
         return torch.relu(y) + torch.relu(-y)
 
 
+class SuffixedNames(nn.Module):
+    """Module names that end in ``_<digits>`` once and twice, besides the plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv_1, self.conv_1_1, self.conv_2 = (nn.Conv2d(2, 2, 1) for _ in range(4))
+
+    def forward(self, x):
+        return self.conv_2(self.conv_1_1(self.conv_1(self.conv(x)))) + self.conv(x)
+
+
 def test_node_names_are_torchvisions():
     """Our constant-time naming gives the names torchvision's NodePathTracer gives (which
     feature-extraction users and saved plans refer to)."""
     from torchvision.models.feature_extraction import NodePathTracer
 
-    for model in (RepeatedOps(), timm.create_model("resnet18", num_classes=3)):
+    for model in (RepeatedOps(), SuffixedNames(), timm.create_model("resnet18", num_classes=3)):
         expected = NodePathTracer()
         expected.trace(model)
-        ours = fxlocal.trace(model, (2, 8, 8) if isinstance(model, RepeatedOps) else (3, 32, 32))
+        ours = fxlocal.trace(model, (3, 32, 32) if isinstance(model, timm.models.ResNet) else (2, 8, 8))
         names = [n.meta["qualname"] for n in ours.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
         assert names == [q for n, q in expected.node_to_qualname.items() if n.op not in ("placeholder", "output", "get_attr")]
         assert len(set(names)) == len(names)

@@ -98,7 +98,7 @@ class AugLocal:
         if not self.recompute:
             return sum(copies, Cost())
         forward = sum(c.flops for c in copies) / 3
-        return recomputed_cost(copies, forward, sum(library.handed_bytes(u) for u in picks))
+        return recomputed_cost(copies, forward, library.chain_kept_bytes(spec.tensors, picks, tail=True))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

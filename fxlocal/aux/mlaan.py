@@ -194,7 +194,7 @@ class MLAAN:
         if not self.recompute:
             return sum(copies, twin)
         forward = sum(c.flops for c in [*copies, copies[0]]) / 3
-        return recomputed_cost([*copies, twin], forward, sum(spec.units.handed_bytes(u) for u in picks))
+        return recomputed_cost([*copies, twin], forward, spec.units.chain_kept_bytes(spec.tensors, picks))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

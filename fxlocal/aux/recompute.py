@@ -29,17 +29,20 @@ def run(module: nn.Module, *tensors: Any, recompute: bool = False) -> Any:
     whose activations backward recomputes."""
     if not (recompute and module.training and torch.is_grad_enabled()):
         return module(*tensors)
-    return checkpoint(module, *tensors, use_reentrant=False, context_fn=functools.partial(_contexts, module))
+    return checkpoint(module, *tensors, use_reentrant=False, context_fn=functools.partial(_statistics_restored_after_recompute, module))
 
 
-def _contexts(module: nn.Module):
+def _statistics_restored_after_recompute(module: nn.Module):
+    """checkpoint's (forward, recompute) contexts: the first run as it is, the second inside
+    :func:`_running_statistics_kept`."""
     return nullcontext(), _running_statistics_kept(module)
 
 
 @contextmanager
 def _running_statistics_kept(module: nn.Module):
     """Recomputing a training-mode forward updates BatchNorm's running statistics a second time
-    with the same batch: put back what the first forward left."""
+    with the same batch: put back what the first forward left (taken when the recompute starts,
+    in backward; a recompute that stops early leaves the rest untouched)."""
     saved = [
         (buffer, buffer.clone())
         for m in module.modules()

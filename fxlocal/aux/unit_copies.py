@@ -26,6 +26,7 @@ from ..split import split_graph
 from ..trace import SHAPE_BATCH, values_at_batch
 from ..units import Unit
 from . import recompute as recompute_
+from .adapters import Tensors, make_tensors_adapter
 from .ema import ParallelSum
 
 __all__ = ["UnitChain", "UnitLibrary", "WithPlainInputs", "handed_on", "reinitialise"]
@@ -107,10 +108,30 @@ class UnitLibrary:
 
     def handed_bytes(self, u: int) -> float:
         """Per-sample bytes of the tensors unit ``u`` hands on (its output, and a carried one)."""
-        nodes = {n.name: n for n in self.gm.graph.nodes}
         unit = self.units[u]
-        values = [nodes[name].meta["val"] for name in (unit.cut, *(t.node for t in unit.carried))]
+        values = [self._nodes[name].meta["val"] for name in (unit.cut, *(t.node for t in unit.carried))]
         return float(sum(v.numel() // v.shape[0] * v.element_size() for v in values))
+
+    @cached_property
+    def _nodes(self) -> dict[str, fx.Node]:
+        return {n.name: n for n in self.gm.graph.nodes}
+
+    def chain_kept_bytes(self, tensors: Tensors, picks: list[int], tail: bool = False) -> float:
+        """Per-sample bytes a chain of recomputed copies of units ``picks`` (then of the model's
+        head, with ``tail``) keeps for backward, starting from ``tensors``: every stage's input
+        but the first's (the block output, alive anyway), i.e. each copy's output and, where the
+        tensors in hand do not fit the next copy, the adapter's (decided as the heads decide)."""
+        kept = 0.0
+        for u in [*picks, *([None] if tail else [])]:
+            wanted = self.units[u - 1] if u is not None else self.units[-1]
+            with torch.device("meta"):
+                adapted = not isinstance(make_tensors_adapter(tensors, wanted.tensors), nn.Identity)
+            if adapted:
+                kept += self.handed_bytes(wanted.index)
+            if u is not None:
+                kept += self.handed_bytes(u)
+                tensors = self.units[u].tensors
+        return kept
 
 
 @dataclass(frozen=True)
