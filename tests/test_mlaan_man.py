@@ -234,6 +234,31 @@ def test_ema_twins_are_priced_as_what_they_save(unit):
     assert priced.buffer_bytes == weights and priced.param_bytes == 0
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("unit", [2, 12])  # 32², 8²
+def test_man_head_is_priced_as_what_it_keeps(unit, recompute):
+    """Stored: LB's and the twin's activations, their sum (kept by DGL's head) and DGL's own;
+    recomputed: the sum and DGL's, plus one unit's activations while it is recomputed."""
+    from fxlocal.analyze import analyze
+    from fxlocal.aux import HeadSpec, get_aux
+    from fxlocal.convert import _unit_library
+    from fxlocal.trace import trace
+
+    size = (3, 32, 32)
+    gm = trace(fxlocal.create_model("resnet32_cifar", 10, size), size)
+    analysis = analyze(gm, size)
+    library = _unit_library(gm, analysis)
+    cut = analysis.candidates[analysis.units[unit].cut_position]
+    method = get_aux("man", recompute=recompute)
+    spec = HeadSpec(cut.shape, cut.layout, 10, 0, 4, unit, library)
+    x = torch.randn(2, *cut.shape, requires_grad=True)  # the batch heads are measured at
+    kept = saved_activation_bytes(method.build_head(spec).train(), x) / 2
+    recomputed = library.unit_costs[unit + 1].activation_bytes if recompute else 0.0
+    # (DGL's head is measured alone, on an input needing no gradient: within a few percent of what
+    # it keeps in place on 8×8 maps; pricing without their sum fails it)
+    assert method.head_cost(spec).activation_bytes == pytest.approx(kept + recomputed, rel=0.05)
+
+
 class UnfoldFirst(torch.nn.Module):
     """Its first unit has no parameters (TNT's starts with an unfold into pixel tokens)."""
 

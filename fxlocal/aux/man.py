@@ -77,16 +77,18 @@ class MAN:
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
-        says, then DGL's head; recomputed, both forwards run again (a third of the unit's
-        training FLOPs each)."""
+        says, their sum is kept, then DGL's head; recomputed, both forwards run again (a third of
+        the unit's training FLOPs each) and only one's activations are alive at a time."""
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
             heads = self._dgl_heads(unit, spec)
         dgl = sum((measure_module(h, shape) for h, (shape, _) in zip(heads, unit.tensors)), Cost())
+        # LB(x) + EMA(x) is a new tensor, kept by DGL's head for its backward
+        pair_out = spec.units.handed_bytes(u)
         if not self.recompute:
-            return lb + twin_cost(lb) + dgl
-        return recomputed_cost([lb, twin_cost(lb)], 2 * lb.flops / 3, spec.units.handed_bytes(u)) + dgl
+            return lb + twin_cost(lb) + Cost(activation_bytes=pair_out) + dgl
+        return recomputed_cost([lb, twin_cost(lb)], 2 * lb.flops / 3, pair_out) + dgl
 
     def describe(self, head: nn.Module) -> str:
         return head.summary
