@@ -1,8 +1,9 @@
 """Peak memory of one training step: end to end, the papers' hand-written split, and fxlocal.
 
 Prints a markdown table. On CPU the peaks are predicted on fake tensors (FakeCopyMode +
-MemTracker, identical to a real CPU step); with ``--device cuda`` they are measured with
-``torch.cuda.max_memory_allocated``. MiB = 2^20 bytes.
+MemTracker, identical to a real CPU step), with each block's part of the step (which binds);
+with ``--device cuda`` they are measured with ``torch.cuda.max_memory_allocated``. MiB = 2^20
+bytes.
 
     python benchmarks/memory.py                         # resnet101, K=4, batch 64, 224², SGD momentum
     python benchmarks/memory.py --model resnet32_cifar --k 16 --batch 128 --input-size 3 32 32 --no-hand-split
@@ -17,7 +18,7 @@ import warnings
 
 import fxlocal
 from fxlocal.cost import MemoryModel
-from fxlocal.memory import OPTIMIZERS, _e2e_step, _local_step, step_peak_bytes
+from fxlocal.memory import OPTIMIZERS, _e2e_step, _local_step, block_step_peaks, step_peak_bytes
 from fxlocal.plan import BlockPlan, Plan
 
 # The split the local-learning papers hand-write for torchvision ResNet-101 at K=4.
@@ -51,16 +52,20 @@ def main(argv=None) -> None:
     original = fxlocal.create_model(args.model, None, size)
     classes = original(__import__("torch").zeros(2, *size)).shape[-1]
 
-    def peak(module, step, per_block=False) -> float:
-        return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, args.device, per_block) / 2**20
+    def local_peaks(local) -> tuple[float, str]:
+        """The step's peak (MiB) and, on fake tensors, each block's part of it (which binds)."""
+        if args.device == "cuda":
+            return step_peak_bytes(local, _local_step, args.batch, size, classes, args.optimizer, "cuda", True) / 2**20, "-"
+        blocks = [b / 2**20 for b in block_step_peaks(local, args.batch, size, classes, args.optimizer)]
+        return max(blocks), " / ".join(f"{b:.0f}" for b in blocks)
 
     rows = []
     started = time.perf_counter()
-    e2e = peak(original, _e2e_step)
-    rows.append(("end-to-end", 1, "-", "-", e2e))
+    e2e = step_peak_bytes(original, _e2e_step, args.batch, size, classes, args.optimizer, args.device) / 2**20
+    rows.append(("end-to-end", 1, "-", "-", e2e, "-"))
     if not args.no_hand_split:
         local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
-        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", peak(local, _local_step, per_block=True)))
+        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", *local_peaks(local)))
     configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
     # the methods that copy units, as the reference runs them and with the copies recomputed
     copying = [aux for aux in args.aux if aux != "dgl"]
@@ -69,15 +74,15 @@ def main(argv=None) -> None:
         local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced, **options)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
         label = aux + "".join(f", {key}" for key in options)
-        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, peak(local, _local_step, per_block=True)))
+        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, *local_peaks(local)))
     cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
           f"{'predicted on fake tensors (CPU)' if args.device == 'fake' else 'measured on CUDA'}, "
           f"{time.perf_counter() - started:.0f} s\n")
-    print("| configuration | K | aux | balance | peak MiB | × end-to-end |")
-    print("|---|---|---|---|---|---|")
-    for name, k, aux, balance, mib in rows:
-        print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} |")
+    print("| configuration | K | aux | balance | peak MiB | × end-to-end | blocks' peaks MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, k, aux, balance, mib, blocks in rows:
+        print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} | {blocks} |")
 
 
 if __name__ == "__main__":

@@ -204,6 +204,9 @@ class LocalModel(nn.Module):
         self.config = dict(config or {})
         # Where the original model's state_dict entries live (see fxlocal.backbone).
         self.backbone_map, self.untraced = backbone if backbone is not None else ({}, None)
+        # Called with b as block b's part of a step begins (instrumentation: which block binds a
+        # step's peak, fxlocal.memory.block_step_peaks).
+        self.block_started: Callable[[int], None] | None = None
 
     @property
     def k(self) -> int:
@@ -299,6 +302,8 @@ class LocalModel(nn.Module):
         window = self.input_window
         carried: tuple = (x,)
         for b, block in enumerate(self.blocks):
+            if self.block_started is not None:
+                self.block_started(b)
             inputs = list(_isolated(carried) if b else carried)
             carried = ()
             ctx.input_leaves = []

@@ -33,6 +33,7 @@ __all__ = [
     "predict_memory",
     "smallest_k_that_fits",
     "step_peak_bytes",
+    "block_step_peaks",
 ]
 
 MIB = 2**20
@@ -96,24 +97,53 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
         step(module, opt, x, y)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
+    tracker = _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, per_block)
+    return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+
+
+def block_step_peaks(local: LocalModel, batch: int, input_size: tuple[int, ...], num_classes: int,
+                     optimizer: str = "sgd") -> list[int]:
+    """Peak bytes of each block's part of one local training step (per-block optimizers), on
+    fake tensors: from the block's forward to the next block's (its head, loss, backward and
+    step), an earlier block that a cascade recomputes counting toward the block whose loss
+    recomputes it. Which block binds the step's peak, and by how much."""
+    phase = [0]
+
+    def tag_blocks(fake: LocalModel) -> None:  # the fake copy's, which the tracked step runs
+        fake.block_started = lambda b: phase.__setitem__(0, b)
+
+    def start_step(fake, opt, x, y) -> None:
+        phase[0] = 0
+        _local_step(fake, opt, x, y)
+
+    tracker = _fake_tracked_step(local, start_step, batch, input_size, num_classes, optimizer, True, tag_blocks, phase)
+    return [int(tracker.phase_peaks.get(b, 0)) for b in range(local.k)]
+
+
+def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, per_block, prepare=None, phase=None):
+    """The tracker of one ``step`` of a fake copy of ``module``, after a warm-up step (which
+    creates the optimizer state); ``prepare(fake)`` before it; with ``phase`` (a one-item list
+    the step updates), ``tracker.phase_peaks`` holds the peak seen in each phase."""
     _StepTracker = _step_tracker_class()
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
         fake = copy.deepcopy(module)
+    if prepare is not None:
+        prepare(fake)
     with mode:
         opt = _make_optimizers(fake, optimizer, per_block)
         x = torch.randn(batch, *input_size)
         y = torch.randint(0, num_classes, (batch,))
         step(fake, opt, x, y)
-        tracker = _StepTracker()
+        tracker = _StepTracker(phase)
         tracker.track_external(fake, *(opt if per_block else [opt]))
         with tracker:
             step(fake, opt, x, y)
-    return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+    return tracker
 
 
 def _step_tracker_class():
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL, MemTracker
 
     class NoModules:
         """Stands in for MemTracker's module tracker, whose gradient hooks on every module input
@@ -138,9 +168,17 @@ def _step_tracker_class():
             pass
 
     class StepTracker(MemTracker):
-        def __init__(self):
+        def __init__(self, phase: list | None = None):
             super().__init__()
             self._mod_tracker = NoModules()
+            self.phase = phase
+            self.phase_peaks: dict = {}
+
+        def _update_peak_stats(self, peak_state) -> None:
+            super()._update_peak_stats(peak_state)
+            if self.phase is not None:
+                total = max(snap[_TOTAL] for snap in self._curr_mem_snap.values())
+                self.phase_peaks[self.phase[0]] = max(self.phase_peaks.get(self.phase[0], 0), total)
 
     return StepTracker
 

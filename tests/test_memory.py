@@ -100,3 +100,18 @@ def test_step_tracker_counts_a_module_input_only_while_it_lives():
         return max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
 
     assert peak(3) == peak(1)
+
+
+def test_block_step_peaks_say_which_block_binds():
+    """Each block's part of the step peaks on its own; the largest is the step's peak. Cutting
+    right after the stem leaves block 1 the rest of the stages, so it binds."""
+    from fxlocal.memory import _local_step, block_step_peaks
+
+    size = (3, 32, 32)
+    original = fxlocal.create_model("resnet32_cifar", 10, size)
+    plan = fxlocal.convert(original, k=2, input_size=size).plan
+    plan.blocks[0].cut_node = "act1"  # after the stem
+    local = fxlocal.convert(original, input_size=size, plan=plan)
+    peaks = block_step_peaks(local, 32, size, 10)
+    assert len(peaks) == 2 and peaks[1] > peaks[0] > 0
+    assert max(peaks) == step_peak_bytes(local, _local_step, 32, size, 10, per_block=True)
