@@ -208,7 +208,8 @@ def convert(
 
     @lru_cache(maxsize=None)
     def head_cost(position: int, block: int = 0) -> Cost:
-        """What the head at ``position`` costs; the DP prices every cut as if for block 0."""
+        """What the head at ``position`` training block ``block`` costs (the DP prices every cut
+        as if for block 0 unless the method's heads vary by block)."""
         if aux == "none":
             return Cost()
         total = Cost()
@@ -245,7 +246,7 @@ def convert(
     if plan is None:
         plan = partition(
             gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux,
-            allowed=allowed, memory=memory,
+            allowed=allowed, memory=memory, heads_vary_by_block=method.heads_vary_by_block,
         )
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
     missing = [c for c in plan.cuts if c not in position or (allowed is not None and position[c] not in allowed)]

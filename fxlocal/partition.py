@@ -25,7 +25,7 @@ __all__ = ["min_max_partition", "partition", "plan_from_cuts"]
 def min_max_partition(
     segment_costs: Sequence[float],
     k: int,
-    cut_costs: Sequence[float] | None = None,
+    cut_costs: Sequence[float] | Sequence[Sequence[float]] | None = None,
     cut_penalties: Sequence[int] | None = None,
     segment_peaks: Sequence[float] | None = None,
 ) -> list[int]:
@@ -37,12 +37,18 @@ def min_max_partition(
     ascending. Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not
     end a module cost 1), then the smaller sum of squared block costs (more even).
     ``segment_peaks`` add a non-additive term: a block also costs the largest peak among its
-    segments (backward's transient buffers).
+    segments (backward's transient buffers). ``cut_costs`` may also be one row per block,
+    ``cut_costs[j][b]`` for block ``j`` ending at ``b``, where the head depends on the block.
     """
     n = len(segment_costs)
     if not 1 <= k <= n:
         raise PartitionError(f"k must be between 1 and {n} here, got {k}")
-    cut_costs = list(cut_costs) if cut_costs is not None else [0.0] * (n - 1)
+    if cut_costs is None:
+        rows = [[0.0] * (n - 1)]
+    elif len(cut_costs) and isinstance(cut_costs[0], Sequence):
+        rows = [list(row) for row in cut_costs]
+    else:
+        rows = [list(cut_costs)]
     penalty = list(cut_penalties) if cut_penalties is not None else [0] * (n - 1)
     prefix = [0.0]
     for c in segment_costs:
@@ -50,15 +56,16 @@ def min_max_partition(
 
     peaks = list(segment_peaks) if segment_peaks is not None else [0.0] * n
 
-    def block(a: int, b: int, peak: float) -> float:
-        return prefix[b + 1] - prefix[a] + (cut_costs[b] if b < n - 1 else 0.0) + peak
+    def block(j: int, a: int, b: int, peak: float) -> float:
+        head = rows[min(j, len(rows) - 1)][b] if b < n - 1 else 0.0
+        return prefix[b + 1] - prefix[a] + head + peak
 
     inf = (math.inf, math.inf, math.inf)
     # best[j][b]: (max block cost, penalties, sum of squares) of segments 0..b in j+1 blocks
     best = [[inf] * n for _ in range(k)]
     back = [[-1] * n for _ in range(k)]
     for b in range(n):
-        c = block(0, b, max(peaks[: b + 1]))
+        c = block(0, 0, b, max(peaks[: b + 1]))
         best[0][b] = (c, 0, c * c)
     for j in range(1, k):
         for b in range(j, n):
@@ -66,7 +73,7 @@ def min_max_partition(
             for a in range(b, j - 1, -1):  # block j covers segments a..b
                 peak = max(peak, peaks[a])
                 prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
-                c = block(a, b, peak)
+                c = block(j, a, b, peak)
                 cand = (max(prev_max, c), prev_pen + penalty[a - 1], prev_sq + c * c)
                 if cand < best[j][b]:
                     best[j][b], back[j][b] = cand, a
@@ -89,10 +96,13 @@ def partition(
     aux: str = "dgl",
     allowed: Sequence[int] | None = None,
     memory: MemoryModel | None = None,
+    heads_vary_by_block: bool = False,
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
-    ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero).
+    ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero);
+    with ``heads_vary_by_block``, ``head_cost(i, j)`` that of the head training block ``j``
+    there (AugLocal's depth shrinks block by block), and the DP prices each block's own.
     ``allowed`` restricts the cuts to those candidate indices (e.g. unit boundaries); the
     segments between allowed cuts are merged. ``input_size`` defaults to the traced size.
     ``memory`` prices ``balance="memory"`` (batch, optimizer state, pipeline mode).
@@ -118,16 +128,25 @@ def partition(
         sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
         for i in range(len(bounds) - 1)
     ]
-    heads = {i: _timed_head(analysis, head_cost(i)) if head_cost else Cost() for i in allowed}
+    blocks_priced = range(max(k - 1, 1)) if heads_vary_by_block and head_cost else [None]
+    heads = [
+        {i: _timed_head(analysis, head_cost(i) if j is None else head_cost(i, j)) if head_cost else Cost() for i in allowed}
+        for j in blocks_priced
+    ]
     chosen = min_max_partition(
         [_score(c, balance, memory) for c in merged],
         k,
-        [_score(heads[i], balance, memory, head=True) + _boundary(analysis.candidates[i], balance, memory) for i in allowed],
+        [
+            [_score(row[i], balance, memory, head=True) + _boundary(analysis.candidates[i], balance, memory) for i in allowed]
+            for row in heads
+        ],
         [0 if analysis.candidates[i].closes else 1 for i in allowed],
         [(memory or MemoryModel()).transient(c) for c in merged] if balance == "memory" else None,
     )
     cut_idx = [allowed[c] for c in chosen]
-    head_costs = [heads.get(i, Cost()) for i in range(len(analysis.candidates))]
+    head_costs = [Cost()] * len(analysis.candidates)
+    for b, i in enumerate(cut_idx):
+        head_costs[i] = heads[min(b, len(heads) - 1)][i]
     return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux, memory=memory)
 
 

@@ -43,6 +43,27 @@ def test_dp_matches_brute_force(seed):
     assert block_max(costs, cuts, cut_costs) == brute_force(costs, k, cut_costs)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_with_a_head_per_block_matches_brute_force(seed):
+    """Where a cut's head depends on the block it trains (AugLocal's depth), block j ending at
+    b costs ``cut_costs[j][b]``."""
+    rng = random.Random(200 + seed)
+    n = rng.randint(3, 9)
+    k = rng.randint(2, n)
+    costs = [rng.randint(0, 50) for _ in range(n)]
+    rows = [[rng.randint(0, 60) for _ in range(n - 1)] for _ in range(k - 1)]
+    cuts = min_max_partition(costs, k, rows)
+
+    def worst(cs):
+        bounds = [-1, *cs, n - 1]
+        return max(
+            sum(costs[bounds[j] + 1 : bounds[j + 1] + 1]) + (rows[j][bounds[j + 1]] if j < k - 1 else 0)
+            for j in range(k)
+        )
+
+    assert len(cuts) == k - 1 and worst(cuts) == min(worst(cs) for cs in itertools.combinations(range(n - 1), k - 1))
+
+
 def test_dp_is_not_equal_count():
     # one huge segment: equal counts would put it with others; min-max isolates it
     costs = [1, 1, 1, 50, 1, 1, 1, 1]

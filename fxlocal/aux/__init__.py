@@ -45,6 +45,8 @@ class AuxMethod(Protocol):
     name: str
     # Methods that copy units need their cuts at unit boundaries.
     cuts_at_units: bool
+    # Methods whose head at a cut depends on the block it trains (balance prices each block's).
+    heads_vary_by_block: bool
 
     def build_head(self, spec: HeadSpec) -> nn.Module: ...
 
@@ -60,6 +62,7 @@ def register_aux(name: str):
     def wrap(cls):
         cls.name = name
         cls.cuts_at_units = getattr(cls, "cuts_at_units", False)
+        cls.heads_vary_by_block = getattr(cls, "heads_vary_by_block", False)
         _REGISTRY[name] = cls
         return cls
 

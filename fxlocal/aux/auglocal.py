@@ -47,6 +47,7 @@ def pyramid_depths(num_aux: int, depth: int, tau: float = 0.5) -> list[int]:
 @register_aux("auglocal")
 class AugLocal:
     cuts_at_units = True
+    heads_vary_by_block = True  # pyramidal depth: a later block's head copies fewer units
 
     def __init__(self, aux_depth: int = 3, pyramid: float = 0.5, recompute: bool = False):
         if aux_depth < 1:
