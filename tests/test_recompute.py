@@ -104,3 +104,12 @@ def test_recompute_lowers_the_peak_of_a_block_its_head_binds(aux):
     peaks = [block_step_peaks(m, 64, CIFAR, 10) for m in (stored, _recomputing(stored))]
     assert peaks[1][0] < 0.85 * peaks[0][0]
     assert max(peaks[1]) <= max(peaks[0])
+
+
+@pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man"])
+def test_a_recompute_option_that_is_not_a_flag_is_refused(aux):
+    from fxlocal.aux import get_aux
+    from fxlocal.errors import FxLocalError
+
+    with pytest.raises(FxLocalError, match="recompute must be true or false, got 'yes'"):
+        get_aux(aux, recompute="yes")

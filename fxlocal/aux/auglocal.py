@@ -18,7 +18,7 @@ from ..cost import Cost
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .adapters import make_tensors_adapter
-from .recompute import recomputed_cost
+from .recompute import checked_flag, recomputed_cost
 from .unit_copies import UnitChain
 
 __all__ = ["sampled_units", "pyramid_depths", "AugLocal"]
@@ -56,7 +56,7 @@ class AugLocal:
             raise FxLocalError(f"pyramid (tau) must be between 0 and 1, got {pyramid}")
         self.aux_depth = aux_depth
         self.pyramid = pyramid
-        self.recompute = recompute  # the copies recomputed in backward (see .recompute)
+        self.recompute = checked_flag(recompute)  # the copies recomputed in backward (see .recompute)
 
     def picks(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:

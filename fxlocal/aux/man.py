@@ -19,7 +19,7 @@ from . import HeadSpec, register_aux
 from .dgl import DGLHead
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
-from .recompute import recomputed_cost
+from .recompute import checked_flag, recomputed_cost
 from .unit_copies import handed_on
 
 __all__ = ["MAN"]
@@ -52,7 +52,7 @@ class MAN:
         recompute: bool = False,
     ):
         self.momentum = momentum
-        self.recompute = recompute  # the copy and twin recomputed in backward (see .recompute)
+        self.recompute = checked_flag(recompute)  # the copy and twin recomputed in backward (see .recompute)
         self.dgl_options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:

@@ -32,7 +32,7 @@ from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import one_per_tensor
-from .recompute import recomputed_cost
+from .recompute import checked_flag, recomputed_cost
 from .unit_copies import UnitChain, handed_on
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
@@ -143,7 +143,7 @@ class MLAAN:
         self.span, self.wx, self.wy = span, wx, wy
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
-        self.recompute = recompute  # the chain's copies recomputed in backward (see .recompute)
+        self.recompute = checked_flag(recompute)  # the chain's copies recomputed in backward (see .recompute)
 
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:

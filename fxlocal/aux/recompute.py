@@ -20,8 +20,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..cost import Cost
+from ..errors import FxLocalError
 
-__all__ = ["run", "recomputed_cost"]
+__all__ = ["run", "recomputed_cost", "checked_flag"]
+
+
+def checked_flag(value: Any) -> bool:
+    """The ``recompute`` option as given (``--aux-option recompute=yes`` would otherwise be a
+    truthy string)."""
+    if not isinstance(value, bool):
+        raise FxLocalError(f"recompute must be true or false, got {value!r}")
+    return value
 
 
 def run(module: nn.Module, *tensors: Any, recompute: bool = False) -> Any:
