@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="fake", choices=("fake", "cuda"))
     p.add_argument("--no-hand-split", action="store_true", help="the model is not a torchvision ResNet-101")
     p.add_argument("--aux", nargs="*", default=["dgl", "auglocal", "mlaan", "man"])
+    p.add_argument("--backbone-recompute", nargs="*", default=["cheap", "all"], choices=("cheap", "all"))
     args = p.parse_args(argv)
     size = tuple(args.input_size)
     priced = MemoryModel(batch=args.batch, optimizer_states=OPTIMIZERS[args.optimizer][1])
@@ -70,10 +71,18 @@ def main(argv=None) -> None:
     # the methods that copy units, as the reference runs them and with the copies recomputed
     copying = [aux for aux in args.aux if aux != "dgl"]
     configs += [(aux, "memory", options) for options in ({}, {"recompute": True}) for aux in copying]
+    # the blocks recomputed unit by unit too (MLAAN backpropagates blocks twice: "all" only)
+    for policy in args.backbone_recompute:
+        configs += [
+            (aux, "memory", {**({} if aux == "dgl" else {"recompute": True}), "backbone_recompute": policy})
+            for aux in args.aux
+            if not (policy == "cheap" and fxlocal.get_aux(aux).backpropagates_blocks_twice)
+        ]
+    analyzed = fxlocal.analyze_model(original, size)
     for aux, balance, options in configs:
-        local = fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance=balance, memory=priced, **options)
+        local = fxlocal.convert(analyzed, k=args.k, aux=aux, balance=balance, memory=priced, **options)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
-        label = aux + "".join(f", {key}" for key in options)
+        label = aux + "".join(f", {key}" if value is True else f", {key.replace('_', ' ')} {value}" for key, value in options.items())
         rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, *local_peaks(local)))
     cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "

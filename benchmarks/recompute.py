@@ -1,12 +1,16 @@
-"""What ``recompute=True`` buys and costs: the unit-copying aux heads kept or recomputed.
+"""What recomputing in backward buys and costs: the step's peak and time, kept vs recomputed.
 
-For each method that copies units (AugLocal, MLAAN, MAN), the memory-balanced conversion as the
-reference runs it and the one with the copies recomputed in backward (balanced with its heads
-priced so): the step's peak predicted on fake tensors (``--device cuda``: measured) and the
-median train-step time, steps alternating between the two.
+``--what heads`` (default): for each method that copies units (AugLocal, MLAAN, MAN), the
+memory-balanced conversion as the reference runs it and with its copies recomputed
+(``recompute=True``). ``--what backbone``: for each method, the blocks themselves stored and
+recomputed unit by unit (``backbone_recompute`` "cheap" and "all"; the unit-copying heads
+recomputed throughout, MLAAN without "cheap", which it cannot run). Each conversion is
+memory-balanced with its recompute priced; the step's peak is predicted on fake tensors
+(``--device cuda``: measured) and steps alternate between the variants for the median time.
 
     python benchmarks/recompute.py                                   # resnet101, batch 64 (GPU)
     python benchmarks/recompute.py --time-batch 8 --steps 4 --device cpu  # peaks at 64, steps timed at 8
+    python benchmarks/recompute.py --what backbone --aux dgl mlaan --time-batch 8 --steps 4 --device cpu
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from fxlocal.cost import MemoryModel
 from fxlocal.memory import _local_step, step_peak_bytes
 
 
+def variants(what: str, aux: str) -> list[tuple[str, dict]]:
+    """(label, convert options) to compare for ``aux``, the first the baseline."""
+    if what == "heads":
+        return [("stored", {}), ("recomputed", {"recompute": True})]
+    heads = {} if aux == "dgl" else {"recompute": True}
+    policies = ["none", "all"] if fxlocal.get_aux(aux).backpropagates_blocks_twice else ["none", "cheap", "all"]
+    return [(policy, {**heads, "backbone_recompute": policy}) for policy in policies]
+
+
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--input-size", type=int, nargs=3, default=(3, 224, 224))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--aux", nargs="*", default=["auglocal", "mlaan", "man"])
+    p.add_argument("--what", default="heads", choices=("heads", "backbone"))
+    p.add_argument("--aux", nargs="*")
     args = p.parse_args(argv)
     size, device = tuple(args.input_size), torch.device(args.device)
     original = fxlocal.create_model(args.model, None, size)
@@ -43,16 +57,16 @@ def main(argv=None) -> None:
     x = torch.randn(time_batch, *size, device=device)
     y = torch.randint(0, classes, (time_batch,), device=device)
     priced, measured = MemoryModel(batch=args.batch), "cuda" if device.type == "cuda" else "fake"
+    analyzed = fxlocal.analyze_model(original, size)
     rows = []
-    for aux in args.aux:
-        models = [
-            fxlocal.convert(original, k=args.k, aux=aux, input_size=size, balance="memory", memory=priced, recompute=r)
-            for r in (False, True)
-        ]
+    default_aux = ["auglocal", "mlaan", "man"] if args.what == "heads" else ["dgl", "auglocal", "mlaan", "man"]
+    for aux in args.aux or default_aux:
+        labels, options = zip(*variants(args.what, aux))
+        models = [fxlocal.convert(analyzed, k=args.k, aux=aux, balance="memory", memory=priced, **o) for o in options]
         peaks = [step_peak_bytes(m, _local_step, args.batch, size, classes, "sgd", measured, per_block=True) / 2**20 for m in models]
         models = [m.to(device) for m in models]
         opts = [[torch.optim.SGD(list(m.block_parameters(b)), lr=0.01, momentum=0.9) for b in range(m.k)] for m in models]
-        times = [[], []]
+        times = [[] for _ in models]
         for step in range(args.steps + 1):
             for i, (m, opt) in enumerate(zip(models, opts)):
                 if device.type == "cuda":
@@ -63,19 +77,22 @@ def main(argv=None) -> None:
                     torch.cuda.synchronize()
                 if step:  # the first step warms up
                     times[i].append(time.perf_counter() - start)
-        for heads, local, peak, took in zip(("stored", "recomputed"), models, peaks, times):
+        base = statistics.median(times[0])
+        for label, local, peak, took in zip(labels, models, peaks, times):
             cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
-            rows.append((aux, heads, cuts, peak, peak / peaks[0], statistics.median(took), statistics.median(took) / statistics.median(times[0])))
+            rows.append((aux, label, cuts, peak, peak / peaks[0], statistics.median(took), statistics.median(took) / base))
     cmd = "python benchmarks/recompute.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, K={args.k}, {size}, SGD momentum, fp32, peaks at batch {args.batch} "
           + ("measured on CUDA" if device.type == "cuda" else "predicted on fake tensors")
           + f", steps timed at batch {time_batch}"
           + ("" if device.type == "cuda" else f" on CPU ({torch.get_num_threads()} threads)")
           + "\n")
-    print("| aux | copies | ends | peak MiB | × stored | median step (s) | × stored |")
+    kind = "copies" if args.what == "heads" else "backbone recompute"
+    first = variants(args.what, "dgl")[0][0]
+    print(f"| aux | {kind} | ends | peak MiB | × {first} | median step (s) | × {first} |")
     print("|---|---|---|---|---|---|---|")
-    for aux, heads, cuts, peak, peak_x, took, took_x in rows:
-        print(f"| {aux} | {heads} | {cuts} | {peak:.1f} | {peak_x:.3f} | {took:.3f} | {took_x:.3f} |")
+    for aux, label, cuts, peak, peak_x, took, took_x in rows:
+        print(f"| {aux} | {label} | {cuts} | {peak:.1f} | {peak_x:.3f} | {took:.3f} | {took_x:.3f} |")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,9 @@ def convert(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="save the converted model"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="pick the smallest K whose step peak fits, e.g. 8GiB"),
     batch: int = typer.Option(64, "--batch", min=1, help="batch size that --max-memory and balance=memory price"),
+    backbone_recompute: str = typer.Option(
+        "none", "--backbone-recompute", help="recompute the blocks' activations in backward, unit by unit: none, cheap (all but conv/matmul outputs) or all"
+    ),
 ):
     """Cut MODEL into K balanced gradient-isolated blocks with aux heads and print the plan."""
     import fxlocal
@@ -134,6 +137,7 @@ def convert(
 
     options = _parse_aux_options(aux_option)
     options.update({key: v for key, v in (("aux_depth", aux_depth), ("pyramid", pyramid)) if v is not None})
+    options["backbone_recompute"] = backbone_recompute
     priced = MemoryModel(batch=batch)
     if max_memory is not None:
         original = fxlocal.create_model(model, num_classes, input_size)
@@ -402,6 +406,9 @@ def memory(
     device: str = typer.Option("fake", "--device", help="fake (predict on CPU, no allocation) or cuda (measure)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="pick the smallest K whose peak fits, e.g. 8GiB"),
+    backbone_recompute: str = typer.Option(
+        "none", "--backbone-recompute", help="recompute the blocks' activations in backward, unit by unit: none, cheap (all but conv/matmul outputs) or all"
+    ),
 ):
     """Peak memory of one training step: end to end vs local, with a per-block table."""
     import fxlocal
@@ -417,14 +424,18 @@ def memory(
 
     priced = MemoryModel(batch=batch, optimizer_states=OPTIMIZERS[optimizer][1])
     if max_memory is not None:
-        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device)
+        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, backbone_recompute=backbone_recompute)
     else:
-        local = fxlocal.convert(original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced)
+        local = fxlocal.convert(
+            original, k=k, aux=aux, input_size=input_size, balance=balance, memory=priced, backbone_recompute=backbone_recompute
+        )
     report = predict_memory(original, local, batch, optimizer, device, name=model)
     table = Table(
         title=f"{model}: one {optimizer} step, batch {batch}, input {tuple(input_size)}, K={k}, aux={aux}, "
-        f"balance={balance} ({'predicted on fake tensors' if device == 'fake' else 'measured on CUDA'})",
-        caption="MiB = 2^20 bytes; activations are saved for backward by the block and its head",
+        f"balance={balance}{'' if backbone_recompute == 'none' else f', backbone recompute {backbone_recompute}'} "
+        f"({'predicted on fake tensors' if device == 'fake' else 'measured on CUDA'})",
+        caption="MiB = 2^20 bytes; activations are saved for backward by the block and its head"
+        + ("" if backbone_recompute == "none" else " when nothing is recomputed (the peaks above recompute them)"),
     )
     for col in ("block", "activations", "params", "grads", "optimizer state", "aux head params"):
         table.add_column(col, justify="right")

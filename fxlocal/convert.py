@@ -32,6 +32,7 @@ from .local_model import LocalModel
 from .models import create_model, native_input_sizes
 from .partition import partition, plan_from_cuts
 from .plan import Plan
+from .recompute import checked_policy
 from .split import split_graph
 from .trace import trace
 
@@ -159,6 +160,7 @@ def convert(
     plan: Plan | None = None,
     model_kwargs: dict | None = None,
     memory: MemoryModel | None = None,
+    backbone_recompute: str = "none",
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
@@ -170,10 +172,15 @@ def convert(
     model's constructor; ``memory`` prices ``balance="memory"`` (batch size, optimizer state,
     pipeline mode; default batch 64, SGD momentum, one process); ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
     ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
+    ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``) trades step time for memory:
+    training recomputes the blocks' activations in backward, one unit at a time
+    (:mod:`fxlocal.recompute`); ``balance="memory"`` prices the blocks so.
     """
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
     method = get_aux(aux, **aux_options)
+    # balance="memory" prices the blocks as they will run
+    memory = replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
     if aux == "none" and k != 1:
         raise PartitionError("aux='none' is plain end-to-end training: use it with k=1")
     if k < 1:
@@ -282,10 +289,20 @@ def convert(
         num_classes=num_classes,
         model_kwargs=dict(model_kwargs or {}),
         aux_options=dict(aux_options),
+        backbone_recompute=backbone_recompute,
     )
     final = method.final_objective() if hasattr(method, "final_objective") else None
     backbone_map, untraced = map_backbone(model, blocks)
-    local = LocalModel(blocks, heads, plan, config, final_objective=final, backbone=(backbone_map, untraced))
+    unit_ends = {u.cut for u in analysis.units}
+    local = LocalModel(
+        blocks, heads, plan, config, final_objective=final, backbone=(backbone_map, untraced),
+        backbone_recompute=backbone_recompute,
+        # unit boundaries inside each block (not its input, not its own end)
+        region_ends=[
+            [n.name for n in block.graph.nodes if n.name in unit_ends and n.op != "placeholder" and n.name not in plan.cuts]
+            for block in blocks
+        ],
+    )
     local.trace_report = gm.meta["fxlocal_trace"]
     local.train(model.training)
     return local

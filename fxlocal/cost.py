@@ -20,7 +20,10 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from .recompute import KEPT_OPS
 
 __all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes"]
 
@@ -42,6 +45,9 @@ class Cost:
     seconds: float = 0.0
     # resident tensors that get no gradient and no optimizer state (an EMA twin's weights)
     buffer_bytes: float = 0.0
+    # outputs of its convolutions, matrix products and attention: what backbone_recompute="cheap"
+    # keeps of it (:data:`fxlocal.recompute.KEPT_OPS`)
+    kept_bytes: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(
@@ -52,6 +58,7 @@ class Cost:
             largest_activation_bytes=max(self.largest_activation_bytes, other.largest_activation_bytes),
             seconds=self.seconds + other.seconds,
             buffer_bytes=self.buffer_bytes + other.buffer_bytes,
+            kept_bytes=self.kept_bytes + other.kept_bytes,
         )
 
     def metric(self, balance: str) -> float:
@@ -74,6 +81,9 @@ class MemoryModel:
     whatever the cuts); in pipeline mode, one block per device, the block's own count too.
     With ``per_block`` optimizers (the trainer's default) a block's gradients exist only while
     the losses that reach it are backpropagated, so they count toward that block alone.
+    ``recompute`` is the conversion's ``backbone_recompute``: a block then keeps its regions'
+    inputs (and, for ``"cheap"``, its ``kept_bytes``) and one region's recompute at a time
+    (priced per segment by :func:`fxlocal.partition.partition`).
     """
 
     batch: int = 64
@@ -82,6 +92,8 @@ class MemoryModel:
     per_block: bool = True
     # gradient buffers alive at once in backward, in units of the largest activation
     transient_factor: float = 2.0
+    # the blocks' activations recomputed in backward, unit by unit (fxlocal.recompute's policies)
+    recompute: str = "none"
 
     def bytes(self, cost: "Cost", head: bool = False) -> float:
         """The additive part: saved activations and, where they count, resident parameters."""
@@ -118,10 +130,17 @@ class _Meter:
         # Storages are keyed by address: keep every keyed tensor alive so that no address is
         # reused by a later, different storage (fake tensors allocate nothing, this is free).
         self.keep_alive: list[torch.Tensor] = []
+        self.kept = 0.0  # of the last measure(): see there
 
     def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
-        """``(output, FLOPs, bytes saved for backward)`` of a forward and backward of ``fn``."""
+        """``(output, FLOPs, bytes saved for backward)`` of a forward and backward of ``fn``;
+        :attr:`kept` is then what ``backbone_recompute="cheap"`` would keep of its forward."""
         saved = 0.0
+        kept = _KeptOutputs()
+
+        def forward():
+            with kept:
+                return fn()
 
         def pack(t: torch.Tensor):
             nonlocal saved
@@ -135,8 +154,23 @@ class _Meter:
 
         flop_counter = FlopCounterMode(display=False)  # entering one resets its counts
         with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = _forward_backward(fn)
+            out = _forward_backward(forward)
+        self.kept = kept.nbytes
         return out, flop_counter.get_total_flops(), saved
+
+
+class _KeptOutputs(TorchDispatchMode):
+    """Bytes output by the ops a "cheap" recompute keeps (:data:`fxlocal.recompute.KEPT_OPS`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in KEPT_OPS:
+            self.nbytes += sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
 
 
 class _Stopwatch(_Meter):
@@ -236,6 +270,7 @@ class _CostInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.meter = meter
         self.node_costs: dict[str, tuple[float, float]] = {}
+        self.node_kept: dict[str, float] = {}
         self.depends_on_params: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -249,6 +284,7 @@ class _CostInterpreter(fx.Interpreter):
         self.depends_on_params[n] = any(needs_grad.values()) or bool(node_parameters(self.module, n))
         out, flops, saved = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
         self.node_costs[n.name] = (flops, saved)
+        self.node_kept[n.name] = self.meter.kept
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 
 
@@ -318,5 +354,6 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
             float(sum(p.numel() * p.element_size() for p in params)),
             sum(p.numel() for p in params),
             largest,
+            kept_bytes=interp.node_kept.get(node.name, 0.0) / batch,
         )
     return costs

@@ -13,6 +13,8 @@ from torch import nn
 
 from .errors import IncompatibleOptionsError
 from .plan import Plan
+from .recompute import checked_policy
+from .regions import recomputing_block, runner_key
 
 __all__ = ["LocalModel", "StepContext"]
 
@@ -39,6 +41,9 @@ class _TakingCodeGen(fx.CodeGen):
 
 
 _taking_forwards: weakref.WeakKeyDictionary[nn.Module, tuple[str, Callable]] = weakref.WeakKeyDictionary()
+# block -> (what it was built from, the block cut into recompute regions); kept out of the
+# LocalModel's attributes so that its state_dict, copies and repr stay the block's own
+_recomputing: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, fx.GraphModule]] = weakref.WeakKeyDictionary()
 
 
 def _scaled_backward(scaler: torch.amp.GradScaler | None) -> Callable[..., None]:
@@ -161,7 +166,7 @@ class StepContext:
                         inputs[i] = v.detach().requires_grad_()
                         leaves.append(inputs[i])
             # what block b hands on and what reaches it: both in the next block's input order
-            outs = [t for t in _tensors(self.model.blocks[b](*inputs)) if t.is_floating_point()]
+            outs = [t for t in _tensors(self.model.training_block(b)(*inputs)) if t.is_floating_point()]
             reached = [(out, g) for out, g in zip(outs, grads) if g is not None and out.requires_grad]
             if not reached:  # the loss did not depend on the earlier blocks, or they have nothing to
                 break        # train (TNT's unfold is a first block without parameters)
@@ -182,6 +187,10 @@ class LocalModel(nn.Module):
     ``local_loss(ctx, block, output) -> (loss, logits)``; heads may define ``after_backward()``
     (EMA updates) and ``input_window`` (how many block inputs their loss re-runs).
     ``final_objective``, when set, is the last block's ``local_loss``.
+
+    ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``: :mod:`fxlocal.recompute`) has
+    training recompute the blocks' activations in backward, region by region, a region ending
+    after each node of ``region_ends[b]`` in block ``b`` (the model's unit boundaries).
     """
 
     def __init__(
@@ -192,6 +201,8 @@ class LocalModel(nn.Module):
         config: dict | None = None,
         final_objective: nn.Module | None = None,
         backbone: tuple[dict, nn.Module] | None = None,
+        backbone_recompute: str = "none",
+        region_ends: Sequence[Sequence[str]] = (),
     ):
         super().__init__()
         if len(heads) != len(blocks) - 1:
@@ -207,6 +218,25 @@ class LocalModel(nn.Module):
         # Called with b as block b's part of a step begins (instrumentation: which block binds a
         # step's peak, fxlocal.memory.block_step_peaks).
         self.block_started: Callable[[int], None] | None = None
+        self.region_ends = [list(ends) for ends in region_ends] or [[] for _ in blocks]
+        self.backbone_recompute = backbone_recompute
+
+    @property
+    def backbone_recompute(self) -> str:
+        """``"none"``, ``"cheap"`` or ``"all"`` (:mod:`fxlocal.recompute`); settable, and kept in
+        ``config`` so that a checkpoint rebuilds it."""
+        return self._backbone_recompute
+
+    @backbone_recompute.setter
+    def backbone_recompute(self, policy: str) -> None:
+        checked_policy(policy)
+        if policy == "cheap" and any(getattr(head, "backpropagates_block_twice", False) for head in self.heads):
+            raise IncompatibleOptionsError(
+                f"aux={self.plan.aux!r} backpropagates each block twice per step (its heads' losses in two "
+                "parts), and backbone_recompute='cheap' allows one backward per block (selective "
+                "checkpointing): use backbone_recompute='all'"
+            )
+        self._backbone_recompute = self.config["backbone_recompute"] = policy
 
     @property
     def k(self) -> int:
@@ -228,6 +258,21 @@ class LocalModel(nn.Module):
         for b, block in enumerate(self.blocks):
             carried = block(*(_isolated(carried) if b else carried))
         return carried
+
+    def training_block(self, b: int) -> nn.Module:
+        """What training runs as block ``b``: the block itself, or with ``backbone_recompute`` the
+        block cut into recompute regions (same modules, same results). A block without a unit
+        boundary inside is one region: its backward brings all of it back at once, but its
+        head's forward and backward run beside what it keeps, not beside all of it."""
+        block = self.blocks[b]
+        if self.backbone_recompute == "none" or not isinstance(block, fx.GraphModule):
+            return block
+        key = (self.backbone_recompute, tuple(self.region_ends[b]), block.code, runner_key(block))
+        cached = _recomputing.get(block)
+        if cached is None or cached[0] != key:
+            cached = key, recomputing_block(block, self.region_ends[b], self.backbone_recompute)
+            _recomputing[block] = cached
+        return cached[1]
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained backbone under the original model's own keys (aux heads, EMA twins and
@@ -301,7 +346,7 @@ class LocalModel(nn.Module):
         ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
         window = self.input_window
         carried: tuple = (x,)
-        for b, block in enumerate(self.blocks):
+        for b in range(self.k):
             if self.block_started is not None:
                 self.block_started(b)
             inputs = list(_isolated(carried) if b else carried)
@@ -316,7 +361,7 @@ class LocalModel(nn.Module):
                             inputs[i] = v.detach().requires_grad_()
                             ctx.input_leaves.append(inputs[i])
             # the block alone holds its input: freed once used, unless its graph saved it
-            out = _run_taking(block, inputs)
+            out = _run_taking(self.training_block(b), inputs)
             # (loss, logits) are held by the caller alone, not here through the next block's step
             yield (b, *self._objective(b)(ctx, b, out))
             carried = out if b < len(self.heads) else ()
@@ -427,7 +472,7 @@ class LocalModel(nn.Module):
 
         optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
-        out = self.blocks[b](*inputs)
+        out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)
         self._after_backward(b)
@@ -439,4 +484,5 @@ class LocalModel(nn.Module):
         return handed_on, loss.detach(), logits.detach()
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, aux={self.plan.aux!r}, balance={self.plan.balance!r}"
+        recompute = f", backbone_recompute={self.backbone_recompute!r}" if self.backbone_recompute != "none" else ""
+        return f"k={self.k}, aux={self.plan.aux!r}, balance={self.plan.balance!r}{recompute}"

@@ -7,8 +7,9 @@ Because blocks are gradient-isolated, a block's cost includes the aux head at it
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch.fx as fx
@@ -19,7 +20,7 @@ from .errors import KOutOfRangeError, PartitionError
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
 
-__all__ = ["min_max_partition", "partition", "plan_from_cuts"]
+__all__ = ["BackwardRegions", "min_max_partition", "partition", "plan_from_cuts"]
 
 
 def min_max_partition(
@@ -28,6 +29,9 @@ def min_max_partition(
     cut_costs: Sequence[float] | Sequence[Sequence[float]] | None = None,
     cut_penalties: Sequence[int] | None = None,
     segment_peaks: Sequence[float] | None = None,
+    start_costs: Sequence[float] | None = None,
+    regions: "BackwardRegions | None" = None,
+    head_peaks: Sequence[float] | Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks.
 
@@ -39,41 +43,52 @@ def min_max_partition(
     ``segment_peaks`` add a non-additive term: a block also costs the largest peak among its
     segments (backward's transient buffers). ``cut_costs`` may also be one row per block,
     ``cut_costs[j][b]`` for block ``j`` ending at ``b``, where the head depends on the block.
+    ``start_costs[a]`` is added to a block that starts at segment ``a``. ``regions`` prices
+    blocks whose activations backward recomputes region by region (:class:`BackwardRegions`,
+    which then holds the peaks); ``head_peaks`` (laid out as ``cut_costs``) is then what the
+    head at a cut holds while it trains, beside all that its block keeps: the block costs the
+    larger of that and its backward's peak, since the head's activations are freed before the
+    block's backward starts.
     """
     n = len(segment_costs)
     if not 1 <= k <= n:
         raise PartitionError(f"k must be between 1 and {n} here, got {k}")
-    if cut_costs is None:
-        rows = [[0.0] * (n - 1)]
-    elif len(cut_costs) and isinstance(cut_costs[0], Sequence):
-        rows = [list(row) for row in cut_costs]
-    else:
-        rows = [list(cut_costs)]
+    rows = _per_block_rows(cut_costs, n)
+    head_rows = _per_block_rows(head_peaks, n)
     penalty = list(cut_penalties) if cut_penalties is not None else [0] * (n - 1)
     prefix = [0.0]
     for c in segment_costs:
         prefix.append(prefix[-1] + c)
 
-    peaks = list(segment_peaks) if segment_peaks is not None else [0.0] * n
+    starts = list(start_costs) if start_costs is not None else [0.0] * n
+    if regions is not None and segment_peaks is not None:
+        raise ValueError("pass the transient peaks in regions, not beside them")
+    if regions is None:
+        regions = BackwardRegions.one_per_segment(segment_peaks if segment_peaks is not None else [0.0] * n)
 
-    def block(j: int, a: int, b: int, peak: float) -> float:
-        head = rows[min(j, len(rows) - 1)][b] if b < n - 1 else 0.0
-        return prefix[b + 1] - prefix[a] + head + peak
+    def at_cut(table: list[list[float]], j: int, b: int) -> float:
+        return table[min(j, len(table) - 1)][b] if b < n - 1 else 0.0
+
+    def block(j: int, a: int, b: int, grown: _BlockPeak) -> float:
+        peak = max(grown.value, grown.total + at_cut(head_rows, j, b))
+        return prefix[b + 1] - prefix[a] + at_cut(rows, j, b) + peak + starts[a]
 
     inf = (math.inf, math.inf, math.inf)
     # best[j][b]: (max block cost, penalties, sum of squares) of segments 0..b in j+1 blocks
     best = [[inf] * n for _ in range(k)]
     back = [[-1] * n for _ in range(k)]
+    first = _BlockPeak(regions)
     for b in range(n):
-        c = block(0, 0, b, max(peaks[: b + 1]))
+        first.append(b)
+        c = block(0, 0, b, first)
         best[0][b] = (c, 0, c * c)
     for j in range(1, k):
         for b in range(j, n):
-            peak = 0.0
+            grown = _BlockPeak(regions)
             for a in range(b, j - 1, -1):  # block j covers segments a..b
-                peak = max(peak, peaks[a])
+                grown.prepend(a)
                 prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
-                c = block(j, a, b, peak)
+                c = block(j, a, b, grown)
                 cand = (max(prev_max, c), prev_pen + penalty[a - 1], prev_sq + c * c)
                 if cand < best[j][b]:
                     best[j][b], back[j][b] = cand, a
@@ -83,6 +98,95 @@ def min_max_partition(
         cuts.append(a - 1)
         b = a - 1
     return sorted(cuts)
+
+
+def _per_block_rows(costs: Sequence[float] | Sequence[Sequence[float]] | None, n: int) -> list[list[float]]:
+    """Per-cut costs as one row per block (a single row serves every block)."""
+    if costs is None:
+        return [[0.0] * (n - 1)]
+    if len(costs) and isinstance(costs[0], Sequence):
+        return [list(row) for row in costs]
+    return [list(costs)]
+
+
+@dataclass
+class BackwardRegions:
+    """How a block's backward peaks, per segment: backward runs region by region (the model's
+    units, when the blocks are recomputed; else each segment is its own), and while it runs
+    region ``r`` the block holds what every region up to ``r`` keeps (``kept``; the regions
+    after it are done and freed), what ``r``'s recompute brings back (``recompute``) and
+    backward's transient buffers (``peaks``, the largest of ``r``'s)."""
+
+    regions: Sequence[int]  # consecutive segments of one region share a number
+    kept: Sequence[float]
+    recompute: Sequence[float]
+    peaks: Sequence[float]
+
+    @classmethod
+    def one_per_segment(cls, peaks: Sequence[float]) -> "BackwardRegions":
+        """Nothing recomputed: a block's peak is its largest transient (its activations being
+        priced additively)."""
+        zeros = [0.0] * len(peaks)
+        return cls(list(range(len(peaks))), zeros, zeros, list(peaks))
+
+    def merged(self, groups: Sequence[Sequence[int]]) -> "BackwardRegions":
+        """The same for segments merged in consecutive ``groups`` (each within one region, as
+        the segments between two unit boundaries are)."""
+        return BackwardRegions(
+            [self.regions[g[-1]] for g in groups],
+            [sum(self.kept[s] for s in g) for g in groups],
+            [sum(self.recompute[s] for s in g) for g in groups],
+            [max(self.peaks[s] for s in g) for g in groups],
+        )
+
+    def block_peak(self, segments: Sequence[int], head_peak: float = 0.0) -> float:
+        """The peak of a block of these consecutive segments, its head holding ``head_peak``
+        beside all the block keeps (see :func:`min_max_partition`)."""
+        peak = _BlockPeak(self)
+        for s in segments:
+            peak.append(s)
+        return max(peak.value, peak.total + head_peak)
+
+
+class _BlockPeak:
+    """:class:`BackwardRegions`' peak of a block grown one segment at a time, at either end:
+    ``max`` over its regions ``r`` of (kept up to ``r``) + (``r``'s recompute) + (``r``'s largest
+    transient), in O(1) per segment."""
+
+    def __init__(self, regions: BackwardRegions):
+        self.regions = regions
+        self.done = -math.inf  # the largest term among the regions not at the growing end
+        self.region = None  # the region at the growing end, its recompute and transient
+        self.recompute = self.transient = 0.0
+        self.kept = 0.0  # kept up to the growing end's region, included
+        self.total = 0.0  # kept by the whole block
+        self.value = -math.inf
+
+    def _term(self) -> float:
+        return self.kept + self.recompute + self.transient
+
+    def _grow(self, s: int, fresh_kept: bool) -> None:
+        if self.regions.regions[s] != self.region:
+            if self.region is not None:
+                self.done = max(self.done, self._term())
+            self.region, self.recompute, self.transient = self.regions.regions[s], 0.0, 0.0
+            if fresh_kept:
+                self.kept = 0.0
+        self.kept += self.regions.kept[s]
+        self.total += self.regions.kept[s]
+        self.recompute += self.regions.recompute[s]
+        self.transient = max(self.transient, self.regions.peaks[s])
+
+    def append(self, s: int) -> float:
+        self._grow(s, fresh_kept=False)
+        self.value = max(self.done, self._term())
+        return self.value
+
+    def prepend(self, s: int) -> float:
+        self._grow(s, fresh_kept=True)
+        self.done += self.regions.kept[s]  # held through the later regions' backward too
+        self.value = max(self.done, self._term())
+        return self.value
 
 
 def partition(
@@ -124,24 +228,25 @@ def partition(
             max_k=len(allowed) + 1,
         )
     bounds = [-1, *allowed, len(analysis.segment_costs) - 1]
-    merged = [
-        sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
-        for i in range(len(bounds) - 1)
-    ]
+    merged = [range(bounds[i] + 1, bounds[i + 1] + 1) for i in range(len(bounds) - 1)]
+    prices = _segment_prices(analysis, balance, memory)
     blocks_priced = range(max(k - 1, 1)) if heads_vary_by_block and head_cost else [None]
     heads = [
         {i: _timed_head(analysis, head_cost(i) if j is None else head_cost(i, j)) if head_cost else Cost() for i in allowed}
         for j in blocks_priced
     ]
+    recomputed = balance == "memory" and memory is not None and memory.recompute != "none"
     chosen = min_max_partition(
-        [_score(c, balance, memory) for c in merged],
+        [sum(prices.scores[s] for s in segs) for segs in merged],
         k,
         [
-            [_score(row[i], balance, memory, head=True) + _boundary(analysis.candidates[i], balance, memory) for i in allowed]
+            [_head_score(row[i], balance, memory, recomputed) + _boundary(analysis.candidates[i], balance, memory) for i in allowed]
             for row in heads
         ],
         [0 if analysis.candidates[i].closes else 1 for i in allowed],
-        [(memory or MemoryModel()).transient(c) for c in merged] if balance == "memory" else None,
+        start_costs=[prices.starts[segs[0]] for segs in merged],
+        regions=prices.backward.merged(merged),
+        head_peaks=[[_head_peak(row[i], memory) for i in allowed] for row in heads] if recomputed else None,
     )
     cut_idx = [allowed[c] for c in chosen]
     head_costs = [Cost()] * len(analysis.candidates)
@@ -157,6 +262,60 @@ def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
     if not total.seconds or head.seconds or not total.flops:
         return head
     return replace(head, seconds=head.flops * total.seconds / total.flops)
+
+
+@dataclass
+class _SegmentPrices:
+    """Per segment, in :func:`min_max_partition`'s terms."""
+
+    scores: list[float]  # additive
+    starts: list[float]  # paid by a block that starts at the segment
+    backward: BackwardRegions
+
+
+def _segment_prices(analysis: GraphAnalysis, balance: str, memory: MemoryModel | None) -> _SegmentPrices:
+    """What each segment of ``analysis`` costs a block under ``balance``.
+
+    With ``memory.recompute`` (the blocks recomputed in backward, one region per unit, see
+    :mod:`fxlocal.regions`) a segment keeps what the policy keeps of it (``kept_bytes`` for
+    ``"cheap"``, nothing for ``"all"``) plus, where it begins a region, that region's input, and
+    its region's recompute brings the rest back (:class:`BackwardRegions`); a block starting
+    inside a unit keeps its own input as its first region's.
+    """
+    costs = analysis.segment_costs
+    n = len(costs)
+    if balance != "memory":
+        return _SegmentPrices([c.metric(balance) for c in costs], [0.0] * n, BackwardRegions.one_per_segment([0.0] * n))
+    memory = memory or MemoryModel()
+    transient = [memory.transient(c) for c in costs]
+    if memory.recompute == "none":
+        return _SegmentPrices([memory.bytes(c) for c in costs], [0.0] * n, BackwardRegions.one_per_segment(transient))
+    unit_ends = {u.cut_position for u in analysis.units}
+    begins = [i == 0 or i - 1 in unit_ends for i in range(n)]
+    # per sample, what enters each segment: the model's input (fp32) or what crosses the cut before it
+    entering = [4.0 * math.prod(analysis.input_size), *(float(c.nbytes) for c in analysis.candidates)]
+    kept = [c.kept_bytes if memory.recompute == "cheap" else 0.0 for c in costs]
+    return _SegmentPrices(
+        [memory.bytes(replace(c, activation_bytes=0.0)) for c in costs],
+        [0.0 if begins[i] else memory.batch * entering[i] for i in range(n)],
+        BackwardRegions(
+            list(itertools.accumulate(int(b) for b in begins)),
+            [memory.batch * (kept[i] + (entering[i] if begins[i] else 0.0)) for i in range(n)],
+            [memory.batch * max(c.activation_bytes - kept[i], 0.0) for i, c in enumerate(costs)],
+            transient,
+        ),
+    )
+
+
+def _head_score(head: Cost, balance: str, memory: MemoryModel | None, recomputed: bool) -> float:
+    """The head's additive price: with recomputed blocks its activations are in
+    :func:`_head_peak` instead (held beside what its block keeps, not beside its backward)."""
+    return _score(replace(head, activation_bytes=0.0) if recomputed else head, balance, memory, head=True)
+
+
+def _head_peak(head: Cost, memory: MemoryModel | None) -> float:
+    memory = memory or MemoryModel()
+    return head.activation_bytes * memory.batch + memory.transient(head)
 
 
 def _boundary(candidate, balance: str, memory: MemoryModel | None) -> float:
@@ -181,6 +340,8 @@ def plan_from_cuts(
 ) -> Plan:
     """The Plan for cutting after the given candidate indices (ascending)."""
     bounds = [-1, *cut_idx, len(analysis.segment_costs) - 1]
+    prices = _segment_prices(analysis, balance, memory)
+    recomputed = balance == "memory" and memory is not None and memory.recompute != "none"
     blocks = []
     for b in range(len(bounds) - 1):
         segs = range(bounds[b] + 1, bounds[b + 1] + 1)
@@ -198,9 +359,14 @@ def plan_from_cuts(
                 head_params=head.params,
                 head_gflops=head.flops / 1e9,
                 head_activation_mib=head.activation_bytes / 2**20,
-                cost=_score(cost, balance, memory)
-                + _score(head, balance, memory, head=True)
-                + ((memory or MemoryModel()).transient(cost + head) if balance == "memory" else 0.0)
+                cost=sum(prices.scores[s] for s in segs)
+                + prices.starts[segs[0]]
+                + _head_score(head, balance, memory, recomputed)
+                + (
+                    prices.backward.block_peak(segs, _head_peak(head, memory) if recomputed else (memory or MemoryModel()).transient(head))
+                    if balance == "memory"
+                    else 0.0
+                )
                 + (_boundary(end, balance, memory) if end else 0.0),
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,

@@ -39,6 +39,8 @@ class ConvertSection(_Section):
     aux: str = "dgl"
     aux_options: dict[str, Any] = Field(default_factory=dict)
     balance: Literal["flops", "params", "activations", "memory", "time"] = "flops"
+    # recompute the blocks' activations in backward, unit by unit (fxlocal.recompute)
+    backbone_recompute: Literal["none", "cheap", "all"] = "none"
 
 
 class DataSection(_Section):

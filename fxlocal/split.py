@@ -37,7 +37,7 @@ from .analyze import holds_tensor, recomputable_values
 from .cost import node_parameters
 from .errors import PlanMismatchError, SharedParameterError
 
-__all__ = ["split_graph"]
+__all__ = ["make_out_of_place", "split_graph"]
 
 _OUT_OF_PLACE = {
     operator.iadd: operator.add,
@@ -69,8 +69,9 @@ def _block_of(gm: fx.GraphModule, cuts: list[str], fetched: set[fx.Node]) -> dic
     return owner
 
 
-def _make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
-    """Rewrite ``node`` (in a block graph) so that it does not write into its inputs."""
+def make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
+    """Rewrite ``node`` (in a block graph) so that it does not write into its inputs; a module
+    called in place is replaced by an out-of-place copy added to ``modules``."""
     if node.op == "call_function" and node.target in _OUT_OF_PLACE:
         node.target = _OUT_OF_PLACE[node.target]
     elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
@@ -168,7 +169,7 @@ def split_graph(gm: fx.GraphModule, cuts: list[str], carries: dict[str, str] | N
         if b > 0:
             for tensor in crossing[b - 1][: 1 + (cuts[b - 1] in carries)]:
                 for user in list(env[tensor].users):
-                    _make_out_of_place(user, modules)
+                    make_out_of_place(user, modules)
         graph.lint()
         blocks.append(fx.GraphModule(modules, graph, class_name=f"Block{b}"))
     # parameters the recomputed tables are made from, and nothing else (reading a plain value

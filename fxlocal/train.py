@@ -128,6 +128,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             num_classes=classes,
             model_kwargs=recipe.model.kwargs,
             memory=priced,
+            backbone_recompute=recipe.convert.backbone_recompute,
             **recipe.convert.aux_options,
         )
 

@@ -140,3 +140,47 @@ def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
     assert not any(c.seconds for c in analysis.segment_costs)  # not timed unless asked
     with pytest.raises(PartitionError, match="timed=True"):
         fxlocal.partition(gm, 2, "time", analysis=analysis)
+
+
+def _recomputed_block_peak(regions, kept, recompute, peaks, segs):
+    """By definition: while backward runs region r, the block holds what every region up to r
+    keeps, r's recompute and r's largest transient."""
+    worst, held = 0, 0
+    for r in sorted({regions[s] for s in segs}):
+        mine = [s for s in segs if regions[s] == r]
+        held += sum(kept[s] for s in mine)
+        worst = max(worst, held + sum(recompute[s] for s in mine) + max(peaks[s] for s in mine))
+    return worst
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_with_recomputed_regions_matches_brute_force(seed):
+    """Blocks recomputed region by region (backbone_recompute): the DP grows each block's peak at
+    one end, O(1) per segment; brute force prices every split from the definition. A block's
+    head trains beside all that the block keeps (``head_peaks``, one row per block)."""
+    from fxlocal.partition import BackwardRegions
+
+    rng = random.Random(300 + seed)
+    n = rng.randint(2, 9)
+    k = rng.randint(1, n)
+    costs = [rng.randint(0, 10) for _ in range(n)]
+    regions = list(itertools.accumulate(rng.choice([0, 1]) for _ in range(n)))
+    kept, recompute, peaks = ([rng.randint(0, 40) for _ in range(n)] for _ in range(3))
+    starts = [rng.randint(0, 20) for _ in range(n)]
+    heads = [[rng.randint(0, 120) for _ in range(n - 1)] for _ in range(max(k - 1, 1))]
+    backward = BackwardRegions(regions, kept, recompute, peaks)
+    cuts = min_max_partition(costs, k, start_costs=starts, regions=backward, head_peaks=heads)
+
+    def peak(j, segs):
+        own = _recomputed_block_peak(regions, kept, recompute, peaks, segs)
+        return own if segs[-1] == n - 1 else max(own, sum(kept[s] for s in segs) + heads[j][segs[-1]])
+
+    def worst(cs):
+        bounds = [-1, *cs, n - 1]
+        blocks = [list(range(bounds[i] + 1, bounds[i + 1] + 1)) for i in range(len(bounds) - 1)]
+        for j, segs in enumerate(blocks):
+            head = heads[j][segs[-1]] if segs[-1] < n - 1 else 0
+            assert backward.block_peak(segs, head) == peak(j, segs)
+        return max(sum(costs[s] for s in segs) + starts[segs[0]] + peak(j, segs) for j, segs in enumerate(blocks))
+
+    assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))

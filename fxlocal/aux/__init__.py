@@ -47,6 +47,9 @@ class AuxMethod(Protocol):
     cuts_at_units: bool
     # Methods whose head at a cut depends on the block it trains (balance prices each block's).
     heads_vary_by_block: bool
+    # Methods whose heads backpropagate their block twice per step (MLAAN): a block recomputed
+    # with backbone_recompute="cheap" (selective checkpointing) allows one backward only.
+    backpropagates_blocks_twice: bool
 
     def build_head(self, spec: HeadSpec) -> nn.Module: ...
 
@@ -63,6 +66,7 @@ def register_aux(name: str):
         cls.name = name
         cls.cuts_at_units = getattr(cls, "cuts_at_units", False)
         cls.heads_vary_by_block = getattr(cls, "heads_vary_by_block", False)
+        cls.backpropagates_blocks_twice = getattr(cls, "backpropagates_blocks_twice", False)
         _REGISTRY[name] = cls
         return cls
 

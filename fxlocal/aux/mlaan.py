@@ -82,6 +82,10 @@ class PoolLinear(nn.Module):
 
 
 class MLAANHead(nn.Module):
+    # local_loss backpropagates its block twice: the independent part at once (backward_now),
+    # then the cascade's, which must not reach the earlier blocks
+    backpropagates_block_twice = True
+
     def __init__(self, independent: nn.Module, cascade: nn.Module, span: int, wx: float, wy: float, summary: str):
         super().__init__()
         self.independent = independent
@@ -126,6 +130,7 @@ class CascadedFinalLoss(nn.Module):
 @register_aux("mlaan")
 class MLAAN:
     cuts_at_units = True
+    backpropagates_blocks_twice = MLAANHead.backpropagates_block_twice
 
     def __init__(
         self,

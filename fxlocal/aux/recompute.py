@@ -10,17 +10,14 @@ state replayed, BatchNorm running statistics put back); the cost is the copies' 
 
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Sequence
 
-import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..cost import Cost
 from ..errors import FxLocalError
+from ..recompute import checkpointed
 
 __all__ = ["run", "recomputed_cost", "checked_flag"]
 
@@ -35,35 +32,8 @@ def checked_flag(value: Any) -> bool:
 
 def run(module: nn.Module, *tensors: Any, recompute: bool = False) -> Any:
     """``module(*tensors)``; with ``recompute``, while training with gradients, as a region
-    whose activations backward recomputes."""
-    if not (recompute and module.training and torch.is_grad_enabled()):
-        return module(*tensors)
-    return checkpoint(module, *tensors, use_reentrant=False, context_fn=functools.partial(_statistics_restored_after_recompute, module))
-
-
-def _statistics_restored_after_recompute(module: nn.Module):
-    """checkpoint's (forward, recompute) contexts: the first run as it is, the second inside
-    :func:`_running_statistics_kept`."""
-    return nullcontext(), _running_statistics_kept(module)
-
-
-@contextmanager
-def _running_statistics_kept(module: nn.Module):
-    """Recomputing a training-mode forward updates BatchNorm's running statistics a second time
-    with the same batch: put back what the first forward left (taken when the recompute starts,
-    in backward; a recompute that stops early leaves the rest untouched)."""
-    saved = [
-        (buffer, buffer.clone())
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase)
-        for buffer in m.buffers(recurse=False)
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+    whose activations backward recomputes (all of them: a copy is as cheap to run as to keep)."""
+    return checkpointed(module, *tensors, policy="all" if recompute else "none")
 
 
 def recomputed_cost(regions: Sequence[Cost], forward_flops: float, saved_bytes: float) -> Cost:
