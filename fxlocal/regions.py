@@ -55,16 +55,6 @@ def recomputing_block(block: fx.GraphModule, region_ends: Sequence[str], policy:
     graph = fx.Graph()
     graph.output(graph.graph_copy(block.graph, {}))
     own = fx.GraphModule(block, graph)
-    if policy == "cheap":
-        # an op writing into a kept convolution output (conv → ReLU(inplace=True)) would change
-        # what backward recomputes from: run it out of place here (the block itself is untouched)
-        modules = dict(own.named_modules())
-        present = set(modules)
-        for node in own.graph.nodes:
-            make_out_of_place(node, modules)
-        for name in modules.keys() - present:
-            own.add_submodule(name, modules[name])
-        own.recompile()
     ends = set(region_ends)
     region_of: dict[fx.Node, int] = {}
     region = 0
@@ -74,6 +64,19 @@ def recomputing_block(block: fx.GraphModule, region_ends: Sequence[str], policy:
         region_of[node] = region
         if node.name in ends:
             region += 1
+    # Ops that write into a value backward recomputes from run out of place here (the block
+    # itself is untouched): a region's input (the checkpoint keeps it for the recompute) and,
+    # under "cheap", any kept output (a convolution's, then ReLU(inplace=True)).
+    modules = dict(own.named_modules())
+    present = set(modules)
+    for node in own.graph.nodes:
+        written = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        crosses = written is not None and region_of.get(written, -1) != region_of.get(node)
+        if node in region_of and (policy == "cheap" or crosses):
+            make_out_of_place(node, modules)
+    for name in modules.keys() - present:
+        own.add_submodule(name, modules[name])
+    own.recompile()
     runner = split_module(own, own, lambda node: region_of[node], keep_original_order=True)
     for name, submodule in list(runner.named_children()):
         if name.startswith("submod_"):
