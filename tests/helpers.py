@@ -79,3 +79,17 @@ def saved_activation_bytes(module, *inputs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(*inputs)
     return total
+
+
+def assert_trains_alike(a, b, size, classes, rtol=1e-5, atol=1e-7):
+    """Two SGD-momentum steps of LocalModels ``a`` and ``b`` (same state, per-block optimizers,
+    same batches) end with the same state: parameters, BatchNorm running statistics, EMA twins."""
+    for local in (a, b):
+        opts = [torch.optim.SGD(list(local.block_parameters(j)), lr=0.1, momentum=0.9) for j in range(local.k)]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            local.train_step(torch.randn(8, *size, generator=gen), torch.randint(0, classes, (8,), generator=gen), opts)
+    want, got = a.state_dict(), b.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name].float(), got[name].float(), rtol=rtol, atol=atol), name

@@ -12,19 +12,16 @@ from fxlocal.cli import app
 from fxlocal.cost import MemoryModel
 from fxlocal.memory import block_step_peaks
 from fxlocal.regions import RecomputedRegion
+from helpers import assert_trains_alike
 
 CIFAR = (3, 32, 32)
 
 
-def _trained(local, policy, size, classes, steps=2):
-    """A copy of ``local`` trained ``steps`` SGD-momentum steps with ``policy``: its state."""
+def _recomputing(local, policy):
+    """A copy of ``local`` (same weights and state) whose blocks recompute under ``policy``."""
     twin = copy.deepcopy(local)
     twin.backbone_recompute = policy
-    opts = [torch.optim.SGD(list(twin.block_parameters(b)), lr=0.1, momentum=0.9) for b in range(twin.k)]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        twin.train_step(torch.randn(8, *size, generator=gen), torch.randint(0, classes, (8,), generator=gen), opts)
-    return twin.state_dict()
+    return twin
 
 
 # MLAAN backpropagates each block twice (its independent head's loss, then its cascade's): each
@@ -42,10 +39,7 @@ def test_recomputed_blocks_train_as_stored_ones(name, aux, policy):
     EMA twins end the same after two steps."""
     torch.manual_seed(0)
     local = fxlocal.convert(name, k=4, aux=aux, input_size=CIFAR)
-    want, got = _trained(local, "none", CIFAR, 10), _trained(local, policy, CIFAR, 10)
-    assert want.keys() == got.keys()
-    for key in want:
-        assert torch.allclose(want[key].float(), got[key].float(), rtol=1e-5, atol=1e-7), key
+    assert_trains_alike(local, _recomputing(local, policy), CIFAR, 10)
 
 
 def test_cheap_recompute_refuses_a_method_that_backpropagates_blocks_twice():
@@ -100,9 +94,7 @@ def test_recompute_of_ops_that_write_into_what_it_keeps(policy):
     size = (8, 8, 8)
     local = fxlocal.convert(net, k=2, aux="dgl", input_size=size, num_classes=5)
     assert all(local.region_ends)
-    want, got = _trained(local, "none", size, 5), _trained(local, policy, size, 5)
-    for key in want:
-        assert torch.allclose(want[key], got[key], rtol=1e-5, atol=1e-7), key
+    assert_trains_alike(local, _recomputing(local, policy), size, 5)
     assert any(getattr(m, "inplace", False) for block in local.blocks for m in block.modules())
 
 
@@ -125,7 +117,7 @@ def test_a_recomputed_block_runs_its_own_modules_one_region_per_unit():
         runner = local.training_block(b)
         assert runner is not block and local.training_block(b) is runner  # built once
         regions = [m for m in runner.modules() if isinstance(m, RecomputedRegion)]
-        assert len(regions) == len([n for n in local.region_ends[b]]) + 1
+        assert local.region_ends[b] and len(regions) == len(local.region_ends[b]) + 1
         own = {id(p) for p in block.parameters()}
         assert {id(p) for p in runner.parameters()} == own
         x = torch.randn(2, *(CIFAR if b == 0 else local.plan.blocks[b - 1].cut_shape))
@@ -133,7 +125,6 @@ def test_a_recomputed_block_runs_its_own_modules_one_region_per_unit():
             want, got = block(x), runner(x)
         for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
             assert torch.equal(w, g)
-    assert "runner" not in "".join(local.state_dict())
     assert fxlocal.convert("resnet32_cifar", k=3, aux="dgl", input_size=CIFAR).state_dict().keys() == local.state_dict().keys()
 
 
@@ -176,7 +167,6 @@ def test_memory_balance_prices_blocks_as_they_are_recomputed(policy):
 
 def test_cheap_keeps_convolution_outputs_only():
     """``Cost.kept_bytes``: what a "cheap" recompute keeps of a node is its convolution's output."""
-    from fxlocal.analyze import analyze
     from fxlocal.cost import measure_nodes
     from fxlocal.trace import trace
 
@@ -190,7 +180,7 @@ def test_cheap_keeps_convolution_outputs_only():
         per_sample = out.numel() * out.element_size() / out.shape[0]
         expected = per_sample if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) else 0.0
         assert costs[node.name].kept_bytes == expected, node.name
-    assert analyze(gm, CIFAR).segment_costs[0].kept_bytes > 0
+    assert any(c.kept_bytes for c in costs.values())
 
 
 def test_checkpoints_keep_the_recompute(tmp_path):
