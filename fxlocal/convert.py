@@ -250,10 +250,20 @@ def convert(
                 max_k=1,
             )
         allowed = [u.cut_position for u in analysis.units[:-1]]
+
+    twice = method.backpropagates_blocks_twice
+
+    @lru_cache(maxsize=None)
+    def first_part_cost(position: int, block: int = 0) -> Cost:
+        """What the head's first part holds through its first backward, which keeps the block's
+        graph (a method whose heads backpropagate their block twice: MLAAN's independent head)."""
+        return sum((method.first_part_cost(s) for s in specs(position, block, k)), Cost()) if twice else Cost()
+
     if plan is None:
         plan = partition(
             gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux,
             allowed=allowed, memory=memory, heads_vary_by_block=method.heads_vary_by_block,
+            first_part_cost=first_part_cost if twice else None, input_window=method.input_window,
         )
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
     missing = [c for c in plan.cuts if c not in position or (allowed is not None and position[c] not in allowed)]
@@ -266,9 +276,13 @@ def convert(
     # Re-derive the plan's figures with each block's real head (its depth may depend on the block).
     cut_idx = [position[c] for c in plan.cuts]
     heads_cost = [Cost()] * len(analysis.candidates)
+    first_parts_cost = [Cost()] * len(analysis.candidates)
     for b, i in enumerate(cut_idx):
-        heads_cost[i] = head_cost(i, b)
-    given, plan = plan, plan_from_cuts(gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory)
+        heads_cost[i], first_parts_cost[i] = head_cost(i, b), first_part_cost(i, b)
+    given, plan = plan, plan_from_cuts(
+        gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory,
+        first_parts=first_parts_cost if twice else None, input_window=method.input_window,
+    )
     if plan.balance == "time" and not any(c.seconds for c in analysis.segment_costs):
         for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
             block.cost = measured.cost

@@ -130,16 +130,15 @@ class _Meter:
         # Storages are keyed by address: keep every keyed tensor alive so that no address is
         # reused by a later, different storage (fake tensors allocate nothing, this is free).
         self.keep_alive: list[torch.Tensor] = []
-        self.kept = 0.0  # of the last measure(): see there
 
-    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
-        """``(output, FLOPs, bytes saved for backward)`` of a forward and backward of ``fn``;
-        :attr:`kept` is then what ``backbone_recompute="cheap"`` would keep of its forward."""
+    def measure(self, fn: Callable[[], Any], batch: int | None = None) -> _Measured:
+        """What a forward and backward of ``fn`` costs; ``batch``: the batch it runs, for the
+        largest activation (see :class:`_Outputs`)."""
         saved = 0.0
-        kept = _KeptOutputs()
+        outputs = _Outputs(batch)
 
         def forward():
-            with kept:
+            with outputs:
                 return fn()
 
         def pack(t: torch.Tensor):
@@ -155,21 +154,37 @@ class _Meter:
         flop_counter = FlopCounterMode(display=False)  # entering one resets its counts
         with flop_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = _forward_backward(forward)
-        self.kept = kept.nbytes
-        return out, flop_counter.get_total_flops(), saved
+        return _Measured(out, flop_counter.get_total_flops(), saved, outputs.kept, outputs.largest)
 
 
-class _KeptOutputs(TorchDispatchMode):
-    """Bytes output by the ops a "cheap" recompute keeps (:data:`fxlocal.recompute.KEPT_OPS`)."""
+@dataclass
+class _Measured:
+    """One forward and backward of a piece, at the batch it ran."""
 
-    def __init__(self):
+    output: Any
+    flops: float  # a _Stopwatch's: seconds
+    saved: float = 0.0  # bytes saved for backward
+    kept: float = 0.0  # bytes output by the ops a "cheap" recompute keeps (fxlocal.recompute.KEPT_OPS)
+    largest: float = 0.0  # bytes of the largest activation an op output
+
+
+class _Outputs(TorchDispatchMode):
+    """Watches what the ops output: the bytes of those a "cheap" recompute keeps and of the
+    largest activation, told apart from the weights' transposes and copies by its leading
+    dimension, the ``batch`` (none counted without one)."""
+
+    def __init__(self, batch: int | None = None):
         super().__init__()
-        self.nbytes = 0.0
+        self.batch = batch
+        self.kept = self.largest = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if func in KEPT_OPS:
-            self.nbytes += sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            self.kept += sum(t.untyped_storage().nbytes() for t in tensors)
+        activations = [t for t in tensors if t.is_floating_point() and t.dim() and t.shape[0] == self.batch]
+        self.largest = max([self.largest, *(t.untyped_storage().nbytes() for t in activations)])
         return out
 
 
@@ -190,12 +205,12 @@ class _Stopwatch(_Meter):
         self.keep_alive = self._KeepNothing()
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    def measure(self, fn: Callable[[], Any]) -> _Measured:
         self.synchronize()
         start = time.perf_counter()
         out = _forward_backward(fn)
         self.synchronize()
-        return out, time.perf_counter() - start, 0.0
+        return _Measured(out, time.perf_counter() - start)
 
 
 def _forward_backward(fn: Callable[[], Any]) -> Any:
@@ -236,10 +251,10 @@ def measure_module(module: nn.Module, input_shape: tuple[int, ...], batch: int =
         meter = _Meter(_param_storages(fake))
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         x = torch.empty(batch, *input_shape, device=device)
-        _, flops, saved = meter.measure(lambda: fake(x))
+        measured = meter.measure(lambda: fake(x), batch)
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     params = sum(p.numel() for p in module.parameters())
-    return Cost(flops / batch, saved / batch, float(param_bytes), params)
+    return Cost(measured.flops / batch, measured.saved / batch, float(param_bytes), params, measured.largest / batch)
 
 
 def _fake_copy(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
@@ -269,8 +284,7 @@ class _CostInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, meter: _Meter):
         super().__init__(gm)
         self.meter = meter
-        self.node_costs: dict[str, tuple[float, float]] = {}
-        self.node_kept: dict[str, float] = {}
+        self.node_costs: dict[str, _Measured] = {}  # without their outputs
         self.depends_on_params: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -282,9 +296,9 @@ class _CostInterpreter(fx.Interpreter):
         as_leaf = lambda v: _trainable_leaf(self.meter, v, needs_grad.get(id(v), False))  # noqa: E731
         args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
         self.depends_on_params[n] = any(needs_grad.values()) or bool(node_parameters(self.module, n))
-        out, flops, saved = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
-        self.node_costs[n.name] = (flops, saved)
-        self.node_kept[n.name] = self.meter.kept
+        measured = self.meter.measure(lambda: getattr(self, n.op)(n.target, args, kwargs))
+        out, measured.output = measured.output, None
+        self.node_costs[n.name] = measured
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 
 
@@ -315,7 +329,7 @@ def time_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 32,
         for _ in range(repeats + 1):
             interp = _CostInterpreter(gm, _Stopwatch(device))
             interp.run(torch.randn(batch, *input_size, device=device))
-            runs.append({name: seconds for name, (seconds, _) in interp.node_costs.items()})
+            runs.append({name: measured.flops for name, measured in interp.node_costs.items()})
     gm.train(was_training)
     with torch.no_grad():
         for name, b in gm.named_buffers():
@@ -340,7 +354,7 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
         interp.run(torch.empty(batch, *input_size, device=model_device(gm)))
     costs: dict[str, Cost] = {}
     for node in gm.graph.nodes:
-        flops, saved = interp.node_costs.get(node.name, (0.0, 0.0))
+        measured = interp.node_costs.get(node.name, _Measured(None, 0.0))
         params = node_parameters(gm, node)
         val = node.meta.get("val")  # traced shapes: per sample is a 1/len(batch) share
         largest = (
@@ -349,11 +363,11 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
             else 0.0
         )
         costs[node.name] = Cost(
-            flops / batch,
-            saved / batch,
+            measured.flops / batch,
+            measured.saved / batch,
             float(sum(p.numel() * p.element_size() for p in params)),
             sum(p.numel() for p in params),
             largest,
-            kept_bytes=interp.node_kept.get(node.name, 0.0) / batch,
+            kept_bytes=measured.kept / batch,
         )
     return costs

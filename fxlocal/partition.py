@@ -1,16 +1,19 @@
 """Choose K-1 cuts among the candidates so that the most expensive block is as cheap as possible.
 
-:func:`min_max_partition` is the exact dynamic programme over plain numbers (O(K·C²)); the
-function :func:`partition` applies it to a traced graph and returns a :class:`~fxlocal.plan.Plan`.
-Because blocks are gradient-isolated, a block's cost includes the aux head at its end.
+:class:`BlockPrices` prices a block from plain numbers per segment and per cut, and
+:meth:`BlockPrices.best_cuts` is the exact dynamic programme over them (O(K·C²); O(K·C³) when a
+cascade re-runs the block before, since a block's price then depends on where that block
+starts); :func:`min_max_partition` is its short form. :func:`partition` applies it to a traced
+graph and returns a :class:`~fxlocal.plan.Plan`. Because blocks are gradient-isolated, a
+block's cost includes the aux head at its end.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
 
 import torch.fx as fx
 
@@ -20,87 +23,212 @@ from .errors import KOutOfRangeError, PartitionError
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
 
-__all__ = ["BackwardRegions", "min_max_partition", "partition", "plan_from_cuts"]
+__all__ = ["BackwardRegions", "BlockPrices", "CascadePrices", "min_max_partition", "partition", "plan_from_cuts"]
+
+PerCut = Sequence[float] | Sequence[Sequence[float]]  # one value per cut, or one row of them per block
 
 
 def min_max_partition(
     segment_costs: Sequence[float],
     k: int,
-    cut_costs: Sequence[float] | Sequence[Sequence[float]] | None = None,
+    cut_costs: PerCut | None = None,
     cut_penalties: Sequence[int] | None = None,
     segment_peaks: Sequence[float] | None = None,
-    start_costs: Sequence[float] | None = None,
-    regions: "BackwardRegions | None" = None,
-    head_peaks: Sequence[float] | Sequence[Sequence[float]] | None = None,
+    **prices,
 ) -> list[int]:
-    """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks.
+    """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks: the ``k - 1``
+    segment indices cut after, ascending (see :class:`BlockPrices` for the prices and the
+    keyword arguments). ``segment_peaks`` are backward's transient peaks per segment when
+    nothing is recomputed (``BackwardRegions.one_per_segment``)."""
+    if segment_peaks is not None:
+        if prices.get("regions") is not None:
+            raise ValueError("pass the transient peaks in regions, not beside them")
+        prices["regions"] = BackwardRegions.one_per_segment(segment_peaks)
+    return BlockPrices(segment_costs, cut_costs, cut_penalties, **prices).best_cuts(k)
 
-    Segment ``i`` ends at cut candidate ``i`` (the last segment ends at the output), so a block of
-    segments ``a..b`` costs ``sum(segment_costs[a..b]) + cut_costs[b]`` when ``b`` is not the last
-    segment (its aux head), else just the sum. Returns the ``k - 1`` candidate indices cut after,
-    ascending. Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not
-    end a module cost 1), then the smaller sum of squared block costs (more even).
-    ``segment_peaks`` add a non-additive term: a block also costs the largest peak among its
-    segments (backward's transient buffers). ``cut_costs`` may also be one row per block,
-    ``cut_costs[j][b]`` for block ``j`` ending at ``b``, where the head depends on the block.
-    ``start_costs[a]`` is added to a block that starts at segment ``a``. ``regions`` prices
-    blocks whose activations backward recomputes region by region (:class:`BackwardRegions`,
-    which then holds the peaks); ``head_peaks`` (laid out as ``cut_costs``) is then what the
-    head at a cut holds while it trains, beside all that its block keeps: the block costs the
-    larger of that and its backward's peak, since the head's activations are freed before the
-    block's backward starts.
+
+@dataclass
+class CascadePrices:
+    """What a cascade adds to a block's step (MLAAN): its loss also trains the block before it,
+    which backward re-runs from its input once the block's own graph is freed, and that earlier
+    block's gradients and input are held until then. Laid out as :class:`BlockPrices`' arguments.
+    Only the block just before is priced (a span of 2, MLAAN's default); a longer span's earlier
+    blocks re-run after it, one at a time, unpriced."""
+
+    activations: Sequence[float]  # per segment: what its re-run saves beside its BackwardRegions terms
+    held: Sequence[float]  # per segment: what its block holds until the next block's step ends (gradients)
+    inputs: Sequence[float]  # per segment: the input of a block starting there (held likewise)
+    head_held: PerCut  # per cut: what the head there holds likewise (its gradients)
+    rerun_costs: PerCut  # per cut: what a block ending there holds while the block before re-runs
+
+
+@dataclass
+class BlockPrices:
+    """A block's price from plain numbers: segment ``i`` ends at cut candidate ``i`` (the last
+    segment ends at the output), and a block of segments ``a..b`` (block ``j`` of the split)
+    costs:
+
+    * ``sum(segment_costs[a..b])`` + ``start_costs[a]`` (what it holds when it starts at ``a``)
+      + ``cut_costs[b]`` unless ``b`` is the last segment (its aux head); a per-cut argument
+      may be one row per block (``cut_costs[j][b]``), where the head depends on the block;
+    * + its backward's peak (:class:`BackwardRegions`: each segment's transient when nothing is
+      recomputed; the regions' kept and recompute terms when the blocks are recomputed). The
+      head at its cut holds ``head_peaks[b]`` beside all that the block keeps; the block costs
+      the larger of the two, since the head's activations are freed before the block's backward.
+      With ``retained_heads`` a block with a head backpropagates twice, the first time keeping
+      its graph (MLAAN's two losses), so through it every region's kept stays, beside what the
+      head's first part holds (``retained_heads[b]``);
+    * with a ``cascade`` (:class:`CascadePrices`), for a block after the first, the larger of that
+      and the re-run of the block before, plus what the block before still holds.
+
+    Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not end a
+    module cost 1), then the smaller sum of squared block prices (more even).
     """
-    n = len(segment_costs)
-    if not 1 <= k <= n:
-        raise PartitionError(f"k must be between 1 and {n} here, got {k}")
-    rows = _per_block_rows(cut_costs, n)
-    head_rows = _per_block_rows(head_peaks, n)
-    penalty = list(cut_penalties) if cut_penalties is not None else [0] * (n - 1)
-    prefix = [0.0]
-    for c in segment_costs:
-        prefix.append(prefix[-1] + c)
 
-    starts = list(start_costs) if start_costs is not None else [0.0] * n
-    if regions is not None and segment_peaks is not None:
-        raise ValueError("pass the transient peaks in regions, not beside them")
-    if regions is None:
-        regions = BackwardRegions.one_per_segment(segment_peaks if segment_peaks is not None else [0.0] * n)
+    segment_costs: Sequence[float]
+    cut_costs: PerCut | None = None
+    cut_penalties: Sequence[int] | None = None
+    start_costs: Sequence[float] | None = None
+    regions: "BackwardRegions | None" = None
+    head_peaks: PerCut | None = None
+    retained_heads: PerCut | None = None
+    cascade: CascadePrices | None = None
+    n: int = field(init=False)
 
-    def at_cut(table: list[list[float]], j: int, b: int) -> float:
-        return table[min(j, len(table) - 1)][b] if b < n - 1 else 0.0
+    def __post_init__(self) -> None:
+        n = self.n = len(self.segment_costs)
+        self._rows = _per_block_rows(self.cut_costs, n)
+        self._head_rows = _per_block_rows(self.head_peaks, n)
+        self._retained_rows = _per_block_rows(self.retained_heads, n) if self.retained_heads is not None else None
+        self._penalty = list(self.cut_penalties) if self.cut_penalties is not None else [0] * (n - 1)
+        self._starts = list(self.start_costs) if self.start_costs is not None else [0.0] * n
+        if self.regions is None:
+            self.regions = BackwardRegions.one_per_segment([0.0] * n)
+        self._prefix = _prefix(self.segment_costs)
+        if self.cascade is not None:
+            c = self.cascade
+            self._act_prefix, self._held_prefix = _prefix(c.activations), _prefix(c.held)
+            self._head_held, self._rerun_rows = _per_block_rows(c.head_held, n), _per_block_rows(c.rerun_costs, n)
+            self._rerun_peaks: dict[int, list[float]] = {}
 
-    def block(j: int, a: int, b: int, grown: _BlockPeak) -> float:
-        peak = max(grown.value, grown.total + at_cut(head_rows, j, b))
-        return prefix[b + 1] - prefix[a] + at_cut(rows, j, b) + peak + starts[a]
+    def _at_cut(self, table: list[list[float]], j: int, b: int) -> float:
+        return table[min(j, len(table) - 1)][b] if b < self.n - 1 else 0.0
 
-    inf = (math.inf, math.inf, math.inf)
-    # best[j][b]: (max block cost, penalties, sum of squares) of segments 0..b in j+1 blocks
-    best = [[inf] * n for _ in range(k)]
-    back = [[-1] * n for _ in range(k)]
-    first = _BlockPeak(regions)
-    for b in range(n):
-        first.append(b)
-        c = block(0, 0, b, first)
-        best[0][b] = (c, 0, c * c)
-    for j in range(1, k):
-        for b in range(j, n):
-            grown = _BlockPeak(regions)
-            for a in range(b, j - 1, -1):  # block j covers segments a..b
-                grown.prepend(a)
-                prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
-                c = block(j, a, b, grown)
-                cand = (max(prev_max, c), prev_pen + penalty[a - 1], prev_sq + c * c)
-                if cand < best[j][b]:
-                    best[j][b], back[j][b] = cand, a
-    cuts, b = [], n - 1
-    for j in range(k - 1, 0, -1):
-        a = back[j][b]
-        cuts.append(a - 1)
-        b = a - 1
-    return sorted(cuts)
+    def _own(self, j: int, a: int, b: int, grown: "_BlockPeak") -> float:
+        """Block ``j`` of segments ``a..b``, ``grown`` holding their backward's terms."""
+        if self._retained_rows is not None and b < self.n - 1:
+            value = grown.retained + self._at_cut(self._retained_rows, j, b)
+        else:
+            value = grown.value
+        peak = max(value, grown.total + self._at_cut(self._head_rows, j, b))
+        return self._prefix[b + 1] - self._prefix[a] + self._at_cut(self._rows, j, b) + peak + self._starts[a]
+
+    def _rerun_peak(self, p: int, e: int) -> float:
+        """Segments ``p..e`` re-run and backpropagated once, as a cascade does the block before."""
+        if p not in self._rerun_peaks:
+            grown, row = _BlockPeak(self.regions), []
+            for s in range(p, self.n):
+                grown.append(s)
+                row.append(self._act_prefix[s + 1] - self._act_prefix[p] + self._starts[p] + grown.value)
+            self._rerun_peaks[p] = row
+        return self._rerun_peaks[p][e - p]
+
+    def _cascaded(self, j: int, p: int, a: int, b: int, own: float) -> float:
+        """Block ``j`` of segments ``a..b`` (priced ``own``) after a block of segments ``p..a-1``."""
+        c = self.cascade
+        # the block's input, the gradient reaching it and the re-run's output
+        rerun = (self._rerun_peak(p, a - 1) + 3 * c.inputs[a]
+                 + self._held_prefix[b + 1] - self._held_prefix[a] + self._at_cut(self._rerun_rows, j, b))
+        before = self._held_prefix[a] - self._held_prefix[p] + self._at_cut(self._head_held, j - 1, a - 1)
+        return max(own + c.inputs[p], rerun) + before
+
+    def block_prices(self, cuts: Sequence[int]) -> list[float]:
+        """Each block's price when cutting after the segments ``cuts`` (ascending)."""
+        bounds = [-1, *cuts, self.n - 1]
+        prices = []
+        for j in range(len(bounds) - 1):
+            a, b = bounds[j] + 1, bounds[j + 1]
+            grown = _BlockPeak(self.regions)
+            for s in range(a, b + 1):
+                grown.append(s)
+            price = self._own(j, a, b, grown)
+            if self.cascade is not None and j:
+                price = self._cascaded(j, bounds[j - 1] + 1, a, b, price)
+            prices.append(price)
+        return prices
+
+    def best_cuts(self, k: int) -> list[int]:
+        """The ``k - 1`` segments to cut after (ascending) whose largest block price is smallest."""
+        if not 1 <= k <= self.n:
+            raise PartitionError(f"k must be between 1 and {self.n} here, got {k}")
+        return self._best_cascaded(k) if self.cascade is not None else self._best(k)
+
+    def _best(self, k: int) -> list[int]:
+        n, inf = self.n, (math.inf, math.inf, math.inf)
+        # best[j][b]: (max block price, penalties, sum of squares) of segments 0..b in j+1 blocks
+        best = [[inf] * n for _ in range(k)]
+        back = [[-1] * n for _ in range(k)]
+        first = _BlockPeak(self.regions)
+        for b in range(n):
+            first.append(b)
+            c = self._own(0, 0, b, first)
+            best[0][b] = (c, 0, c * c)
+        for j in range(1, k):
+            for b in range(j, n):
+                grown = _BlockPeak(self.regions)
+                for a in range(b, j - 1, -1):  # block j covers segments a..b
+                    grown.prepend(a)
+                    prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
+                    c = self._own(j, a, b, grown)
+                    cand = (max(prev_max, c), prev_pen + self._penalty[a - 1], prev_sq + c * c)
+                    if cand < best[j][b]:
+                        best[j][b], back[j][b] = cand, a
+        cuts, b = [], n - 1
+        for j in range(k - 1, 0, -1):
+            a = back[j][b]
+            cuts.append(a - 1)
+            b = a - 1
+        return sorted(cuts)
+
+    def _best_cascaded(self, k: int) -> list[int]:
+        """As :meth:`_best`, the state also holding where the last block starts."""
+        n, inf = self.n, (math.inf, math.inf, math.inf)
+        # best[j][a][b]: as in _best, block j covering segments a..b
+        best = [[[inf] * n for _ in range(n)] for _ in range(k)]
+        back = [[[-1] * n for _ in range(n)] for _ in range(k)]
+        first = _BlockPeak(self.regions)
+        for b in range(n):
+            first.append(b)
+            c = self._own(0, 0, b, first)
+            best[0][0][b] = (c, 0, c * c)
+        for j in range(1, k):
+            for b in range(j, n):
+                grown = _BlockPeak(self.regions)
+                for a in range(b, j - 1, -1):
+                    grown.prepend(a)
+                    own = self._own(j, a, b, grown)
+                    for p in range(j - 1, a):  # the block before covers segments p..a-1
+                        prev_max, prev_pen, prev_sq = best[j - 1][p][a - 1]
+                        if prev_max == math.inf:
+                            continue
+                        c = self._cascaded(j, p, a, b, own)
+                        cand = (max(prev_max, c), prev_pen + self._penalty[a - 1], prev_sq + c * c)
+                        if cand < best[j][a][b]:
+                            best[j][a][b], back[j][a][b] = cand, p
+        a = min(range(k - 1, n), key=lambda a: best[k - 1][a][n - 1])
+        cuts, b = [], n - 1
+        for j in range(k - 1, 0, -1):
+            p = back[j][a][b]
+            cuts.append(a - 1)
+            a, b = p, a - 1
+        return sorted(cuts)
 
 
-def _per_block_rows(costs: Sequence[float] | Sequence[Sequence[float]] | None, n: int) -> list[list[float]]:
+def _prefix(values: Sequence[float]) -> list[float]:
+    return [0.0, *itertools.accumulate(values)]
+
+
+def _per_block_rows(costs: PerCut | None, n: int) -> list[list[float]]:
     """Per-cut costs as one row per block (a single row serves every block)."""
     if costs is None:
         return [[0.0] * (n - 1)]
@@ -141,7 +269,7 @@ class BackwardRegions:
 
     def block_peak(self, segments: Sequence[int], head_peak: float = 0.0) -> float:
         """The peak of a block of these consecutive segments, its head holding ``head_peak``
-        beside all the block keeps (see :func:`min_max_partition`)."""
+        beside all the block keeps (see :class:`BlockPrices`)."""
         peak = _BlockPeak(self)
         for s in segments:
             peak.append(s)
@@ -151,24 +279,24 @@ class BackwardRegions:
 class _BlockPeak:
     """:class:`BackwardRegions`' peak of a block grown one segment at a time, at either end:
     ``max`` over its regions ``r`` of (kept up to ``r``) + (``r``'s recompute) + (``r``'s largest
-    transient), in O(1) per segment."""
+    transient), in O(1) per segment; ``retained``: the same with all the block keeps in place of
+    what it keeps up to ``r`` (a backward that keeps the graph frees nothing as it goes)."""
 
     def __init__(self, regions: BackwardRegions):
         self.regions = regions
         self.done = -math.inf  # the largest term among the regions not at the growing end
+        self.done_own = -math.inf  # the largest recompute + transient among them
         self.region = None  # the region at the growing end, its recompute and transient
         self.recompute = self.transient = 0.0
         self.kept = 0.0  # kept up to the growing end's region, included
         self.total = 0.0  # kept by the whole block
-        self.value = -math.inf
-
-    def _term(self) -> float:
-        return self.kept + self.recompute + self.transient
+        self.value = self.retained = -math.inf
 
     def _grow(self, s: int, fresh_kept: bool) -> None:
         if self.regions.regions[s] != self.region:
             if self.region is not None:
-                self.done = max(self.done, self._term())
+                self.done = max(self.done, self.kept + self.recompute + self.transient)
+                self.done_own = max(self.done_own, self.recompute + self.transient)
             self.region, self.recompute, self.transient = self.regions.regions[s], 0.0, 0.0
             if fresh_kept:
                 self.kept = 0.0
@@ -177,16 +305,18 @@ class _BlockPeak:
         self.recompute += self.regions.recompute[s]
         self.transient = max(self.transient, self.regions.peaks[s])
 
-    def append(self, s: int) -> float:
-        self._grow(s, fresh_kept=False)
-        self.value = max(self.done, self._term())
-        return self.value
+    def _update(self) -> None:
+        self.value = max(self.done, self.kept + self.recompute + self.transient)
+        self.retained = self.total + max(self.done_own, self.recompute + self.transient)
 
-    def prepend(self, s: int) -> float:
+    def append(self, s: int) -> None:
+        self._grow(s, fresh_kept=False)
+        self._update()
+
+    def prepend(self, s: int) -> None:
         self._grow(s, fresh_kept=True)
         self.done += self.regions.kept[s]  # held through the later regions' backward too
-        self.value = max(self.done, self._term())
-        return self.value
+        self._update()
 
 
 def partition(
@@ -201,6 +331,8 @@ def partition(
     allowed: Sequence[int] | None = None,
     memory: MemoryModel | None = None,
     heads_vary_by_block: bool = False,
+    first_part_cost: Callable[[int], Cost] | None = None,
+    input_window: int = 1,
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
@@ -209,7 +341,10 @@ def partition(
     there (AugLocal's depth shrinks block by block), and the DP prices each block's own.
     ``allowed`` restricts the cuts to those candidate indices (e.g. unit boundaries); the
     segments between allowed cuts are merged. ``input_size`` defaults to the traced size.
-    ``memory`` prices ``balance="memory"`` (batch, optimizer state, pipeline mode).
+    ``memory`` prices ``balance="memory"`` (batch, optimizer state, pipeline mode), with the aux
+    method's ``first_part_cost`` (laid out as ``head_cost``: its heads backpropagate a block
+    twice, the first time keeping the graph, and this is what the first part holds through it;
+    see :class:`BlockPrices`) and ``input_window`` (above 1: its loss re-runs the block before).
     """
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
@@ -228,31 +363,27 @@ def partition(
             max_k=len(allowed) + 1,
         )
     bounds = [-1, *allowed, len(analysis.segment_costs) - 1]
-    merged = [range(bounds[i] + 1, bounds[i + 1] + 1) for i in range(len(bounds) - 1)]
-    prices = _segment_prices(analysis, balance, memory)
+    groups = [list(range(bounds[i] + 1, bounds[i + 1] + 1)) for i in range(len(bounds) - 1)]
     blocks_priced = range(max(k - 1, 1)) if heads_vary_by_block and head_cost else [None]
-    heads = [
-        {i: _timed_head(analysis, head_cost(i) if j is None else head_cost(i, j)) if head_cost else Cost() for i in allowed}
-        for j in blocks_priced
-    ]
-    recomputed = balance == "memory" and memory is not None and memory.recompute != "none"
-    chosen = min_max_partition(
-        [sum(prices.scores[s] for s in segs) for segs in merged],
-        k,
-        [
-            [_head_score(row[i], balance, memory, recomputed) + _boundary(analysis.candidates[i], balance, memory) for i in allowed]
-            for row in heads
-        ],
-        [0 if analysis.candidates[i].closes else 1 for i in allowed],
-        start_costs=[prices.starts[segs[0]] for segs in merged],
-        regions=prices.backward.merged(merged),
-        head_peaks=[[_head_peak(row[i], memory) for i in allowed] for row in heads] if recomputed else None,
-    )
-    cut_idx = [allowed[c] for c in chosen]
-    head_costs = [Cost()] * len(analysis.candidates)
-    for b, i in enumerate(cut_idx):
-        head_costs[i] = heads[min(b, len(heads) - 1)][i]
-    return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, model_name=model_name, aux=aux, memory=memory)
+
+    def rows(cost: Callable | None) -> list[dict[int, Cost]] | None:
+        if cost is None:
+            return None
+        return [{i: _timed_head(analysis, cost(i) if j is None else cost(i, j)) for i in allowed} for j in blocks_priced]
+
+    heads = rows(head_cost) or [{i: Cost() for i in allowed}]
+    firsts = rows(first_part_cost)
+    prices = _block_prices(analysis, balance, memory, groups, heads, firsts, input_window)
+    cut_idx = [allowed[c] for c in prices.best_cuts(k)]
+
+    def at_cuts(rows: list[dict[int, Cost]]) -> list[Cost]:
+        costs = [Cost()] * len(analysis.candidates)
+        for b, i in enumerate(cut_idx):
+            costs[i] = rows[min(b, len(rows) - 1)][i]
+        return costs
+
+    return plan_from_cuts(gm, analysis, cut_idx, balance, at_cuts(heads), model_name=model_name, aux=aux, memory=memory,
+                          first_parts=firsts and at_cuts(firsts), input_window=input_window)
 
 
 def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
@@ -266,11 +397,14 @@ def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
 
 @dataclass
 class _SegmentPrices:
-    """Per segment, in :func:`min_max_partition`'s terms."""
+    """Per segment, in :class:`BlockPrices`' terms."""
 
     scores: list[float]  # additive
     starts: list[float]  # paid by a block that starts at the segment
     backward: BackwardRegions
+    activations: list[float]  # of the scores, the saved activations (those of a cascade's re-run)
+    held: list[float]  # of the scores, the gradients (a cascade holds them through the next block's step)
+    inputs: list[float]  # what enters the segment
 
 
 def _segment_prices(analysis: GraphAnalysis, balance: str, memory: MemoryModel | None) -> _SegmentPrices:
@@ -284,42 +418,88 @@ def _segment_prices(analysis: GraphAnalysis, balance: str, memory: MemoryModel |
     """
     costs = analysis.segment_costs
     n = len(costs)
+    zeros = [0.0] * n
     if balance != "memory":
-        return _SegmentPrices([c.metric(balance) for c in costs], [0.0] * n, BackwardRegions.one_per_segment([0.0] * n))
+        return _SegmentPrices([c.metric(balance) for c in costs], zeros, BackwardRegions.one_per_segment(zeros), zeros, zeros, zeros)
     memory = memory or MemoryModel()
     transient = [memory.transient(c) for c in costs]
+    # per sample, what enters each segment: the model's input (fp32) or what crosses the cut before it
+    entering = [memory.batch * size for size in [4.0 * math.prod(analysis.input_size), *(float(c.nbytes) for c in analysis.candidates)]]
+    # its resident part: the gradients (with per-block optimizers), all its state in pipeline mode
+    grads = [memory.bytes(replace(c, activation_bytes=0.0)) for c in costs]
     if memory.recompute == "none":
-        return _SegmentPrices([memory.bytes(c) for c in costs], [0.0] * n, BackwardRegions.one_per_segment(transient))
+        activations = [memory.batch * c.activation_bytes for c in costs]
+        return _SegmentPrices([memory.bytes(c) for c in costs], zeros, BackwardRegions.one_per_segment(transient), activations, grads, entering)
     unit_ends = {u.cut_position for u in analysis.units}
     begins = [i == 0 or i - 1 in unit_ends for i in range(n)]
-    # per sample, what enters each segment: the model's input (fp32) or what crosses the cut before it
-    entering = [4.0 * math.prod(analysis.input_size), *(float(c.nbytes) for c in analysis.candidates)]
     kept = [c.kept_bytes if memory.recompute == "cheap" else 0.0 for c in costs]
     return _SegmentPrices(
-        [memory.bytes(replace(c, activation_bytes=0.0)) for c in costs],
-        [0.0 if begins[i] else memory.batch * entering[i] for i in range(n)],
+        grads,
+        [0.0 if begins[i] else entering[i] for i in range(n)],
         BackwardRegions(
             list(itertools.accumulate(int(b) for b in begins)),
-            [memory.batch * (kept[i] + (entering[i] if begins[i] else 0.0)) for i in range(n)],
+            [memory.batch * kept[i] + (entering[i] if begins[i] else 0.0) for i in range(n)],
             [memory.batch * max(c.activation_bytes - kept[i], 0.0) for i, c in enumerate(costs)],
             transient,
         ),
+        zeros,
+        grads,
+        entering,
     )
 
 
-def _head_score(head: Cost, balance: str, memory: MemoryModel | None, recomputed: bool) -> float:
-    """The head's additive price: with recomputed blocks its activations are in
-    :func:`_head_peak` instead (held beside what its block keeps, not beside its backward)."""
-    return _score(replace(head, activation_bytes=0.0) if recomputed else head, balance, memory, head=True)
+def _block_prices(
+    analysis: GraphAnalysis,
+    balance: str,
+    memory: MemoryModel | None,
+    groups: Sequence[Sequence[int]],
+    heads: Sequence[Mapping[int, Cost]],
+    first_parts: Sequence[Mapping[int, Cost]] | None,
+    input_window: int,
+) -> BlockPrices:
+    """:class:`BlockPrices` for ``analysis`` cut only between ``groups`` of consecutive segments,
+    ``heads`` holding (one row per block, or one for all) the head at each cut's candidate, and
+    ``first_parts`` likewise what a head that backpropagates its block twice holds through the
+    first backward (see :func:`partition`)."""
+    prices = _segment_prices(analysis, balance, memory)
+    priced = balance == "memory"
+    model = memory or MemoryModel()
+    recomputed = priced and model.recompute != "none"
+    ends = [g[-1] for g in groups[:-1]]
 
+    def per_cut(price: Callable[[Cost, int], float], rows=heads) -> list[list[float]]:
+        return [[price(row[i], i) for i in ends] for row in rows]
 
-def _head_peak(head: Cost, memory: MemoryModel | None) -> float:
-    memory = memory or MemoryModel()
-    return head.activation_bytes * memory.batch + memory.transient(head)
+    def output(i: int) -> float:
+        return model.boundary(analysis.candidates[i].nbytes) if priced else 0.0
 
+    def resident(head: Cost) -> float:  # the head's parameters, gradients and optimizer state
+        return _score(replace(head, activation_bytes=0.0), balance, memory, head=True)
 
-def _boundary(candidate, balance: str, memory: MemoryModel | None) -> float:
-    return (memory or MemoryModel()).boundary(candidate.nbytes) if balance == "memory" else 0.0
+    cascade = None
+    if priced and input_window > 1:
+        cascade = CascadePrices(
+            activations=[sum(prices.activations[s] for s in g) for g in groups],
+            held=[sum(prices.held[s] for s in g) for g in groups],
+            inputs=[prices.inputs[g[0]] for g in groups],
+            head_held=per_cut(lambda head, i: head.param_bytes if model.per_block else 0.0),
+            rerun_costs=per_cut(lambda head, i: resident(head) + output(i)),
+        )
+    return BlockPrices(
+        [sum(prices.scores[s] for s in g) for g in groups],
+        per_cut(lambda head, i: (resident(head) if recomputed else _score(head, balance, memory, head=True)) + output(i)),
+        [0 if analysis.candidates[i].closes else 1 for i in ends],
+        start_costs=[prices.starts[g[0]] for g in groups],
+        regions=prices.backward.merged(groups),
+        # beside all the block keeps: what the head holds while it trains (with the blocks
+        # recomputed, its activations, else priced additively above) and its backward's transient
+        head_peaks=per_cut(lambda head, i: model.transient(head) + (model.batch * head.activation_bytes if recomputed else 0.0))
+        if priced else None,
+        # stored, a head's activations are priced additively above already
+        retained_heads=per_cut(lambda part, i: model.batch * part.activation_bytes if recomputed else 0.0, first_parts)
+        if priced and first_parts is not None else None,
+        cascade=cascade,
+    )
 
 
 def _score(cost: Cost, balance: str, memory: MemoryModel | None, head: bool = False) -> float:
@@ -337,16 +517,22 @@ def plan_from_cuts(
     model_name: str = "",
     aux: str = "dgl",
     memory: MemoryModel | None = None,
+    first_parts: Sequence[Cost] | None = None,
+    input_window: int = 1,
 ) -> Plan:
-    """The Plan for cutting after the given candidate indices (ascending)."""
+    """The Plan for cutting after the given candidate indices (ascending); ``heads[i]`` is the
+    head at candidate ``i`` (``first_parts[i]`` its first part, see :func:`partition`), the rest
+    as in :func:`partition`."""
     bounds = [-1, *cut_idx, len(analysis.segment_costs) - 1]
-    prices = _segment_prices(analysis, balance, memory)
-    recomputed = balance == "memory" and memory is not None and memory.recompute != "none"
+    timed = [_timed_head(analysis, h) for h in heads]
+    groups = [[s] for s in range(len(analysis.segment_costs))]
+    firsts = [first_parts] if first_parts is not None else None
+    prices = _block_prices(analysis, balance, memory, groups, [timed], firsts, input_window).block_prices(cut_idx)
     blocks = []
     for b in range(len(bounds) - 1):
         segs = range(bounds[b] + 1, bounds[b + 1] + 1)
         cost = sum((analysis.segment_costs[s] for s in segs), Cost())
-        head = _timed_head(analysis, heads[bounds[b + 1]]) if b < len(bounds) - 2 else Cost()
+        head = timed[bounds[b + 1]] if b < len(bounds) - 2 else Cost()
         names = {name for s in segs for name in analysis.segment_nodes[s]}
         end = analysis.candidates[bounds[b + 1]] if b < len(bounds) - 2 else None
         blocks.append(
@@ -359,15 +545,7 @@ def plan_from_cuts(
                 head_params=head.params,
                 head_gflops=head.flops / 1e9,
                 head_activation_mib=head.activation_bytes / 2**20,
-                cost=sum(prices.scores[s] for s in segs)
-                + prices.starts[segs[0]]
-                + _head_score(head, balance, memory, recomputed)
-                + (
-                    prices.backward.block_peak(segs, _head_peak(head, memory) if recomputed else (memory or MemoryModel()).transient(head))
-                    if balance == "memory"
-                    else 0.0
-                )
-                + (_boundary(end, balance, memory) if end else 0.0),
+                cost=prices[b],
                 cut_node=end.node if end else None,
                 cut_shape=list(end.shape) if end else None,
             )

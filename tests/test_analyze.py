@@ -259,3 +259,11 @@ def test_a_skip_that_its_block_still_uses_is_never_carried(name):
     gm = fxlocal.trace(fxlocal.create_model(name, 3, size), size)
     cands = fxlocal.find_cut_candidates(gm)
     assert not [c for c in cands if c.carried] and len(cands) > 8
+
+
+def test_a_measured_modules_largest_activation_is_not_a_weight():
+    """``measure_module``'s ``largest_activation_bytes`` (what backward's transient is priced
+    from) is its largest activation per sample, not a weight's transpose (4096×1024 here)."""
+    with torch.device("meta"):
+        head = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10))
+    assert measure_module(head, (1024,)).largest_activation_bytes == 4096 * 4

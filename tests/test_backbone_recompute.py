@@ -142,16 +142,17 @@ def test_recomputing_lowers_every_block_peak():
         assert peaks["all"][b] < peaks["cheap"][b] < peaks["none"][b], (b, peaks)
 
 
-@pytest.mark.parametrize("policy", ["none", "cheap", "all"])
-def test_memory_balance_prices_blocks_as_they_are_recomputed(policy):
+@pytest.mark.parametrize("aux,policy", [("dgl", "none"), ("dgl", "cheap"), ("dgl", "all"), ("mlaan", "none"), ("mlaan", "all")])
+def test_memory_balance_prices_blocks_as_they_are_recomputed(aux, policy):
     """Each block's price is its measured part of the step, less what is held whatever the cuts
     (every weight and its momentum; a price counts its own head's), to within -5%..+15%: the DP's
     prices are upper bounds (backward's transient buffers are priced at two of the largest
     activation), as close for recomputed blocks as for stored ones. Pricing recomputed blocks as
-    stored ones would over-price them by up to half."""
+    stored ones would over-price them by up to half. MLAAN's step also holds its first backward's
+    graph and re-runs the block before (its cascade); unpriced, its blocks came out 45-77% under."""
     torch.manual_seed(0)
     local = fxlocal.convert(
-        "resnet32_cifar", k=4, aux="dgl", input_size=CIFAR, balance="memory", memory=MemoryModel(batch=64),
+        "resnet32_cifar", k=4, aux=aux, input_size=CIFAR, balance="memory", memory=MemoryModel(batch=64),
         backbone_recompute=policy,
     )
 
@@ -162,7 +163,7 @@ def test_memory_balance_prices_blocks_as_they_are_recomputed(policy):
     for b, (plan, peak) in enumerate(zip(local.plan.blocks, measured)):
         own_head = weights_and_momentum(local.heads[b]) if b < len(local.heads) else 0
         price, held = plan.cost - own_head, peak - weights_and_momentum(local)
-        assert -0.05 <= (price - held) / held <= 0.15, (policy, b, price, held)
+        assert -0.05 <= (price - held) / held <= 0.15, (aux, policy, b, price, held)
 
 
 def test_cheap_keeps_convolution_outputs_only():

@@ -285,3 +285,36 @@ def test_a_cascade_into_a_block_without_parameters_trains_the_rest():
     assert_gradient_isolation(local, torch.randn(4, *size), torch.randint(0, 5, (4,)), blocks=[1, 2], window=2)
     losses = local.train_step(torch.randn(4, *size), torch.randint(0, 5, (4,)), torch.optim.SGD(local.parameters(), lr=0.1))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_mlaan_heads_are_priced_with_every_part_they_train(k):
+    """The plan's head parameters are the built head's trainable ones: the chain's copies and
+    both pool→fc heads, which on a narrow map start with two conv1×1 to 64 channels."""
+    local = fxlocal.convert("resnet32_cifar", k=k, aux="mlaan", input_size=(3, 32, 32))
+    for head, block in zip(local.heads, local.plan.blocks):
+        assert block.head_params == sum(p.numel() for p in head.parameters() if p.requires_grad)
+        assert isinstance(head.independent.layers[0], torch.nn.Conv2d)  # narrow: the conv1×1 stem is there
+
+
+def test_mlaan_heads_hold_their_independent_part_and_their_chain_one_at_a_time():
+    """On ResNet-32's 16-channel maps the independent head (two conv1×1 to 64 channels at 32²)
+    saves more than the chain: the head is priced at the larger of the two, as measured."""
+    from fxlocal.analyze import analyze
+    from fxlocal.aux import HeadSpec, get_aux
+    from fxlocal.convert import _unit_library
+    from fxlocal.trace import trace
+
+    size = (3, 32, 32)
+    gm = trace(fxlocal.create_model("resnet32_cifar", 10, size), size)
+    analysis = analyze(gm, size)
+    library = _unit_library(gm, analysis)
+    cut = analysis.candidates[analysis.units[2].cut_position]
+    spec = HeadSpec(cut.shape, cut.layout, 10, 0, 4, 2, library)
+    method = get_aux("mlaan")
+    head = method.build_head(spec).train()
+    x = torch.randn(8, *cut.shape, requires_grad=True)
+    independent, chain = (saved_activation_bytes(part, x) / 8 for part in (head.independent, head.cascade))
+    assert independent > chain
+    # priced with its input, which the block's graph holds anyway
+    assert method.head_cost(spec).activation_bytes == pytest.approx(independent + x[0].numel() * 4, rel=0.01)

@@ -184,3 +184,58 @@ def test_dp_with_recomputed_regions_matches_brute_force(seed):
         return max(sum(costs[s] for s in segs) + starts[segs[0]] + peak(j, segs) for j, segs in enumerate(blocks))
 
     assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_with_a_cascade_matches_brute_force(seed):
+    """A cascade (MLAAN): a block's step also re-runs the block before it once its own graph is
+    freed, so a block's price depends on where that block starts (the DP's state holds it).
+    Heads that backpropagate their block twice keep its graph through the first backward
+    (``retained_heads``). Brute force prices every split from the definition."""
+    from fxlocal.partition import BackwardRegions, BlockPrices, CascadePrices
+
+    rng = random.Random(600 + seed)
+    n = rng.randint(2, 8)
+    k = rng.randint(1, n)
+    ints = lambda m, hi: [rng.randint(0, hi) for _ in range(m)]  # noqa: E731
+    costs, starts = ints(n, 10), ints(n, 20)
+    regions = list(itertools.accumulate(rng.choice([0, 1]) for _ in range(n)))
+    kept, recompute, peaks = ints(n, 40), ints(n, 40), ints(n, 40)
+    rows = max(k - 1, 1)
+    cut_costs, heads, retained = ([ints(n - 1, 60) for _ in range(rows)] for _ in range(3))
+    activations, held, inputs = ints(n, 30), ints(n, 10), ints(n, 30)
+    head_held, rerun_costs = ([ints(n - 1, 30) for _ in range(rows)] for _ in range(2))
+    prices = BlockPrices(
+        costs, cut_costs, start_costs=starts, regions=BackwardRegions(regions, kept, recompute, peaks), head_peaks=heads,
+        retained_heads=retained, cascade=CascadePrices(activations, held, inputs, head_held, rerun_costs),
+    )
+
+    def own(j, segs):
+        b = segs[-1]
+        if b == n - 1:
+            return sum(costs[s] for s in segs) + starts[segs[0]] + _recomputed_block_peak(regions, kept, recompute, peaks, segs)
+        # the first backward keeps the graph: every region's kept stays through it
+        worst = max(sum(recompute[s] for s in segs if regions[s] == r) + max(peaks[s] for s in segs if regions[s] == r)
+                    for r in {regions[s] for s in segs})
+        peak = max(sum(kept[s] for s in segs) + worst + retained[j][b], sum(kept[s] for s in segs) + heads[j][b])
+        return sum(costs[s] for s in segs) + starts[segs[0]] + cut_costs[j][b] + peak
+
+    def price(j, before, segs):
+        if not j:
+            return own(j, segs)
+        a, b = segs[0], segs[-1]
+        rerun = (sum(activations[s] for s in before) + starts[before[0]]
+                 + _recomputed_block_peak(regions, kept, recompute, peaks, before)
+                 + 3 * inputs[a] + sum(held[s] for s in segs) + (rerun_costs[j][b] if b < n - 1 else 0))
+        holding = sum(held[s] for s in before) + head_held[j - 1][before[-1]]
+        return max(own(j, segs) + inputs[before[0]], rerun) + holding
+
+    def worst(cs):
+        bounds = [-1, *cs, n - 1]
+        blocks = [list(range(bounds[i] + 1, bounds[i + 1] + 1)) for i in range(len(bounds) - 1)]
+        by_definition = [price(j, blocks[j - 1] if j else None, segs) for j, segs in enumerate(blocks)]
+        assert prices.block_prices(list(cs)) == by_definition
+        return max(by_definition)
+
+    cuts = prices.best_cuts(k)
+    assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))

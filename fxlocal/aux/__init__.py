@@ -48,8 +48,13 @@ class AuxMethod(Protocol):
     # Methods whose head at a cut depends on the block it trains (balance prices each block's).
     heads_vary_by_block: bool
     # Methods whose heads backpropagate their block twice per step (MLAAN): a block recomputed
-    # with backbone_recompute="cheap" (selective checkpointing) allows one backward only.
+    # with backbone_recompute="cheap" (selective checkpointing) allows one backward only. The
+    # first backward keeps the block's graph; such a method says what its head's first part
+    # holds through it: ``first_part_cost(spec) -> Cost`` (balance="memory" prices it).
     backpropagates_blocks_twice: bool
+    # How many blocks' inputs a block's loss runs from: above 1, it also trains the blocks
+    # before it, which backward re-runs (MLAAN's cascade; balance="memory" prices the re-run).
+    input_window: int
 
     def build_head(self, spec: HeadSpec) -> nn.Module: ...
 
@@ -67,6 +72,7 @@ def register_aux(name: str):
         cls.cuts_at_units = getattr(cls, "cuts_at_units", False)
         cls.heads_vary_by_block = getattr(cls, "heads_vary_by_block", False)
         cls.backpropagates_blocks_twice = getattr(cls, "backpropagates_blocks_twice", False)
+        cls.input_window = getattr(cls, "input_window", 1)
         _REGISTRY[name] = cls
         return cls
 

@@ -23,9 +23,12 @@ on one output they are one loss, backpropagated once).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
 from torch import nn
 
-from ..cost import Cost
+from ..cost import Cost, measure_module
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .adapters import make_adapter, make_tensors_adapter
@@ -150,6 +153,10 @@ class MLAAN:
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
         self.recompute = checked_flag(recompute)  # the chain's copies recomputed in backward (see .recompute)
 
+    @property
+    def input_window(self) -> int:
+        return self.span
+
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
             raise FxLocalError("mlaan heads copy units: the cut must be at a unit boundary")
@@ -190,16 +197,37 @@ class MLAAN:
         return CascadedFinalLoss(self.span, self.wx, self.wy)
 
     def head_cost(self, spec: HeadSpec) -> Cost:
+        """The cascade's chain (:meth:`chain_cost`) and the independent head
+        (:meth:`first_part_cost`): the latter's activations are freed by its backward before
+        the chain runs, so the two hold theirs one at a time."""
+        chain, independent = self.chain_cost(spec), self.first_part_cost(spec)
+        return replace(chain + independent, activation_bytes=max(chain.activation_bytes, independent.activation_bytes))
+
+    def chain_cost(self, spec: HeadSpec) -> Cost:
         """The copies cost what the units they copy cost, the EMA twin beside the first what
-        :func:`twin_cost` says; the pool/linear heads are negligible. Recomputed, each copy's
-        and the twin's forward runs again (a third of the unit's training FLOPs)."""
+        :func:`twin_cost` says, the pool→fc head what it measures. Recomputed, each copy's and
+        the twin's forward runs again (a third of the unit's training FLOPs)."""
         picks = self.chain(spec)
         copies = [spec.units.unit_costs[u] for u in picks]
         twin = twin_cost(copies[0])
-        if not self.recompute:
-            return sum(copies, twin)
-        forward = sum(c.flops for c in [*copies, copies[0]]) / 3
-        return recomputed_cost([*copies, twin], forward, spec.units.chain_kept_bytes(spec.tensors, picks))
+        if self.recompute:
+            forward = sum(c.flops for c in [*copies, copies[0]]) / 3
+            chain = recomputed_cost([*copies, twin], forward, spec.units.chain_kept_bytes(spec.tensors, picks))
+        else:
+            chain = sum(copies, twin)
+        return chain + self._pool_linear_cost(spec.units.units[picks[-1]].tensors, spec.num_classes)
+
+    def first_part_cost(self, spec: HeadSpec) -> Cost:
+        """The independent head, whose backward keeps the block's graph for the cascade's. On a
+        narrow map it is not negligible: it starts with two conv1×1 to ``narrow_width``
+        channels at full resolution (on ResNet-32's 16-channel maps it saves twice what the
+        cascade's chain does)."""
+        return self._pool_linear_cost(spec.tensors, spec.num_classes)
+
+    def _pool_linear_cost(self, tensors, num_classes: int) -> Cost:
+        with torch.device("meta"):
+            heads = [PoolLinear(shape, layout, num_classes, self.narrow_width) for shape, layout in tensors]
+        return sum((measure_module(h, shape) for h, (shape, _) in zip(heads, tensors)), Cost())
 
     def describe(self, head: nn.Module) -> str:
         return head.summary
