@@ -107,23 +107,30 @@ def block_step_peaks(local: LocalModel, batch: int, input_size: tuple[int, ...],
     fake tensors: from the block's forward to the next block's (its head, loss, backward and
     step), an earlier block that a cascade recomputes counting toward the block whose loss
     recomputes it. Which block binds the step's peak, and by how much."""
-    phase = [0]
+    phase = _Phase()
 
     def tag_blocks(fake: LocalModel) -> None:  # the fake copy's, which the tracked step runs
-        fake.block_started = lambda b: phase.__setitem__(0, b)
+        fake.block_started = lambda b: setattr(phase, "block", b)
 
     def start_step(fake, opt, x, y) -> None:
-        phase[0] = 0
+        phase.block = 0
         _local_step(fake, opt, x, y)
 
     tracker = _fake_tracked_step(local, start_step, batch, input_size, num_classes, optimizer, True, tag_blocks, phase)
     return [int(tracker.phase_peaks.get(b, 0)) for b in range(local.k)]
 
 
+@dataclass
+class _Phase:
+    """Which block's part of a tracked step is running: the step sets it, the tracker reads it."""
+
+    block: int = 0
+
+
 def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, per_block, prepare=None, phase=None):
     """The tracker of one ``step`` of a fake copy of ``module``, after a warm-up step (which
-    creates the optimizer state); ``prepare(fake)`` before it; with ``phase`` (a one-item list
-    the step updates), ``tracker.phase_peaks`` holds the peak seen in each phase."""
+    creates the optimizer state); ``prepare(fake)`` before it; with ``phase`` (a :class:`_Phase`
+    the step updates), ``tracker.phase_peaks`` holds the peak seen in each block's part."""
     _StepTracker = _step_tracker_class()
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
@@ -168,7 +175,7 @@ def _step_tracker_class():
             pass
 
     class StepTracker(MemTracker):
-        def __init__(self, phase: list | None = None):
+        def __init__(self, phase: _Phase | None = None):
             super().__init__()
             self._mod_tracker = NoModules()
             self.phase = phase
@@ -178,7 +185,7 @@ def _step_tracker_class():
             super()._update_peak_stats(peak_state)
             if self.phase is not None:
                 total = max(snap[_TOTAL] for snap in self._curr_mem_snap.values())
-                self.phase_peaks[self.phase[0]] = max(self.phase_peaks.get(self.phase[0], 0), total)
+                self.phase_peaks[self.phase.block] = max(self.phase_peaks.get(self.phase.block, 0), total)
 
     return StepTracker
 

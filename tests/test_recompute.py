@@ -99,7 +99,7 @@ def test_recompute_lowers_the_peak_of_a_block_its_head_binds(aux):
 @pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man"])
 def test_a_recompute_option_that_is_not_a_flag_is_refused(aux):
     from fxlocal.aux import get_aux
-    from fxlocal.errors import FxLocalError
+    from fxlocal.errors import IncompatibleOptionsError
 
-    with pytest.raises(FxLocalError, match="recompute must be true or false, got 'yes'"):
+    with pytest.raises(IncompatibleOptionsError, match="recompute must be true or false, got 'yes'"):
         get_aux(aux, recompute="yes")

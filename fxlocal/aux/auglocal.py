@@ -18,7 +18,7 @@ from ..cost import Cost
 from ..errors import FxLocalError
 from . import HeadSpec, register_aux
 from .adapters import make_tensors_adapter
-from .recompute import checked_flag, recomputed_cost
+from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain
 
 __all__ = ["sampled_units", "pyramid_depths", "AugLocal"]
@@ -92,14 +92,13 @@ class AugLocal:
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """The copies cost what the units they copy cost (adapters are negligible); recomputed,
-        their forward runs again (a third of their training FLOPs)."""
+        their forward runs again."""
         library = spec.units
         picks = self.picks(spec)
         copies = [*(library.unit_costs[u] for u in picks), library.tail_cost]
         if not self.recompute:
             return sum(copies, Cost())
-        forward = sum(c.flops for c in copies) / 3
-        return recomputed_cost(copies, forward, library.chain_kept_bytes(spec.tensors, picks, tail=True))
+        return recomputed_cost(copies, forward_flops(copies), library.chain_kept_bytes(spec.tensors, picks, tail=True))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -19,7 +19,7 @@ from . import HeadSpec, register_aux
 from .dgl import DGLHead
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
-from .recompute import checked_flag, recomputed_cost
+from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import handed_on
 
 __all__ = ["MAN"]
@@ -77,8 +77,8 @@ class MAN:
 
     def head_cost(self, spec: HeadSpec) -> Cost:
         """LB trains like the unit it copies, the twin beside it costs what :func:`twin_cost`
-        says, their sum is kept, then DGL's head; recomputed, both forwards run again (a third of
-        the unit's training FLOPs each) and only one's activations are alive at a time."""
+        says, their sum is kept, then DGL's head; recomputed, both forwards (each the unit's) run
+        again and only one's activations are alive at a time."""
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
         with torch.device("meta"):
@@ -88,7 +88,7 @@ class MAN:
         pair_out = spec.units.handed_bytes(u)
         if not self.recompute:
             return lb + twin_cost(lb) + Cost(activation_bytes=pair_out) + dgl
-        return recomputed_cost([lb, twin_cost(lb)], 2 * lb.flops / 3, pair_out) + dgl
+        return recomputed_cost([lb, twin_cost(lb)], forward_flops([lb, lb]), pair_out) + dgl
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -35,7 +35,7 @@ from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import one_per_tensor
-from .recompute import checked_flag, recomputed_cost
+from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain, handed_on
 
 __all__ = ["leap_chain", "PoolLinear", "MLAAN"]
@@ -206,12 +206,13 @@ class MLAAN:
     def chain_cost(self, spec: HeadSpec) -> Cost:
         """The copies cost what the units they copy cost, the EMA twin beside the first what
         :func:`twin_cost` says, the pool→fc head what it measures. Recomputed, each copy's and
-        the twin's forward runs again (a third of the unit's training FLOPs)."""
+        the twin's forward runs again."""
         picks = self.chain(spec)
         copies = [spec.units.unit_costs[u] for u in picks]
         twin = twin_cost(copies[0])
         if self.recompute:
-            forward = sum(c.flops for c in [*copies, copies[0]]) / 3
+            # the twin's forward is the first copy's again
+            forward = forward_flops([*copies, copies[0]])
             chain = recomputed_cost([*copies, twin], forward, spec.units.chain_kept_bytes(spec.tensors, picks))
         else:
             chain = sum(copies, twin)

@@ -16,17 +16,17 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..cost import Cost
-from ..errors import FxLocalError
+from ..errors import IncompatibleOptionsError
 from ..recompute import checkpointed
 
-__all__ = ["run", "recomputed_cost", "checked_flag"]
+__all__ = ["run", "recomputed_cost", "forward_flops", "checked_flag"]
 
 
 def checked_flag(value: Any) -> bool:
     """The ``recompute`` option as given (``--aux-option recompute=yes`` would otherwise be a
     truthy string)."""
     if not isinstance(value, bool):
-        raise FxLocalError(f"recompute must be true or false, got {value!r}")
+        raise IncompatibleOptionsError(f"recompute must be true or false, got {value!r}")
     return value
 
 
@@ -36,14 +36,20 @@ def run(module: nn.Module, *tensors: Any, recompute: bool = False) -> Any:
     return checkpointed(module, *tensors, policy="all" if recompute else "none")
 
 
-def recomputed_cost(regions: Sequence[Cost], forward_flops: float, saved_bytes: float) -> Cost:
+def forward_flops(units: Sequence[Cost]) -> float:
+    """The FLOPs of one more forward of each of these units, priced as trained (a forward is a
+    third of a training step's FLOPs: backward computes two gradients per forward product)."""
+    return sum(u.flops for u in units) / 3
+
+
+def recomputed_cost(regions: Sequence[Cost], rerun_flops: float, saved_bytes: float) -> Cost:
     """Per-sample cost of ``regions`` (each what one recomputed copy or twin costs trained
-    normally) run with ``recompute``: their forward runs again (``forward_flops``), and what
+    normally) run with ``recompute``: their forward runs again (``rerun_flops``, see :func:`forward_flops`), and what
     backward holds beside the block is the regions' inputs (``saved_bytes``, beyond the block
     output they start from) and one region's activations at a time, the largest."""
     total = sum(regions, Cost())
     return replace(
         total,
-        flops=total.flops + forward_flops,
+        flops=total.flops + rerun_flops,
         activation_bytes=saved_bytes + max((r.activation_bytes for r in regions), default=0.0),
     )
