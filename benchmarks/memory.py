@@ -2,7 +2,8 @@
 
 Prints a markdown table. On CPU the peaks are predicted on fake tensors (FakeCopyMode +
 MemTracker, identical to a real CPU step), with each block's part of the step (which binds);
-with ``--device cuda`` they are measured with ``torch.cuda.max_memory_allocated``. MiB = 2^20
+with ``--device cuda`` each is also measured with ``torch.cuda.max_memory_allocated`` (less what
+was allocated before the model was placed), beside the prediction and its error. MiB = 2^20
 bytes.
 
     python benchmarks/memory.py                         # resnet101, K=4, batch 64, 224², SGD momentum
@@ -18,8 +19,9 @@ import warnings
 
 import fxlocal
 from fxlocal.cost import MemoryModel
-from fxlocal.memory import OPTIMIZERS, _e2e_step, _local_step, block_step_peaks, step_peak_bytes
+from fxlocal.memory import OPTIMIZERS, e2e_step, local_step, block_step_peaks, step_peak_bytes
 from fxlocal.plan import BlockPlan, Plan
+from record import append_rows, provenance
 
 # The split the local-learning papers hand-write for torchvision ResNet-101 at K=4.
 HAND_SPLIT = ("layer2.2", "layer3.8", "layer3.16")
@@ -47,6 +49,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-hand-split", action="store_true", help="the model is not a torchvision ResNet-101")
     p.add_argument("--aux", nargs="*", default=["dgl", "auglocal", "mlaan", "man"])
     p.add_argument("--backbone-recompute", nargs="*", default=["cheap", "all"], choices=("cheap", "all"))
+    p.add_argument("--record", default="", help="JSON-lines file the rows are appended to (with the commit and versions)")
     args = p.parse_args(argv)
     size = tuple(args.input_size)
     priced = MemoryModel(batch=args.batch, optimizer_states=OPTIMIZERS[args.optimizer][1])
@@ -54,19 +57,25 @@ def main(argv=None) -> None:
     classes = original(__import__("torch").zeros(2, *size)).shape[-1]
 
     def local_peaks(local) -> tuple[float, str]:
-        """The step's peak (MiB) and, on fake tensors, each block's part of it (which binds)."""
-        if args.device == "cuda":
-            return step_peak_bytes(local, _local_step, args.batch, size, classes, args.optimizer, "cuda", True) / 2**20, "-"
+        """The step's peak (MiB) on fake tensors and each block's part of it (which binds)."""
         blocks = [b / 2**20 for b in block_step_peaks(local, args.batch, size, classes, args.optimizer)]
         return max(blocks), " / ".join(f"{b:.0f}" for b in blocks)
 
+    def measured(module, per_block: bool) -> float:
+        """The step's peak (MiB) measured on CUDA."""
+        step = local_step if per_block else e2e_step
+        return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, "cuda", per_block) / 2**20
+
+    # (configuration, K, aux, balance, predicted MiB, blocks' predicted MiB, measured MiB or None)
     rows = []
     started = time.perf_counter()
-    e2e = step_peak_bytes(original, _e2e_step, args.batch, size, classes, args.optimizer, args.device) / 2**20
-    rows.append(("end-to-end", 1, "-", "-", e2e, "-"))
+    e2e = step_peak_bytes(original, e2e_step, args.batch, size, classes, args.optimizer) / 2**20
+    cuda = args.device == "cuda"
+    rows.append(("end-to-end", 1, "-", "-", e2e, "-", measured(original, False) if cuda else None))
     if not args.no_hand_split:
         local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
-        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", *local_peaks(local)))
+        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", *local_peaks(local),
+                     measured(local, True) if cuda else None))
     configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
     # the methods that copy units, as the reference runs them and with the copies recomputed
     copying = [aux for aux in args.aux if aux != "dgl"]
@@ -83,15 +92,30 @@ def main(argv=None) -> None:
         local = fxlocal.convert(analyzed, k=args.k, aux=aux, balance=balance, memory=priced, **options)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
         label = aux + "".join(f", {key}" if value is True else f", {key.replace('_', ' ')} {value}" for key, value in options.items())
-        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, *local_peaks(local)))
+        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, *local_peaks(local), measured(local, True) if cuda else None))
     cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    origin = provenance(args.device if cuda else "cpu")
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
-          f"{'predicted on fake tensors (CPU)' if args.device == 'fake' else 'measured on CUDA'}, "
-          f"{time.perf_counter() - started:.0f} s\n")
-    print("| configuration | K | aux | balance | peak MiB | × end-to-end | blocks' peaks MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for name, k, aux, balance, mib, blocks in rows:
-        print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} | {blocks} |")
+          f"{'predicted on fake tensors (CPU)' if not cuda else 'predicted on fake tensors and measured on ' + origin['device']}, "
+          f"torch {origin['torch']}, commit {origin['commit']}, {time.perf_counter() - started:.0f} s\n")
+    if cuda:
+        e2e_cuda = rows[0][-1]
+        print("| configuration | K | aux | balance | predicted MiB | measured MiB | error | measured × end-to-end | blocks' predicted peaks MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, k, aux, balance, mib, blocks, real in rows:
+            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {real:.1f} | {100 * (mib - real) / real:+.1f}% | {real / e2e_cuda:.3f} | {blocks} |")
+    else:
+        print("| configuration | K | aux | balance | peak MiB | × end-to-end | blocks' peaks MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for name, k, aux, balance, mib, blocks, _ in rows:
+            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} | {blocks} |")
+    if args.record:
+        append_rows(args.record, [
+            {**origin, "benchmark": "memory", "model": args.model, "input_size": list(size), "batch": args.batch,
+             "optimizer": args.optimizer, "configuration": name, "k": k, "aux": aux, "balance": balance,
+             "predicted_mib": mib, "blocks_predicted_mib": blocks, "measured_mib": real}
+            for name, k, aux, balance, mib, blocks, real in rows
+        ])
 
 
 if __name__ == "__main__":

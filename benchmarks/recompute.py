@@ -25,7 +25,8 @@ import torch
 
 import fxlocal
 from fxlocal.cost import MemoryModel
-from fxlocal.memory import _local_step, step_peak_bytes
+from fxlocal.memory import local_step, step_peak_bytes
+from overhead import time_steps, timing_turn
 
 
 def variants(what: str, aux: str) -> list[tuple[str, dict]]:
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--what", default="heads", choices=("heads", "backbone"))
     p.add_argument("--aux", nargs="*")
+    p.add_argument("--timing-gate", help="a folder: time only once its file 'open' exists, holding its 'lock' (overhead.timing_turn)")
     args = p.parse_args(argv)
     size, device = tuple(args.input_size), torch.device(args.device)
     original = fxlocal.create_model(args.model, None, size)
@@ -58,29 +60,26 @@ def main(argv=None) -> None:
     y = torch.randint(0, classes, (time_batch,), device=device)
     priced, measured = MemoryModel(batch=args.batch), "cuda" if device.type == "cuda" else "fake"
     analyzed = fxlocal.analyze_model(original, size)
-    rows = []
     default_aux = ["auglocal", "mlaan", "man"] if args.what == "heads" else ["dgl", "auglocal", "mlaan", "man"]
+    prepared = []  # (aux, labels, models, peaks, steps): every conversion and peak first, then the timed steps
     for aux in args.aux or default_aux:
         labels, options = zip(*variants(args.what, aux))
         models = [fxlocal.convert(analyzed, k=args.k, aux=aux, balance="memory", memory=priced, **o) for o in options]
-        peaks = [step_peak_bytes(m, _local_step, args.batch, size, classes, "sgd", measured, per_block=True) / 2**20 for m in models]
+        peaks = [step_peak_bytes(m, local_step, args.batch, size, classes, "sgd", measured, per_block=True) / 2**20 for m in models]
         models = [m.to(device) for m in models]
         opts = [[torch.optim.SGD(list(m.block_parameters(b)), lr=0.01, momentum=0.9) for b in range(m.k)] for m in models]
-        times = [[] for _ in models]
-        for step in range(args.steps + 1):
-            for i, (m, opt) in enumerate(zip(models, opts)):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                m.train_step(x, y, opt, as_tensors=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if step:  # the first step warms up
-                    times[i].append(time.perf_counter() - start)
-        base = statistics.median(times[0])
-        for label, local, peak, took in zip(labels, models, peaks, times):
-            cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
-            rows.append((aux, label, cuts, peak, peak / peaks[0], statistics.median(took), statistics.median(took) / base))
+        steps = {label: (lambda m=m, opt=opt: m.train_step(x, y, opt, as_tensors=True)) for label, m, opt in zip(labels, models, opts)}
+        prepared.append((aux, labels, models, peaks, steps))
+    rows = []
+    with timing_turn(args.timing_gate):
+        for aux, labels, models, peaks, steps in prepared:
+            # the variants of one method alternate (the first step of each warms up)
+            times = time_steps(steps, args.steps, 1, device)
+            base = statistics.median(times[labels[0]])
+            for label, local, peak in zip(labels, models, peaks):
+                took = statistics.median(times[label])
+                cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
+                rows.append((aux, label, cuts, peak, peak / peaks[0], took, took / base))
     cmd = "python benchmarks/recompute.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` — {args.model}, K={args.k}, {size}, SGD momentum, fp32, peaks at batch {args.batch} "
           + ("measured on CUDA" if device.type == "cuda" else "predicted on fake tensors")

@@ -11,6 +11,7 @@ for real and ``torch.cuda.max_memory_allocated`` is read instead.
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -33,6 +34,9 @@ __all__ = [
     "predict_memory",
     "smallest_k_that_fits",
     "step_peak_bytes",
+    "step_flops",
+    "e2e_step",
+    "local_step",
     "block_step_peaks",
 ]
 
@@ -87,6 +91,10 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
     """Peak bytes of ``step(module, optimizer, x, y)`` after a warm-up step; with ``per_block``
     the LocalModel ``module`` gets one optimizer per block (see :meth:`LocalModel.train_step`)."""
     if device == "cuda":
+        # what earlier measurements left behind (fx modules hold reference cycles) is not this step's
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         module = copy.deepcopy(module).cuda()
         opt = _make_optimizers(module, optimizer, per_block)
         x = torch.randn(batch, *input_size, device="cuda")
@@ -96,9 +104,46 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
         torch.cuda.reset_peak_memory_stats()
         step(module, opt, x, y)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - before
+        del module, opt, x, y
+        gc.collect()
+        return peak
     tracker = _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, per_block)
     return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+
+
+def step_flops(module: nn.Module, batch: int, input_size: tuple[int, ...], num_classes: int,
+               optimizer: str = "sgd", per_block: bool = False) -> int:
+    """Floating-point operations of one training step of ``module`` (a LocalModel: its
+    ``train_step``, aux heads, cascades and recomputation included; else forward, backward and
+    step end to end), counted by ``torch.utils.flop_counter.FlopCounterMode`` on fake tensors
+    after a warm-up step. FlopCounterMode counts matrix products and convolutions (2 per
+    multiply-add), not elementwise work such as normalisation or EMA updates.
+
+    Args:
+        module: the model to step; it is copied, never run.
+        batch, input_size, num_classes: the step's fake batch.
+        optimizer: a name of :data:`OPTIMIZERS`.
+        per_block: a LocalModel gets one optimizer per block (see :meth:`LocalModel.train_step`).
+
+    Returns:
+        The step's FLOPs.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = local_step if isinstance(module, LocalModel) else e2e_step
+    mode = FakeTensorMode()
+    with FakeCopyMode(mode):
+        fake = copy.deepcopy(module)
+    with mode:
+        opt = _make_optimizers(fake, optimizer, per_block)
+        x = torch.randn(batch, *input_size)
+        y = torch.randint(0, num_classes, (batch,))
+        step(fake, opt, x, y)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(fake, opt, x, y)
+    return counter.get_total_flops()
 
 
 def block_step_peaks(local: LocalModel, batch: int, input_size: tuple[int, ...], num_classes: int,
@@ -114,7 +159,7 @@ def block_step_peaks(local: LocalModel, batch: int, input_size: tuple[int, ...],
 
     def start_step(fake, opt, x, y) -> None:
         phase.block = 0
-        _local_step(fake, opt, x, y)
+        local_step(fake, opt, x, y)
 
     tracker = _fake_tracked_step(local, start_step, batch, input_size, num_classes, optimizer, True, tag_blocks, phase)
     return [int(tracker.phase_peaks.get(b, 0)) for b in range(local.k)]
@@ -190,13 +235,16 @@ def _step_tracker_class():
     return StepTracker
 
 
-def _e2e_step(model, opt, x, y) -> None:
+def e2e_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One end-to-end training step (cross-entropy), as :func:`step_peak_bytes` measures it."""
     opt.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
 
 
-def _local_step(local, opt, x, y) -> None:
+def local_step(local: LocalModel, opt, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One local training step (``opt``: one optimizer, or one per block), as
+    :func:`step_peak_bytes` measures it."""
     local.train_step(x, y, opt, as_tensors=True)
 
 
@@ -206,8 +254,8 @@ def predict_memory(original: nn.Module, local: LocalModel, batch: int, optimizer
     optimizer per block, as the trainer does by default (see :meth:`LocalModel.train_step`)."""
     size = tuple(local.config["input_size"])
     classes = local.num_classes
-    e2e = step_peak_bytes(original, _e2e_step, batch, size, classes, optimizer, device)
-    loc = step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device, per_block)
+    e2e = step_peak_bytes(original, e2e_step, batch, size, classes, optimizer, device)
+    loc = step_peak_bytes(local, local_step, batch, size, classes, optimizer, device, per_block)
     states = OPTIMIZERS[optimizer][1]
     blocks = []
     for b, bp in enumerate(local.plan.blocks):
@@ -268,7 +316,7 @@ def smallest_k_that_fits(
             local = convert_k(k)
             size = tuple(local.config["input_size"])
             classes = local.num_classes
-            cache[k] = (local, step_peak_bytes(local, _local_step, batch, size, classes, optimizer, device, per_block))
+            cache[k] = (local, step_peak_bytes(local, local_step, batch, size, classes, optimizer, device, per_block))
         return cache[k][1]
 
     grid = sorted({k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12) if k <= max_k} | {2**i for i in range(4, 12) if 2**i <= max_k}

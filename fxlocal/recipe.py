@@ -51,6 +51,9 @@ class DataSection(_Section):
     augment: Literal["none", "crop_flip", "timm"] = "crop_flip"
     train_subset: Optional[int] = Field(default=None, ge=1)  # first N training images
     test_subset: Optional[int] = Field(default=None, ge=1)
+    # Hold out the last N training images and evaluate on them instead of the test split (they
+    # are never trained on): the split to choose options and hyper-parameters on.
+    validation: Optional[int] = Field(default=None, ge=1)
 
 
 class OptimizerSection(_Section):

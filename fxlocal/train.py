@@ -201,10 +201,27 @@ def _schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list
     ]
 
 
+def _splits(d) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """The training images and the images evaluation sees: the test split, or with
+    ``data.validation`` the last N training images (held out of training, not augmented)."""
+    size = tuple(d.input_size)
+    if d.validation is None:
+        train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download, d.train_subset)
+        return train, build_dataset(d.dataset, d.root, False, size, "none", d.download, d.test_subset)
+    train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download)
+    kept = len(train) - d.validation
+    if kept < 1:
+        raise FxLocalError(
+            f"data.validation={d.validation} holds out every one of the {len(train)} training images; hold out fewer"
+        )
+    held_out = build_dataset(d.dataset, d.root, True, size, "none", d.download)
+    end = kept + min(d.validation, d.test_subset or d.validation)
+    trained = torch.utils.data.Subset(train, range(min(kept, d.train_subset or kept)))
+    return trained, torch.utils.data.Subset(held_out, range(kept, end))
+
+
 def _loaders(recipe: Recipe, dist_: _Distributed, device: torch.device):
-    d = recipe.data
-    train = build_dataset(d.dataset, d.root, True, tuple(d.input_size), d.augment, d.download, d.train_subset)
-    test = build_dataset(d.dataset, d.root, False, tuple(d.input_size), "none", d.download, d.test_subset)
+    train, test = _splits(recipe.data)
     common = dict(batch_size=recipe.batch_size, num_workers=recipe.workers, pin_memory=device.type == "cuda")
     # Epoch e's order depends on (seed, e) only, so a resumed run sees the same batches.
     order = torch.Generator()
@@ -490,6 +507,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
             record["replicas_in_sync"] = _replicas_in_sync(local)
         if dist_.main and ((epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs):
             record.update({f"test_{k}": v for k, v in evaluate(local, eval_loader, device, recipe.amp).items()})
+            record["evaluated_on"] = "validation" if recipe.data.validation else "test"
         history.append(record)
         if dist_.main:
             _log_metrics(out_dir, writer, record)

@@ -4,19 +4,19 @@ from typer.testing import CliRunner
 
 import fxlocal
 from fxlocal.cli import app
-from fxlocal.memory import _e2e_step, predict_memory, step_peak_bytes
+from fxlocal.memory import e2e_step, predict_memory, step_peak_bytes
 
 
 def test_fake_prediction_equals_a_real_cpu_step():
     model = fxlocal.create_model("resnet18", 10, (3, 32, 32))
-    predicted = step_peak_bytes(model, _e2e_step, 8, (3, 32, 32), 10)
+    predicted = step_peak_bytes(model, e2e_step, 8, (3, 32, 32), 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    _e2e_step(model, opt, x, y)
+    e2e_step(model, opt, x, y)
     tracker = MemTracker()
     tracker.track_external(model, opt)
     with tracker:
-        _e2e_step(model, opt, x, y)
+        e2e_step(model, opt, x, y)
     real = max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
     assert predicted == real
 
@@ -43,7 +43,7 @@ def test_memory_cli():
 
 
 def test_max_memory_picks_the_smallest_k_that_fits():
-    from fxlocal.memory import MemoryLimitError, _local_step, max_blocks, parse_bytes, smallest_k_that_fits, step_peak_bytes
+    from fxlocal.memory import MemoryLimitError, local_step, max_blocks, parse_bytes, smallest_k_that_fits, step_peak_bytes
     import pytest
 
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("1.5 MiB") == 3 * 2**19 and parse_bytes("2GB") == 2 * 10**9
@@ -52,7 +52,7 @@ def test_max_memory_picks_the_smallest_k_that_fits():
     def convert(k):
         return fxlocal.convert(analyzed, k=k, balance="memory")
 
-    peaks = {k: step_peak_bytes(convert(k), _local_step, 64, (3, 32, 32), 10, per_block=True) for k in (1, 2, 3)}
+    peaks = {k: step_peak_bytes(convert(k), local_step, 64, (3, 32, 32), 10, per_block=True) for k in (1, 2, 3)}
     limit = (peaks[2] + peaks[1]) // 2  # K=1 is too big, K=2 fits
     assert peaks[2] < limit < peaks[1]
     k, local, peak_mib = smallest_k_that_fits(convert, limit, 64, max_blocks(analyzed, "dgl"))
@@ -66,17 +66,17 @@ def test_max_memory_picks_the_smallest_k_that_fits():
 
 
 def test_fake_prediction_of_a_cascaded_local_step_equals_a_real_cpu_step():
-    from fxlocal.memory import _local_step, _make_optimizers, _step_tracker_class
+    from fxlocal.memory import local_step, _make_optimizers, _step_tracker_class
 
     local = fxlocal.convert("resnet32_cifar", k=4, aux="mlaan", input_size=(3, 32, 32))
-    predicted = step_peak_bytes(local, _local_step, 8, (3, 32, 32), 10, per_block=True)
+    predicted = step_peak_bytes(local, local_step, 8, (3, 32, 32), 10, per_block=True)
     opt = _make_optimizers(local, "sgd", per_block=True)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    _local_step(local, opt, x, y)
+    local_step(local, opt, x, y)
     tracker = _step_tracker_class()()
     tracker.track_external(local, *opt)
     with tracker:
-        _local_step(local, opt, x, y)
+        local_step(local, opt, x, y)
     assert predicted == max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
 
 
@@ -105,7 +105,7 @@ def test_step_tracker_counts_a_module_input_only_while_it_lives():
 def test_block_step_peaks_say_which_block_binds():
     """Each block's part of the step peaks on its own; the largest is the step's peak. Cutting
     right after the stem leaves block 1 the rest of the stages, so it binds."""
-    from fxlocal.memory import _local_step, block_step_peaks
+    from fxlocal.memory import local_step, block_step_peaks
 
     size = (3, 32, 32)
     original = fxlocal.create_model("resnet32_cifar", 10, size)
@@ -114,4 +114,4 @@ def test_block_step_peaks_say_which_block_binds():
     local = fxlocal.convert(original, input_size=size, plan=plan)
     peaks = block_step_peaks(local, 32, size, 10)
     assert len(peaks) == 2 and peaks[1] > peaks[0] > 0
-    assert max(peaks) == step_peak_bytes(local, _local_step, 32, size, 10, per_block=True)
+    assert max(peaks) == step_peak_bytes(local, local_step, 32, size, 10, per_block=True)

@@ -168,10 +168,10 @@ def test_data_parallel_with_two_processes(tmp_path):
 
 
 def test_recipe_max_memory_chooses_k(tmp_path):
-    from fxlocal.memory import _local_step, step_peak_bytes
+    from fxlocal.memory import local_step, step_peak_bytes
 
     recipe = tiny(tmp_path, batch_size=64)
-    peaks = {k: step_peak_bytes(build_model(tiny(tmp_path, batch_size=64, convert__k=k)), _local_step, 64, (1, 28, 28), 10)
+    peaks = {k: step_peak_bytes(build_model(tiny(tmp_path, batch_size=64, convert__k=k)), local_step, 64, (1, 28, 28), 10)
              for k in (1, 2)}
     limit = (peaks[1] + peaks[2]) // 2
     assert peaks[2] < limit < peaks[1]
