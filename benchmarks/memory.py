@@ -66,16 +66,46 @@ def main(argv=None) -> None:
         step = local_step if per_block else e2e_step
         return step_peak_bytes(module, step, args.batch, size, classes, args.optimizer, "cuda", per_block) / 2**20
 
-    # (configuration, K, aux, balance, predicted MiB, blocks' predicted MiB, measured MiB or None)
-    rows = []
-    started = time.perf_counter()
-    e2e = step_peak_bytes(original, e2e_step, args.batch, size, classes, args.optimizer) / 2**20
     cuda = args.device == "cuda"
-    rows.append(("end-to-end", 1, "-", "-", e2e, "-", measured(original, False) if cuda else None))
+    cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    origin = provenance(args.device if cuda else "cpu")
+    print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
+          f"{'predicted on fake tensors (CPU)' if not cuda else 'predicted on fake tensors and measured on ' + origin['device']}, "
+          f"torch {origin['torch']}, commit {origin['commit']}\n")
+    if cuda:
+        print("| configuration | K | aux | balance | predicted MiB | measured MiB | error | measured × end-to-end | blocks' predicted peaks MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| configuration | K | aux | balance | peak MiB | × end-to-end | blocks' peaks MiB |")
+        print("|---|---|---|---|---|---|---|")
+    started = time.perf_counter()
+    first: list[float] = []  # end to end: predicted, measured
+
+    def row(name: str, k: int, aux: str, balance: str, module, per_block: bool) -> None:
+        """Print a row as soon as it is measured (a run cut short keeps what it printed) and record it."""
+        if per_block:
+            mib, blocks = local_peaks(module)
+        else:
+            mib, blocks = step_peak_bytes(module, e2e_step, args.batch, size, classes, args.optimizer) / 2**20, "-"
+        real = measured(module, per_block) if cuda else None
+        if not first:
+            first.extend([mib, real])
+        if cuda:
+            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {real:.1f} | {100 * (mib - real) / real:+.1f}% "
+                  f"| {real / first[1]:.3f} | {blocks} |", flush=True)
+        else:
+            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / first[0]:.3f} | {blocks} |", flush=True)
+        if args.record:
+            append_rows(args.record, [{
+                **origin, "benchmark": "memory", "model": args.model, "input_size": list(size), "batch": args.batch,
+                "optimizer": args.optimizer, "configuration": name, "k": k, "aux": aux, "balance": balance,
+                "predicted_mib": mib, "blocks_predicted_mib": blocks, "measured_mib": real,
+            }])
+
+    row("end-to-end", 1, "-", "-", original, False)
     if not args.no_hand_split:
         local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
-        rows.append(("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", *local_peaks(local),
-                     measured(local, True) if cuda else None))
+        row("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", local, True)
     configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
     # the methods that copy units, as the reference runs them and with the copies recomputed
     copying = [aux for aux in args.aux if aux != "dgl"]
@@ -92,31 +122,8 @@ def main(argv=None) -> None:
         local = fxlocal.convert(analyzed, k=args.k, aux=aux, balance=balance, memory=priced, **options)
         cuts = ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1])
         label = aux + "".join(f", {key}" if value is True else f", {key.replace('_', ' ')} {value}" for key, value in options.items())
-        rows.append((f"fxlocal (ends: {cuts})", local.k, label, balance, *local_peaks(local), measured(local, True) if cuda else None))
-    cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    origin = provenance(args.device if cuda else "cpu")
-    print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, {args.optimizer}, fp32, "
-          f"{'predicted on fake tensors (CPU)' if not cuda else 'predicted on fake tensors and measured on ' + origin['device']}, "
-          f"torch {origin['torch']}, commit {origin['commit']}, {time.perf_counter() - started:.0f} s\n")
-    if cuda:
-        e2e_cuda = rows[0][-1]
-        print("| configuration | K | aux | balance | predicted MiB | measured MiB | error | measured × end-to-end | blocks' predicted peaks MiB |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, k, aux, balance, mib, blocks, real in rows:
-            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {real:.1f} | {100 * (mib - real) / real:+.1f}% | {real / e2e_cuda:.3f} | {blocks} |")
-    else:
-        print("| configuration | K | aux | balance | peak MiB | × end-to-end | blocks' peaks MiB |")
-        print("|---|---|---|---|---|---|---|")
-        for name, k, aux, balance, mib, blocks, _ in rows:
-            print(f"| {name} | {k} | {aux} | {balance} | {mib:.1f} | {mib / e2e:.3f} | {blocks} |")
-    if args.record:
-        append_rows(args.record, [
-            {**origin, "benchmark": "memory", "model": args.model, "input_size": list(size), "batch": args.batch,
-             "optimizer": args.optimizer, "configuration": name, "k": k, "aux": aux, "balance": balance,
-             "predicted_mib": mib, "blocks_predicted_mib": blocks, "measured_mib": real}
-            for name, k, aux, balance, mib, blocks, real in rows
-        ])
-
+        row(f"fxlocal (ends: {cuts})", local.k, label, balance, local, True)
+    print(f"\n{time.perf_counter() - started:.0f} s")
 
 if __name__ == "__main__":
     main()
