@@ -6,11 +6,12 @@ decay 5e-4, cosine, pad-4 crop + flip, batch 128, one optimizer per block. Rows:
 (K=1) and ``dgl``, ``auglocal``, ``mlaan``, ``man`` at K=4 and K=16 (every residual unit its own
 block, the papers' CIFAR setting). Protocols:
 
-- ``full``: the whole of Fashion-MNIST (60 000 / 10 000 images), 4 epochs; seeds 0 and 1 for the
-  K=16 rows, 0 for the others. About 20-80 min a row on 2 CPU cores.
-- ``quick``: 8 000 training / 2 000 test images, 2 epochs, seed 0: well under an hour on 2 cores.
-- ``gpu``: the whole dataset, 15 epochs, seeds 0 and 1 for every row (``--device cuda``; rows
-  side by side with ``--jobs``).
+- ``full``: the whole of Fashion-MNIST (60 000 / 10 000 images), 3 epochs; seeds 0 and 1 for the
+  K=16 rows, 0 for the others. On a GPU (``--device cuda``) its runs go side by side (``--jobs``).
+- ``quick``: 8 000 training / 2 000 test images, 2 epochs, seed 0.
+
+``--epochs``, ``--train-subset`` and ``--test-subset`` change the protocol: its runs are recorded
+under a label that says so (``quick-epochs1``), never mixed with the protocol's own.
 
 ``--validation N`` evaluates on the last N training images instead of the test split (held out
 of training): options are chosen there, never on the test split. Every finished run is appended
@@ -39,9 +40,8 @@ from pathlib import Path
 from record import ROOT, append_rows, provenance, read_rows
 
 PROTOCOLS = {
-    "full": {"epochs": 4, "train_subset": None, "test_subset": None, "seeds": {4: [0], 16: [0, 1], 1: [0]}},
+    "full": {"epochs": 3, "train_subset": None, "test_subset": None, "seeds": {4: [0], 16: [0, 1], 1: [0]}},
     "quick": {"epochs": 2, "train_subset": 8000, "test_subset": 2000, "seeds": {4: [0], 16: [0], 1: [0]}},
-    "gpu": {"epochs": 15, "train_subset": None, "test_subset": None, "seeds": {4: [0, 1], 16: [0, 1], 1: [0, 1]}},
 }
 DEFAULT_ROWS = ["e2e", "dgl:4", "auglocal:4", "mlaan:4", "man:4", "dgl:16", "auglocal:16", "mlaan:16", "man:16"]
 DATA_ROOT = ROOT.parent / "shared/datasets/fashion-mnist"
@@ -89,7 +89,7 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
     from fxlocal.recipe import apply_overrides, load_recipe
     from fxlocal.train import build_model, fit
 
-    key = run_key(args.protocol, aux, k, seed, args.tag, args.validation)
+    key = run_key(args.label, aux, k, seed, args.tag, args.validation)
     data = base_recipe(args.protocol, args.device, args.data_root, args.workers)
     data["convert"].update(k=k, aux=aux)
     data.update(seed=seed, output_dir=str(Path(args.runs) / key))
@@ -114,7 +114,7 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
         peak = step_peak_bytes(build_model(recipe), local_step, recipe.batch_size, size, 10, "sgd", "fake", per_block=True) / 2**20
         peak_kind = "predicted (fake tensors: a CPU step)"
     return {
-        **provenance(recipe.device), "benchmark": "accuracy", "key": key, "protocol": args.protocol, "aux": aux, "k": k,
+        **provenance(recipe.device), "benchmark": "accuracy", "key": key, "protocol": args.label, "aux": aux, "k": k,
         "seed": seed, "tag": args.tag, "overrides": args.set, "validation": args.validation,
         "evaluated_on": history[-1].get("evaluated_on", "test"), "test_top1": history[-1]["test_top1"],
         "test_top1_per_epoch": [r["test_top1"] for r in history], "test_local_top1": history[-1]["test_local_top1"],
@@ -137,10 +137,10 @@ def wanted_runs(args) -> list[tuple[str, int, int]]:
 
 def train_missing(args) -> None:
     done = {r["key"] for r in read_rows(args.results)}
-    todo = [(a, k, s) for a, k, s in wanted_runs(args) if run_key(args.protocol, a, k, s, args.tag, args.validation) not in done]
+    todo = [(a, k, s) for a, k, s in wanted_runs(args) if run_key(args.label, a, k, s, args.tag, args.validation) not in done]
     if args.jobs <= 1:
         for aux, k, seed in todo:
-            print(f"training {run_key(args.protocol, aux, k, seed, args.tag, args.validation)}", flush=True)
+            print(f"training {run_key(args.label, aux, k, seed, args.tag, args.validation)}", flush=True)
             append_rows(args.results, [train_one(args, aux, k, seed)])
         return
     # side by side: one process a run, each with its share of the threads
@@ -178,9 +178,9 @@ def summarise(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def print_table(args, rows: list[dict]) -> None:
-    rows = [r for r in rows if r["protocol"] == args.protocol and r.get("validation") == args.validation]
+    rows = [r for r in rows if r["protocol"] == args.label and r.get("validation") == args.validation]
     if not rows:
-        print(f"no {args.protocol} runs in {args.results} yet")
+        print(f"no {args.label} runs in {args.results} yet")
         return
     stats = summarise(rows)
     order = {parse_row(t): i for i, t in enumerate(DEFAULT_ROWS)}
@@ -188,7 +188,9 @@ def print_table(args, rows: list[dict]) -> None:
     e2e = next((stats[key] for key in keys if key[1] == 1 and not key[2]), None)
     split = stats[keys[0]]["evaluated_on"]
     devices = sorted({s["device"] for s in stats.values()})
-    print(f"`python benchmarks/accuracy.py --{args.protocol}{f' --validation {args.validation}' if args.validation else ''}` — "
+    flags = "".join(a for a in (f" --{args.protocol}" if args.protocol != "full" else "", f" --epochs {args.epochs}" if args.epochs else "",
+                                f" --validation {args.validation}" if args.validation else ""))
+    print(f"`python benchmarks/accuracy.py{flags}` — {args.label} protocol, "
           f"resnet32_cifar on Fashion-MNIST, {split} top-1, {', '.join(devices)}\n")
     print(f"| method | K | {split} top-1 (%) | Δ vs end-to-end | step time × e2e | step peak × e2e | epochs | seeds | wall (min) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -235,7 +237,7 @@ def plot(args, rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["protocol"] == args.protocol and r.get("validation") == args.validation]
+    rows = [r for r in rows if r["protocol"] == args.label and r.get("validation") == args.validation]
     stats = summarise(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (aux, k, tag), s in sorted(stats.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -244,7 +246,7 @@ def plot(args, rows: list[dict], path: str) -> None:
                 linestyle="-" if k <= 4 else "--", color="black" if k == 1 else None, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{rows[0]['evaluated_on'] if rows else 'test'} top-1 (%)")
-    ax.set_title(f"resnet32_cifar on Fashion-MNIST, {args.protocol} protocol")
+    ax.set_title(f"resnet32_cifar on Fashion-MNIST, {args.label} protocol")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -257,7 +259,6 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     protocol = p.add_mutually_exclusive_group()
     protocol.add_argument("--quick", dest="protocol", action="store_const", const="quick")
-    protocol.add_argument("--gpu", dest="protocol", action="store_const", const="gpu")
     p.set_defaults(protocol="full")
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="e2e and AUX:K rows")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds for every row (default: the protocol's)")
@@ -277,6 +278,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--plot", help="write test accuracy per epoch of every row to this PNG")
     args = p.parse_args(argv)
+    changed = [("epochs", args.epochs), ("train", args.train_subset), ("test", args.test_subset)]
+    args.label = args.protocol + "".join(f"-{name}{value}" for name, value in changed if value)
     if args.set and not args.tag:
         raise SystemExit("accuracy.py: --set makes a variant: name it with --tag")
     if not args.table:

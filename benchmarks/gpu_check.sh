@@ -16,8 +16,10 @@ PY=${PYTHON:-python3}
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PARTS=${*:-memory zoo overhead train accuracy}
+export FXLOCAL_FASHION_MNIST=${FXLOCAL_FASHION_MNIST:-$PWD/../shared/datasets/fashion-mnist}
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 LOG="$RESULTS/gpu_check.log"
 WORK=$(mktemp -d)
 GATE="$WORK/gate"
@@ -25,9 +27,13 @@ mkdir -p "$GATE"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if [ $DRY = 1 ]; then
-  DEV=cpu MEMDEV=fake BIG=2 SMALL=4 STEPS=1 IMG=64 ACC="--quick --epochs 1 --train-subset 256 --test-subset 128 --seeds 0 --k 4"
+  DEV=cpu MEMDEV=fake BIG=2 SMALL=4 STEPS=1 IMG=64
+  ACC="--quick --epochs 1 --train-subset 256 --test-subset 128 --rows e2e dgl:4 mlaan:16 --seeds 0 --jobs 2"
+  VAL="--quick --epochs 1 --train-subset 256 --test-subset 128 --validation 128 --jobs 2"
 else
-  DEV=cuda MEMDEV=cuda BIG=64 SMALL=128 STEPS=10 IMG=224 ACC="--gpu"
+  DEV=cuda MEMDEV=cuda BIG=64 SMALL=128 STEPS=10 IMG=224
+  ACC="--jobs 13 --workers 1"  # the full protocol: its 13 runs side by side
+  VAL="--validation 10000 --jobs 1 --workers 1"
 fi
 THREADS=${THREADS:-2}
 PART_TIMEOUT=${PART_TIMEOUT:-450}  # seconds a part may take; 124 in the log means it ran out
@@ -80,9 +86,16 @@ if want overhead; then
 fi
 for pid in "${UNTIMED[@]}"; do wait "$pid"; done
 touch "$GATE/open"
-if want accuracy; then  # its own timed runs: after the rest
+if want accuracy; then  # after the rest: every run of the protocol side by side, and the options chosen on validation
   for pid in "${PIDS[@]}"; do wait "$pid"; done
-  OMP_NUM_THREADS=$THREADS "$PY" benchmarks/accuracy.py --device $DEV $ACC --results "$RESULTS/accuracy.jsonl" 2>&1 | tee -a "$LOG"
+  RUNS="$WORK/runs"
+  A="$PY benchmarks/accuracy.py --device $DEV --results $RESULTS/accuracy.jsonl --runs $RUNS"
+  run accuracy $A $ACC
+  run accuracy_mlaan_val $A $VAL --rows mlaan:16 --seeds 0
+  run accuracy_mlaan_val_reference $A $VAL --rows mlaan:16 --seeds 0 --set convert.aux_options.pool_norm=false --tag reference-pool-fc
+  wait
+  # each run's per-epoch metrics, finished or not
+  (cd "$WORK" && tar czf "$RESULTS/accuracy_runs.tgz" $(find runs -name metrics.jsonl))
 fi
 wait
 rm -rf "$WORK"

@@ -4,6 +4,12 @@ For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)
 
 * *independent*: pool + Linear on the block's own output (a small conv1×1 stem first when the
   map is narrow);
+* every pool + Linear (the independent head and the chain's end) has a BatchNorm1d between the
+  two (``pool_norm``, default on; the reference has none, ``pool_norm=False``). Without it, in
+  the last stage, where a chain holds only identity-shortcut units and the EMA twin's output
+  adds to the first copy's, the pooled features are large enough that plain SGD at lr 0.1
+  without warm-up makes the Linear diverge within a few steps, and its gradient kills the
+  block's output (ResNet-32 K=16 on Fashion-MNIST: blocks 11-15 at chance after an epoch);
 * *cascade*: the same output (the reference's second stream re-runs the blocks to the same
   values), with a loss that also trains the previous ``span - 1`` blocks
   (``StepContext.run_cascaded``: their share of the gradient comes from recomputing them one
@@ -64,9 +70,10 @@ def leap_chain(hidden: int, stages: list[int], length: int = 4, fill: bool = Fal
 
 
 class PoolLinear(nn.Module):
-    """Global average pool + Linear, with two conv1×1 first when the map is narrow."""
+    """Global average pool + Linear, with two conv1×1 first when the map is narrow; with ``norm``
+    a BatchNorm1d between the pool and the Linear."""
 
-    def __init__(self, shape: tuple[int, ...], layout: str, num_classes: int, narrow_width: int = 64):
+    def __init__(self, shape: tuple[int, ...], layout: str, num_classes: int, narrow_width: int = 64, norm: bool = False):
         super().__init__()
         channels = shape[0] if layout == "nchw" else shape[-1]
         stem: list[nn.Module] = []
@@ -78,7 +85,7 @@ class PoolLinear(nn.Module):
             stem += [nn.Conv2d(narrow_width, narrow_width, 1, bias=False), nn.BatchNorm2d(narrow_width), nn.ReLU()]
             channels, shape = narrow_width, (narrow_width, *shape[1:])
         pool = make_adapter(shape, layout, (channels,), "nc")  # pooling only: same width
-        self.layers = nn.Sequential(*stem, pool, nn.Linear(channels, num_classes))
+        self.layers = nn.Sequential(*stem, pool, *([nn.BatchNorm1d(channels)] if norm else []), nn.Linear(channels, num_classes))
 
     def forward(self, x):
         return self.layers(x)
@@ -145,6 +152,7 @@ class MLAAN:
         narrow_width: int = 64,
         fill: bool = False,
         recompute: bool = False,
+        pool_norm: bool = True,
     ):
         if span < 1 or chain_length < 1:
             raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
@@ -152,6 +160,7 @@ class MLAAN:
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
         self.recompute = checked_flag(recompute)  # the chain's copies recomputed in backward (see .recompute)
+        self.pool_norm = checked_flag(pool_norm, "pool_norm")
 
     @property
     def input_window(self) -> int:
@@ -190,7 +199,7 @@ class MLAAN:
 
     def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
         """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
-        heads = [PoolLinear(shape, layout, num_classes, self.narrow_width) for shape, layout in tensors]
+        heads = [PoolLinear(shape, layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors]
         return one_per_tensor(heads)
 
     def final_objective(self) -> nn.Module:
@@ -227,7 +236,7 @@ class MLAAN:
 
     def _pool_linear_cost(self, tensors, num_classes: int) -> Cost:
         with torch.device("meta"):
-            heads = [PoolLinear(shape, layout, num_classes, self.narrow_width) for shape, layout in tensors]
+            heads = [PoolLinear(shape, layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors]
         return sum((measure_module(h, shape) for h, (shape, _) in zip(heads, tensors)), Cost())
 
     def describe(self, head: nn.Module) -> str:

@@ -22,11 +22,11 @@ from ..recompute import checkpointed
 __all__ = ["run", "recomputed_cost", "forward_flops", "checked_flag"]
 
 
-def checked_flag(value: Any) -> bool:
-    """The ``recompute`` option as given (``--aux-option recompute=yes`` would otherwise be a
+def checked_flag(value: Any, name: str = "recompute") -> bool:
+    """A true/false option as given (``--aux-option recompute=yes`` would otherwise be a
     truthy string)."""
     if not isinstance(value, bool):
-        raise IncompatibleOptionsError(f"recompute must be true or false, got {value!r}")
+        raise IncompatibleOptionsError(f"{name} must be true or false, got {value!r}")
     return value
 
 
