@@ -20,21 +20,15 @@ import warnings
 import fxlocal
 from fxlocal.cost import MemoryModel
 from fxlocal.memory import OPTIMIZERS, e2e_step, local_step, block_step_peaks, step_peak_bytes
-from fxlocal.plan import BlockPlan, Plan
 from record import append_rows, provenance
 
 # The split the local-learning papers hand-write for torchvision ResNet-101 at K=4.
 HAND_SPLIT = ("layer2.2", "layer3.8", "layer3.16")
 
 
-def hand_plan(model, input_size, closes=HAND_SPLIT) -> Plan:
-    """A Plan cutting where the given modules end (the hand-written split)."""
-    gm = fxlocal.trace(model, input_size)
-    by_module = {c.closes: c.node for c in fxlocal.find_cut_candidates(gm)}
-    cuts = [by_module[m] for m in closes]
-    blocks = [BlockPlan(index=i, module_paths=[], params=0, gflops=0.0, activation_mib=0.0, cut_node=c) for i, c in enumerate(cuts)]
-    blocks.append(BlockPlan(index=len(cuts), module_paths=[], params=0, gflops=0.0, activation_mib=0.0))
-    return Plan("hand", list(input_size), len(blocks), "flops", "dgl", 0, blocks)
+def hand_split(model, input_size) -> fxlocal.LocalModel:
+    """``model`` cut where the papers cut it (:data:`HAND_SPLIT`), with DGL heads."""
+    return fxlocal.convert(model, k=len(HAND_SPLIT) + 1, input_size=input_size, cuts=list(HAND_SPLIT))
 
 
 def main(argv=None) -> None:
@@ -104,7 +98,7 @@ def main(argv=None) -> None:
 
     row("end-to-end", 1, "-", "-", original, False)
     if not args.no_hand_split:
-        local = fxlocal.convert(original, input_size=size, plan=hand_plan(original, size))
+        local = hand_split(original, size)
         row("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", local, True)
     configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
     # the methods that copy units, as the reference runs them and with the copies recomputed

@@ -32,7 +32,7 @@ from torch import nn
 import fxlocal
 from fxlocal.cost import MemoryModel
 from fxlocal.memory import step_flops
-from memory import hand_plan
+from memory import hand_split
 from record import ROOT, append_rows, provenance
 from speed import HandSplit
 
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     rows["end-to-end"] = (1, "-", "-", e2e_flops, _end_to_end_stepper(placed(e2e_model), x, y, autocast))
     if args.model == "torchvision:resnet101" and size == (3, 224, 224) and 4 in args.k:
         model = fxlocal.create_model(args.model, None, size)
-        local = fxlocal.convert(model, input_size=size, plan=hand_plan(model, size))
+        local = hand_split(model, size)
         flops = step_flops(local, args.batch, size, classes, per_block=True)
         hand = placed(HandSplit(model, local.heads))
         rows["hand-written split"] = (4, "dgl", ", ".join(b.module_paths[-1] for b in local.plan.blocks[:-1]), flops,

@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 import fxlocal
-from memory import HAND_SPLIT, hand_plan
+from memory import HAND_SPLIT, hand_split
 
 
 class HandSplit(nn.Module):
@@ -69,7 +69,7 @@ def main() -> None:
     size = (3, args.size, args.size)
     device = torch.device(args.device)
     model = torchvision.models.resnet101()
-    local = fxlocal.convert(model, input_size=size, plan=hand_plan(model, size)).to(device)
+    local = hand_split(model, size).to(device)
     hand = HandSplit(model, local.heads).to(device)
     params = list(local.parameters())
     assert {id(p) for p in hand.parameters()} == {id(p) for p in params}  # same weights, same heads

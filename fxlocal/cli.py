@@ -276,7 +276,8 @@ class _RichReporter:
             self.progress.remove_task(self.task)
             self.task = None
         local = " ".join(f"{a:.3f}" for a in record["train_local_top1"])
-        test = f" | test top-1 {record['test_top1']:.4f} top-5 {record['test_top5']:.4f}" if "test_top1" in record else ""
+        split = record.get("evaluated_on", "test")
+        test = f" | {split} top-1 {record['test_top1']:.4f} top-5 {record['test_top5']:.4f}" if "test_top1" in record else ""
         console.print(
             f"epoch {record['epoch']}: loss {' '.join(f'{v:.3f}' for v in record['train_loss'])} | "
             f"local acc {local} | {record['images_per_s']:.0f} img/s | peak {record['peak_memory_mib']:.0f} MiB{test}",

@@ -31,7 +31,7 @@ from .errors import (
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
 from .partition import partition, plan_from_cuts
-from .plan import Plan
+from .plan import BlockPlan, Plan
 from .recompute import checked_policy
 from .split import split_graph
 from .trace import trace
@@ -150,6 +150,29 @@ def _unit_library(gm, analysis: GraphAnalysis) -> UnitLibrary:
     return UnitLibrary(gm, analysis.units, costs, tail)
 
 
+def _plan_at_modules(cuts: list[str], k: int, plan: Plan | None, analysis, model_name: str, aux: str, balance: str,
+                     input_size) -> Plan:
+    """A plan whose blocks end where the modules ``cuts`` end (convert checks the rest)."""
+    if plan is not None:
+        raise PlanMismatchError("give convert either cuts or a plan, not both")
+    if len(cuts) + 1 != k:
+        raise PartitionError(f"{len(cuts)} cuts make {len(cuts) + 1} blocks, but k={k}: set k to {len(cuts) + 1}")
+    # a module a cut candidate closes, or a unit's last module (a Sequential's last unit ends
+    # where the Sequential does: its candidate closes the Sequential)
+    by_module = {c.closes: c.node for c in analysis.candidates if c.closes}
+    by_module.update({u.modules[-1]: u.cut for u in analysis.units if u.modules})
+    unknown = [m for m in cuts if m not in by_module]
+    if unknown:
+        raise PlanMismatchError(
+            f"cuts names {unknown[0]!r}, which is not a module a block can end at in {model_name}; "
+            "`fxlocal inspect` lists the cut points"
+        )
+    blocks = [BlockPlan(index=i, module_paths=[], params=0, gflops=0.0, activation_mib=0.0, cut_node=by_module[m])
+              for i, m in enumerate(cuts)]
+    blocks.append(BlockPlan(index=len(cuts), module_paths=[], params=0, gflops=0.0, activation_mib=0.0))
+    return Plan(model_name, list(input_size), k, balance, aux, len(analysis.candidates), blocks)
+
+
 def convert(
     model_or_name: nn.Module | str | AnalyzedModel,
     k: int = 4,
@@ -161,6 +184,7 @@ def convert(
     model_kwargs: dict | None = None,
     memory: MemoryModel | None = None,
     backbone_recompute: str = "none",
+    cuts: list[str] | None = None,
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
@@ -175,6 +199,8 @@ def convert(
     ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``) trades step time for memory:
     training recomputes the blocks' activations in backward, one unit at a time
     (:mod:`fxlocal.recompute`); ``balance="memory"`` prices the blocks so.
+    ``cuts`` names the modules the first ``k - 1`` blocks end at (``["act1", "layer1.0"]``),
+    instead of partitioning: a paper's hand-written split.
     """
     if balance not in BALANCE_METRICS:
         raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
@@ -259,6 +285,8 @@ def convert(
         graph (a method whose heads backpropagate their block twice: MLAAN's independent head)."""
         return sum((method.first_part_cost(s) for s in specs(position, block, k)), Cost()) if twice else Cost()
 
+    if cuts is not None:
+        plan = _plan_at_modules(cuts, k, plan, analysis, model_name, aux, balance, input_size)
     if plan is None:
         plan = partition(
             gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux,

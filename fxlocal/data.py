@@ -112,8 +112,10 @@ register_dataset(DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0
                              lambda r, t, tf, d: torchvision.datasets.ImageFolder(os.path.join(r, "train" if t else "val"), transform=tf)))
 
 
-def build_transform(info: DatasetInfo, input_size: tuple[int, int, int], train: bool, augment: str) -> Callable:
-    """Image -> normalised tensor of ``input_size``; training adds the recipe's augmentation."""
+def build_transform(info: DatasetInfo, input_size: tuple[int, int, int], train: bool, augment: str,
+                    pad_mode: str = "constant") -> Callable:
+    """Image -> normalised tensor of ``input_size``; training adds the recipe's augmentation
+    (``crop_flip`` pads with zeros, or by reflection with ``pad_mode="reflect"``)."""
     channels, h, w = input_size
     mean = info.mean if channels == info.channels else tuple(np.resize(np.array(info.mean), channels))
     std = info.std if channels == info.channels else tuple(np.resize(np.array(info.std), channels))
@@ -129,7 +131,7 @@ def build_transform(info: DatasetInfo, input_size: tuple[int, int, int], train: 
         steps.append(T.Resize((h, w)))
     if train and augment == "crop_flip":
         # the CIFAR recipe of the papers: pad-4 random crop + horizontal flip
-        steps += [T.RandomCrop((h, w), padding=4), T.RandomHorizontalFlip()]
+        steps += [T.RandomCrop((h, w), padding=4, padding_mode=pad_mode), T.RandomHorizontalFlip()]
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
@@ -142,10 +144,11 @@ def build_dataset(
     augment: str = "none",
     download: bool = False,
     subset: int | None = None,
+    pad_mode: str = "constant",
 ) -> torch.utils.data.Dataset:
     info = dataset_info(name)
     root = root or info.default_root
-    transform = build_transform(info, input_size, train, augment)
+    transform = build_transform(info, input_size, train, augment, pad_mode)
     try:
         dataset = info.build(root, train, transform, download)
     except DatasetError:

@@ -41,6 +41,8 @@ class ConvertSection(_Section):
     balance: Literal["flops", "params", "activations", "memory", "time"] = "flops"
     # recompute the blocks' activations in backward, unit by unit (fxlocal.recompute)
     backbone_recompute: Literal["none", "cheap", "all"] = "none"
+    # the modules the first k-1 blocks end at (a paper's hand-written split), instead of balancing
+    cuts: Optional[list[str]] = None
 
 
 class DataSection(_Section):
@@ -49,6 +51,8 @@ class DataSection(_Section):
     download: bool = False
     input_size: tuple[int, int, int] = (3, 224, 224)
     augment: Literal["none", "crop_flip", "timm"] = "crop_flip"
+    # how crop_flip pads before its random crop (the local-learning references: reflect)
+    pad_mode: Literal["constant", "reflect"] = "constant"
     train_subset: Optional[int] = Field(default=None, ge=1)  # first N training images
     test_subset: Optional[int] = Field(default=None, ge=1)
     # Hold out the last N training images and evaluate on them instead of the test split (they
@@ -61,6 +65,9 @@ class OptimizerSection(_Section):
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=1e-4, ge=0)
+    # Decay norm weights and biases too (the local-learning references do); by default they are
+    # exempt, as timm groups them
+    decay_norm_and_bias: bool = False
     # One optimizer per block, each stepped as soon as its block's gradient is complete and its
     # gradients released (DGL's way): the same updates as one optimizer (except LAMB's global
     # gradient-norm clipping, then per block), with one block's gradients alive instead of all.
@@ -148,6 +155,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_one_line(exc)) from None
+    if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:
+        raise RecipeError("recipe fields 'convert.cuts' and 'convert.max_memory' both choose the blocks: keep one")
     from .aux import available_aux
 
     if recipe.convert.aux not in available_aux():

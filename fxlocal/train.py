@@ -129,6 +129,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             model_kwargs=recipe.model.kwargs,
             memory=priced,
             backbone_recompute=recipe.convert.backbone_recompute,
+            cuts=recipe.convert.cuts if plan is None else None,
             **recipe.convert.aux_options,
         )
 
@@ -156,14 +157,20 @@ def _make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] 
 
     o = recipe.optimizer
 
-    def only_those(m: nn.Module) -> list[dict]:
-        keep = {id(p) for p in only}
-        groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in param_groups_weight_decay(m, o.weight_decay)]
-        return [g for g in groups if g["params"]]
+    def groups(m: nn.Module) -> list[dict]:
+        if o.decay_norm_and_bias:
+            return [{"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
+        return param_groups_weight_decay(m, o.weight_decay)
 
+    def only_those(m: nn.Module) -> list[dict]:
+        keep = set(map(id, only)) if only is not None else {id(p) for p in m.parameters()}
+        chosen = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups(m)]
+        return [g for g in chosen if g["params"]]
+
+    timm_groups = only is None and not o.decay_norm_and_bias  # timm's own grouping (it honours no_weight_decay())
     return create_optimizer_v2(
         module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-        param_group_fn=only_those if only is not None else None,
+        param_group_fn=None if timm_groups else only_those,
     )
 
 
@@ -206,9 +213,9 @@ def _splits(d) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     ``data.validation`` the last N training images (held out of training, not augmented)."""
     size = tuple(d.input_size)
     if d.validation is None:
-        train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download, d.train_subset)
+        train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download, d.train_subset, d.pad_mode)
         return train, build_dataset(d.dataset, d.root, False, size, "none", d.download, d.test_subset)
-    train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download)
+    train = build_dataset(d.dataset, d.root, True, size, d.augment, d.download, pad_mode=d.pad_mode)
     kept = len(train) - d.validation
     if kept < 1:
         raise FxLocalError(

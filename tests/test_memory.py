@@ -115,3 +115,21 @@ def test_block_step_peaks_say_which_block_binds():
     peaks = block_step_peaks(local, 32, size, 10)
     assert len(peaks) == 2 and peaks[1] > peaks[0] > 0
     assert max(peaks) == step_peak_bytes(local, local_step, 32, size, 10, per_block=True)
+
+
+def test_step_flops_counts_forward_and_weight_gradient_products_and_a_local_steps_heads():
+    from fxlocal.memory import step_flops
+
+    # Linear 12 -> 4 on a batch of 2: forward 2·2·12·4 FLOPs, the weight gradient as many; the
+    # input needs no gradient, so nothing more
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    assert step_flops(linear, 2, (3, 2, 2), 4) == 2 * (2 * 2 * 12 * 4)
+    model = fxlocal.create_model("resnet32_cifar", 10, (3, 32, 32))
+    e2e = step_flops(model, 2, (3, 32, 32), 10)
+    dgl = fxlocal.convert(model, k=4, aux="dgl", input_size=(3, 32, 32))
+    mlaan = fxlocal.convert(model, k=4, aux="mlaan", input_size=(3, 32, 32))
+    dgl_flops, mlaan_flops = (step_flops(m, 2, (3, 32, 32), 10, per_block=True) for m in (dgl, mlaan))
+    # DGL adds small heads but skips the input gradients at its three cuts; MLAAN's cascades and
+    # chains more than double the arithmetic
+    assert 0.9 * e2e < dgl_flops < 1.1 * e2e
+    assert mlaan_flops > 2 * e2e

@@ -12,6 +12,8 @@ the real shapes is inserted (``adapters.make_adapter``).
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..cost import Cost
@@ -21,7 +23,7 @@ from .adapters import make_tensors_adapter
 from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain
 
-__all__ = ["sampled_units", "pyramid_depths", "AugLocal"]
+__all__ = ["sampled_units", "pyramid_depths", "he_initialised", "AugLocal"]
 
 
 def sampled_units(hidden: int, num_units: int, depth: int) -> list[int]:
@@ -44,12 +46,30 @@ def pyramid_depths(num_aux: int, depth: int, tau: float = 0.5) -> list[int]:
     return [max(1, round(depth * (1 - i * step) + i * step)) for i in range(num_aux)]
 
 
+def he_initialised(module: nn.Module) -> nn.Module:
+    """Every convolution of ``module`` drawn from normal(0, sqrt(2/n)), n = kernel area × output
+    channels (the reference's init), every BatchNorm at weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 @register_aux("auglocal")
 class AugLocal:
     cuts_at_units = True
     heads_vary_by_block = True  # pyramidal depth: a later block's head copies fewer units
 
-    def __init__(self, aux_depth: int = 3, pyramid: float = 0.5, recompute: bool = False):
+    def __init__(self, aux_depth: int = 3, pyramid: float = 0.5, recompute: bool = False, init: str = "pytorch"):
+        if init not in ("pytorch", "he"):
+            raise FxLocalError(f"auglocal init is 'pytorch' or 'he', got {init!r}")
+        # How the copies' convolutions start: PyTorch's defaults, or normal(0, sqrt(2/n)) with
+        # n = kernel area × output channels ("he", the reference's)
+        self.init = init
         if aux_depth < 1:
             raise FxLocalError(f"aux_depth must be at least 1, got {aux_depth}")
         if not 0 <= pyramid <= 1:
@@ -78,7 +98,7 @@ class AugLocal:
             if u is None:
                 stages.append(library.fresh_tail())
             else:
-                stages.append(library.fresh_unit(u))
+                stages.append(he_initialised(library.fresh_unit(u)) if self.init == "he" else library.fresh_unit(u))
                 tensors = library.units[u].tensors
         head = UnitChain(stages, recompute=self.recompute)
         names = ", ".join(library.units[u].name for u in picks)

@@ -21,12 +21,15 @@ __all__ = ["EMATwin", "ParallelSum", "twin_cost"]
 
 
 class EMATwin(nn.Module):
-    def __init__(self, live: nn.Module, momentum: float = 0.995):
+    """The frozen twin of ``live``, starting from ``live``'s weights or, given ``start`` (a module
+    of the same structure, e.g. a re-initialised copy), from ``start``'s."""
+
+    def __init__(self, live: nn.Module, momentum: float = 0.995, start: nn.Module | None = None):
         super().__init__()
         if not 0 <= momentum <= 1:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
-        self.module = copy.deepcopy(live)
+        self.module = copy.deepcopy(live if start is None else start)
         for owner in self.module.modules():
             for name, p in list(owner._parameters.items()):
                 if p is not None:

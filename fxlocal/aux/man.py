@@ -50,7 +50,13 @@ class MAN:
         mlp_layers: int = 3,
         max_mlp_width: int = 1024,
         recompute: bool = False,
+        copy_init: str = "live",
     ):
+        if copy_init not in ("live", "random"):
+            raise FxLocalError(f"man copy_init is 'live' or 'random', got {copy_init!r}")
+        # LB and the EMA twin start as copies of the live unit ("live"), or re-initialised
+        # ("random": the reference's, which builds both afresh)
+        self.copy_init = copy_init
         self.momentum = momentum
         self.recompute = checked_flag(recompute)  # the copy and twin recomputed in backward (see .recompute)
         self.dgl_options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
@@ -61,10 +67,14 @@ class MAN:
         u = spec.unit + 1
         live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
-        pair = ParallelSum(copy.deepcopy(live), EMATwin(live, self.momentum), recompute=self.recompute)
+        if self.copy_init == "live":
+            lb, twin = copy.deepcopy(live), EMATwin(live, self.momentum)
+        else:
+            lb, twin = spec.units.fresh_unit(u), EMATwin(live, self.momentum, start=spec.units.fresh_unit(u))
+        pair = ParallelSum(lb, twin, recompute=self.recompute)
         dgl = one_per_tensor(self._dgl_heads(unit, spec))
         heads = dgl.describe(lambda h: h.summary) if isinstance(dgl, JointHead) else dgl.summary
-        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}) → {heads}"
+        summary = f"MAN: LB(unit {u} {unit.name}) + EMA twin (m={self.momentum}{', both re-initialised' if self.copy_init == 'random' else ''}) → {heads}"
         summary += "; LB and twin recomputed in backward" if self.recompute else ""
         return MANHead(pair, dgl, summary)
 

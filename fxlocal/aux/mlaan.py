@@ -29,6 +29,7 @@ on one output they are one loss, backpropagated once).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -96,13 +97,16 @@ class MLAANHead(nn.Module):
     # then the cascade's, which must not reach the earlier blocks
     backpropagates_block_twice = True
 
-    def __init__(self, independent: nn.Module, cascade: nn.Module, span: int, wx: float, wy: float, summary: str):
+    def __init__(self, independent: nn.Module, cascade: nn.Module, span: int, wx: float, wy: float, summary: str,
+                 update_twins: bool = True, chain_units: tuple[str, ...] = ()):
         super().__init__()
+        self.chain_units = chain_units  # names of the units the cascade's chain copies, in order
         self.independent = independent
         self.cascade = cascade
         self.input_window = span
         self.wx, self.wy = wx, wy
         self.summary = summary
+        self.update_twins = update_twins  # False: the twin keeps its starting weights (ema_twins="last")
 
     def forward(self, *tensors):
         """The cascaded path's logits for a block output (evaluation)."""
@@ -116,9 +120,28 @@ class MLAANHead(nn.Module):
         return weighted_x + ctx.backward_cascaded(self.wy * ctx.criterion(logits, ctx.target)), logits
 
     def after_backward(self) -> None:
+        if not self.update_twins:
+            return
         for m in self.modules():
             if isinstance(m, EMATwin):
                 m.update()
+
+
+class WithoutOwnLoss(nn.Module):
+    """The head of a block that has no loss of its own (the reference's first block on CIFAR):
+    the block is trained only by the next block's cascade. Its logits are zeros."""
+
+    def __init__(self, num_classes: int, summary: str):
+        super().__init__()
+        self.num_classes = num_classes
+        self.summary = summary
+
+    def forward(self, *tensors):
+        return tensors[0].new_zeros(tensors[0].shape[0], self.num_classes)
+
+    def local_loss(self, ctx, b: int, out):
+        logits = self(*handed_on(out))
+        return logits.new_zeros(()), logits
 
 
 class CascadedFinalLoss(nn.Module):
@@ -153,14 +176,39 @@ class MLAAN:
         fill: bool = False,
         recompute: bool = False,
         pool_norm: bool = True,
+        ema_twins: str = "all",
+        copy_init: str = "fresh",
+        blocks_without_own_loss: int = 0,
+        chains: dict[str, list[str]] | None = None,
     ):
         if span < 1 or chain_length < 1:
             raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
+        if ema_twins not in ("all", "last"):
+            raise FxLocalError(f"mlaan ema_twins is 'all' or 'last', got {ema_twins!r}")
+        if copy_init not in ("fresh", "backbone"):
+            raise FxLocalError(f"mlaan copy_init is 'fresh' or 'backbone', got {copy_init!r}")
+        if not isinstance(blocks_without_own_loss, int) or blocks_without_own_loss < 0:
+            raise FxLocalError(f"mlaan blocks_without_own_loss is a count of blocks, got {blocks_without_own_loss!r}")
+        if chains is not None and not (isinstance(chains, dict) and all(isinstance(v, list) for v in chains.values())):
+            raise FxLocalError("mlaan chains maps the unit a block ends at to the list of units its chain copies")
+        if blocks_without_own_loss and span < 2:
+            raise FxLocalError("mlaan blocks_without_own_loss needs span >= 2: only the next block's cascade trains them")
         self.span, self.wx, self.wy = span, wx, wy
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
         self.recompute = checked_flag(recompute)  # the chain's copies recomputed in backward (see .recompute)
         self.pool_norm = checked_flag(pool_norm, "pool_norm")
+        # The reference's CIFAR code updates only the last block's EMA twin ("last"; the paper: all)
+        self.ema_twins = ema_twins
+        # Chain copies start re-initialised ("fresh") or as the initialised backbone units ("backbone",
+        # the reference's deep copies)
+        self.copy_init = copy_init
+        # The first blocks with no loss of their own, trained by the next block's cascade only
+        # (the reference: 1 on CIFAR, 2 on ImageNet)
+        self.blocks_without_own_loss = blocks_without_own_loss
+        # The unit a block ends at -> the units its chain copies (the reference's hand-written
+        # tables, by unit name); None: derived from the graph's stages (leap_chain)
+        self.chains = chains
 
     @property
     def input_window(self) -> int:
@@ -169,9 +217,34 @@ class MLAAN:
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
             raise FxLocalError("mlaan heads copy units: the cut must be at a unit boundary")
-        return leap_chain(spec.unit, [u.stage for u in spec.units.units], self.chain_length, self.fill)
+        if self.chains is None:
+            return leap_chain(spec.unit, [u.stage for u in spec.units.units], self.chain_length, self.fill)
+        return self._table_chain(spec)
+
+    def _table_chain(self, spec: HeadSpec) -> list[int]:
+        """The units ``chains`` names for the block ending at ``spec.unit``, checked against the graph."""
+        units = spec.units.units
+        end = units[spec.unit].name
+        if end not in self.chains:
+            raise FxLocalError(
+                f"mlaan chains has no entry for block {spec.block}, which ends at unit {end!r}: "
+                "give one for every block but the last"
+            )
+        index = {u.name: u.index for u in units}
+        unknown = [name for name in self.chains[end] if name not in index]
+        if unknown:
+            raise FxLocalError(f"mlaan chains[{end!r}] names {unknown[0]!r}, not a unit of this model; units: {', '.join(index)}")
+        picks = [index[name] for name in self.chains[end]]
+        if not picks or picks != sorted(set(picks)) or picks[0] <= spec.unit:
+            raise FxLocalError(f"mlaan chains[{end!r}] must list units after {end!r}, in order, each once")
+        return picks
+
+    def _copy(self, library, u: int) -> nn.Module:
+        return library.fresh_unit(u) if self.copy_init == "fresh" else copy.deepcopy(library.live(u))
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
+        if spec.block < self.blocks_without_own_loss:
+            return WithoutOwnLoss(spec.num_classes, f"MLAAN: no loss of its own; trained by block {spec.block + 1}'s cascade")
         library = spec.units
         picks = self.chain(spec)
         stages: list[nn.Module] = []
@@ -180,7 +253,7 @@ class MLAAN:
             adapter = make_tensors_adapter(tensors, library.units[u - 1].tensors)
             if not isinstance(adapter, nn.Identity):
                 stages.append(adapter)
-            stage = library.fresh_unit(u)
+            stage = self._copy(library, u)
             if i == 0:  # LAM: the frozen EMA twin of the live unit, beside the first copy
                 stage = ParallelSum(stage, EMATwin(library.pieces[u], self.momentum), recompute=self.recompute)
             stages.append(stage)
@@ -193,9 +266,13 @@ class MLAAN:
             f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → pool→fc; "
             f"loss {self.wx}·x + {self.wy}·y" + ("; chain recomputed in backward" if self.recompute else "")
         )
+        update_twins = self.ema_twins == "all" or spec.block == spec.num_blocks - 2
+        if not update_twins:
+            summary += "; twin not updated (ema_twins=last)"
         independent = self._pool_linear(spec.tensors, spec.num_classes)
         cascade = UnitChain(stages, recompute=self.recompute)
-        return MLAANHead(independent, cascade, self.span, self.wx, self.wy, summary)
+        chain_units = tuple(library.units[u].name for u in picks)
+        return MLAANHead(independent, cascade, self.span, self.wx, self.wy, summary, update_twins, chain_units)
 
     def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
         """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
@@ -209,6 +286,8 @@ class MLAAN:
         """The cascade's chain (:meth:`chain_cost`) and the independent head
         (:meth:`first_part_cost`): the latter's activations are freed by its backward before
         the chain runs, so the two hold theirs one at a time."""
+        if spec.block < self.blocks_without_own_loss:
+            return Cost()
         chain, independent = self.chain_cost(spec), self.first_part_cost(spec)
         return replace(chain + independent, activation_bytes=max(chain.activation_bytes, independent.activation_bytes))
 
@@ -232,6 +311,8 @@ class MLAAN:
         narrow map it is not negligible: it starts with two conv1×1 to ``narrow_width``
         channels at full resolution (on ResNet-32's 16-channel maps it saves twice what the
         cascade's chain does)."""
+        if spec.block < self.blocks_without_own_loss:
+            return Cost()
         return self._pool_linear_cost(spec.tensors, spec.num_classes)
 
     def _pool_linear_cost(self, tensors, num_classes: int) -> Cost:
