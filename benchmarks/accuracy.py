@@ -2,13 +2,14 @@
 
 Each run trains ``resnet32_cifar`` (1-channel input, 28×28) through ``fxlocal.train.fit``, the
 code path of ``fxlocal train``, with one recipe for every row: SGD Nesterov 0.9, lr 0.1, weight
-decay 5e-4, cosine, pad-4 crop + flip, batch 128, one optimizer per block. Rows: end to end
+decay 5e-4, cosine, pad-4 crop + flip, one optimizer per block. Rows: end to end
 (K=1) and ``dgl``, ``auglocal``, ``mlaan``, ``man`` at K=4 and K=16 (every residual unit its own
 block, the papers' CIFAR setting). Protocols:
 
-- ``full``: the whole of Fashion-MNIST (60 000 / 10 000 images), 3 epochs; seeds 0 and 1 for the
+- ``full``: the whole of Fashion-MNIST (60 000 / 10 000 images), batch 128, 3 epochs; seeds 0 and 1 for the
   K=16 rows, 0 for the others. On a GPU (``--device cuda``) its runs go side by side (``--jobs``).
-- ``quick``: the first 4 000 training / 1 000 test images, 2 epochs, seed 0 (the 2-core CPU).
+- ``quick``: the first 4 000 training / 1 000 test images, batch 64, 3 epochs (187 steps), seed 0:
+  about 40 minutes on the 2-core CPU.
 
 ``--epochs``, ``--train-subset`` and ``--test-subset`` change the protocol: its runs are recorded
 under a label that says so (``quick-epochs1``), never mixed with the protocol's own.
@@ -40,8 +41,8 @@ from pathlib import Path
 from record import ROOT, append_rows, provenance, read_rows
 
 PROTOCOLS = {
-    "full": {"epochs": 3, "train_subset": None, "test_subset": None, "seeds": {4: [0], 16: [0, 1], 1: [0]}},
-    "quick": {"epochs": 2, "train_subset": 4000, "test_subset": 1000, "seeds": {4: [0], 16: [0], 1: [0]}},
+    "full": {"epochs": 3, "batch": 128, "train_subset": None, "test_subset": None, "seeds": {4: [0], 16: [0, 1], 1: [0]}},
+    "quick": {"epochs": 3, "batch": 64, "train_subset": 4000, "test_subset": 1000, "seeds": {4: [0], 16: [0], 1: [0]}},
 }
 DEFAULT_ROWS = ["e2e", "dgl:4", "auglocal:4", "mlaan:4", "man:4", "dgl:16", "auglocal:16", "mlaan:16", "man:16"]
 DATA_ROOT = ROOT.parent / "shared/datasets/fashion-mnist"
@@ -59,7 +60,7 @@ def base_recipe(protocol: str, device: str, data_root: str, workers: int) -> dic
         "optimizer": {"name": "nesterov", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         "scheduler": {"name": "cosine", "warmup_epochs": 0},
         "epochs": spec["epochs"],
-        "batch_size": 128,
+        "batch_size": spec["batch"],
         "device": device,
         "workers": workers,
         "eval_interval": 1,
@@ -210,24 +211,32 @@ def print_table(args, rows: list[dict]) -> None:
 
 def target_lines(stats: dict, e2e: dict) -> list[str]:
     """The issue's targets, each said met or missed with the numbers."""
+
+    def behind(mean: float) -> str:
+        gap = 100 * (e2e["mean"] - mean)
+        return f"{gap:.2f} points below end-to-end" if gap >= 0 else f"{-gap:.2f} points above end-to-end"
+
     lines = []
     k4 = {key[0]: s for key, s in stats.items() if key[1] == 4 and not key[2]}
     for aux, s in sorted(k4.items()):
-        gap = 100 * (e2e["mean"] - s["mean"])
-        lines.append(f"- K=4 {aux}: {gap:.2f} points below end-to-end ({'met' if gap <= 1.0 else 'missed'}: target ≤ 1.0)")
+        met = 100 * (e2e["mean"] - s["mean"]) <= 1.0
+        lines.append(f"- K=4 {aux}: {behind(s['mean'])} ({'met' if met else 'missed'}: target within 1.0)")
     k16 = {key[0]: s for key, s in stats.items() if key[1] == 16 and not key[2]}
     if "dgl" in k16:
         dgl_gap = e2e["mean"] - k16["dgl"]["mean"]
         for aux in ("auglocal", "mlaan", "man"):
-            if aux in k16:
-                closed = (k16[aux]["mean"] - k16["dgl"]["mean"]) / dgl_gap if dgl_gap > 0 else float("nan")
-                lines.append(f"- K=16 {aux}: closes {100 * closed:.0f}% of DGL's {100 * dgl_gap:.2f}-point gap "
-                             f"({'met' if closed >= 0.5 else 'missed'}: target ≥ 50%)")
+            if aux not in k16:
+                continue
+            if dgl_gap <= 0:
+                lines.append(f"- K=16 {aux}: DGL is not behind end-to-end here ({behind(k16['dgl']['mean'])}): no gap to close")
+                continue
+            closed = (k16[aux]["mean"] - k16["dgl"]["mean"]) / dgl_gap
+            lines.append(f"- K=16 {aux}: closes {100 * closed:.0f}% of DGL's {100 * dgl_gap:.2f}-point gap "
+                         f"({'met' if closed >= 0.5 else 'missed'}: target ≥ 50%)")
         others = [k16[a]["mean"] for a in ("auglocal", "mlaan", "man") if a in k16]
         if others:
-            best = 100 * (e2e["mean"] - max(others))
-            lines.append(f"- K=16 best of auglocal/mlaan/man: {best:.2f} points below end-to-end "
-                         f"({'met' if best <= 0.3 else 'missed'}: target ≤ 0.3)")
+            met = 100 * (e2e["mean"] - max(others)) <= 0.3
+            lines.append(f"- K=16 best of auglocal/mlaan/man: {behind(max(others))} ({'met' if met else 'missed'}: target within 0.3)")
     return lines
 
 

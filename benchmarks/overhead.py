@@ -32,6 +32,7 @@ from torch import nn
 import fxlocal
 from fxlocal.cost import MemoryModel
 from fxlocal.memory import step_flops
+from fxlocal.train import compile_blocks
 from memory import hand_split
 from record import ROOT, append_rows, provenance
 from speed import HandSplit
@@ -120,6 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast every step (fp32 weights)")
     p.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
+    p.add_argument("--compile", default="", help="torch.compile backend for every block and head (and the end-to-end model), e.g. inductor")
     p.add_argument("--timing-gate", help="a folder: time only once its file 'open' exists, holding its 'lock' (see timing_turn)")
     p.add_argument("--record", default=str(ROOT / "benchmarks/results/overhead.jsonl"), help="JSON-lines file the rows are appended to ('' for none)")
     args = p.parse_args(argv)
@@ -140,7 +142,16 @@ def main(argv=None) -> None:
     y = torch.randint(0, classes, (args.batch,), device=device)
 
     def placed(module: nn.Module) -> nn.Module:
-        return module.to(device=device, memory_format=fmt)
+        module = module.to(device=device, memory_format=fmt)
+        if args.compile:  # in place, as fxlocal train's compile option does
+            if isinstance(module, fxlocal.LocalModel):
+                compile_blocks(module, args.compile)
+            elif isinstance(module, HandSplit):  # its step calls the blocks, not the module
+                for part in [*module.blocks, *module.heads]:
+                    part.compile(backend=args.compile)
+            else:
+                module.compile(backend=args.compile)
+        return module
 
     # label -> (K, aux, cuts, flops, stepper)
     rows: dict[str, tuple] = {}
@@ -167,7 +178,8 @@ def main(argv=None) -> None:
     cmd = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     origin = provenance(device)
     print(f"`{cmd.strip()}` — {args.model}, batch {args.batch}, {size}, balance {args.balance}, SGD momentum, "
-          f"{'bf16 autocast' if args.amp == 'bf16' else 'fp32'}{', channels_last' if args.channels_last else ''}, "
+          f"{'bf16 autocast' if args.amp == 'bf16' else 'fp32'}{', channels_last' if args.channels_last else ''}"
+          f"{f', compiled ({args.compile})' if args.compile else ''}, "
           f"{origin['device']}, torch {origin['torch']}, commit {origin['commit']}\n")
     print("| configuration | K | median step (s) | time × end-to-end | FLOPs × end-to-end | overhead factor |")
     print("|---|---|---|---|---|---|")
@@ -177,7 +189,7 @@ def main(argv=None) -> None:
         time_x, flops_x = took / e2e_s, flops / e2e_flops
         print(f"| {name} | {k} | {took:.4f} | {time_x:.3f} | {flops_x:.3f} | {time_x / flops_x:.3f} |")
         records.append({**origin, "benchmark": "overhead", "model": args.model, "input_size": list(size), "batch": args.batch,
-                        "balance": args.balance, "amp": args.amp, "channels_last": args.channels_last, "configuration": name,
+                        "balance": args.balance, "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "configuration": name,
                         "k": k, "aux": aux, "cuts": cuts, "median_step_s": took, "steps": len(times[name]),
                         "time_x_e2e": time_x, "flops": flops, "flops_x_e2e": flops_x, "overhead_factor": time_x / flops_x})
     if args.record:

@@ -345,7 +345,7 @@ def evaluate(
     state = load_training_checkpoint(checkpoint)
     local = model_from_checkpoint(state)
     recipe = load_recipe(data=state["recipe"], overrides=[f"batch_size={batch_size}"] if batch_size else [])
-    result = run_eval(local, evaluation_loader(recipe), next(local.parameters()).device, recipe.amp)
+    result = run_eval(local, evaluation_loader(recipe), next(local.parameters()).device, recipe.amp, recipe.channels_last)
     console.print(
         f"{checkpoint}: epoch {state['epoch']}, {result['images']} test images: "
         f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}; "

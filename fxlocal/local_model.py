@@ -63,8 +63,8 @@ def _run_taking(block: nn.Module, inputs: list) -> Any:
     (GraphModule code drops dead values) unless its graph saved it, not when the call returns.
     A block that is not a plain GraphModule, or has hooks of its own, is called as usual."""
     if not isinstance(block, fx.GraphModule) or type(block.graph._codegen) is not fx.CodeGen \
-            or block._forward_pre_hooks or block._forward_hooks:
-        return block(*inputs)
+            or block._forward_pre_hooks or block._forward_hooks or block._compiled_call_impl is not None:
+        return block(*inputs)  # compiled (nn.Module.compile): its compiled call, not the source
     code, forward = _taking_forwards.get(block, (None, None))
     if code is not block.code:  # first call, or the graph was recompiled
         graph = fx.Graph()

@@ -303,7 +303,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     optimizer = T._make_optimizer(recipe, stage)
     schedulers = T._schedulers(recipe, [optimizer])
     scheduler = schedulers[0] if schedulers else None
-    scaler = torch.amp.GradScaler("cuda") if recipe.amp and device.type == "cuda" else None
+    scaler = T.amp_scaler(recipe, device)
     if state is not None:
         optimizer.load_state_dict(state["optimizers"][rank])
         if scheduler is not None:

@@ -8,7 +8,7 @@ silently ignored default).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,7 +102,12 @@ class Recipe(_Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=128, ge=1)
-    amp: bool = False
+    # mixed precision: false, true (fp16 with loss scaling on CUDA, bf16 on CPU), "bf16" or "fp16"
+    amp: Union[bool, Literal["bf16", "fp16"]] = False
+    channels_last: bool = False  # the model and its batches in channels-last memory format
+    # torch.compile each block and head in place (the step's loop stays eager): false, true
+    # (inductor) or the name of a torch.compile backend
+    compile: Union[bool, str] = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0
     workers: int = Field(default=2, ge=0)
@@ -155,6 +160,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_one_line(exc)) from None
+    if isinstance(recipe.compile, str):
+        from torch._dynamo import list_backends
+
+        if recipe.compile not in list_backends(exclude_tags=()):
+            raise RecipeError(
+                f"recipe field 'compile': unknown torch.compile backend {recipe.compile!r}; use true (inductor) or one of "
+                f"{', '.join(list_backends())}"
+            )
+    if recipe.pipeline.enabled and (recipe.channels_last or recipe.compile):
+        raise RecipeError("recipe fields 'channels_last' and 'compile' are not supported with pipeline.enabled yet: turn them off")
     if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:
         raise RecipeError("recipe fields 'convert.cuts' and 'convert.max_memory' both choose the blocks: keep one")
     from .aux import available_aux

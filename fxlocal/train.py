@@ -331,7 +331,7 @@ def evaluation_loader(recipe: Recipe):
 
 
 @torch.no_grad()
-def evaluate(local: LocalModel, loader, device: torch.device, amp: bool = False) -> dict:
+def evaluate(local: LocalModel, loader, device: torch.device, amp: bool | str = False, channels_last: bool = False) -> dict:
     """Top-1/top-5 of the whole model and top-1 of every aux head on its block's output."""
     was_training = local.training
     local.eval()
@@ -339,7 +339,7 @@ def evaluate(local: LocalModel, loader, device: torch.device, amp: bool = False)
     local_correct = [0] * len(local.heads)
     autocast = _autocast(device, amp)
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = _batch_to(x, device, channels_last), y.to(device)
         with autocast:
             carried: tuple = (x,)
             for b, block in enumerate(local.blocks):
@@ -368,10 +368,42 @@ def evaluation_record(correct1: int, correct5: int, local_correct: list[int], to
     }
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a recipe's ``amp`` on ``device``; None when it is off.
+
+    Args:
+        amp: ``False``, ``True`` (fp16 on CUDA, bf16 elsewhere), ``"bf16"`` or ``"fp16"``.
+        device: where the step runs.
+    """
+    if amp is False:
+        return None
+    if amp is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def amp_scaler(recipe: Recipe, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler where the step needs one: fp16 autocast on CUDA (bf16 does not)."""
+    return torch.amp.GradScaler("cuda") if device.type == "cuda" and amp_dtype(recipe.amp, device) == torch.float16 else None
+
+
+def _autocast(device: torch.device, amp: bool | str):
+    dtype = amp_dtype(amp, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _batch_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch on ``device``, channels-last where the model is (images only: 4-d)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def compile_blocks(local: LocalModel, backend: bool | str) -> None:
+    """``torch.compile`` every block and head in place (``nn.Module.compile``: their parameters
+    and state_dict keys stay as they are); the step's loop, which hands tensors between them,
+    stays eager. ``backend``: ``True`` for inductor, or a backend's name."""
+    for module in [*local.blocks, *local.heads]:
+        module.compile(backend="inductor" if backend is True else backend)
 
 
 def _grad_allreduce(world: int):
@@ -443,12 +475,14 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
             raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
         state = load_training_checkpoint(last)
     local = build_agreed_model(recipe, dist_, state).to(device)
+    if recipe.channels_last:
+        local.to(memory_format=torch.channels_last)
     if dist_.enabled:  # same start everywhere, whatever each rank's RNG did
         for t in [*local.parameters(), *local.buffers()]:
             dist.broadcast(t.data, src=0)
     optimizers = _optimizers(recipe, local)
     schedulers = _schedulers(recipe, optimizers)
-    scaler = torch.amp.GradScaler("cuda") if recipe.amp and device.type == "cuda" else None
+    scaler = amp_scaler(recipe, device)
     start_epoch, history = 0, []
     if state is not None:
         local.load_state_dict(state["model"])
@@ -465,6 +499,8 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         random.seed(recipe.seed + dist_.rank)
         np.random.seed(recipe.seed + dist_.rank)
 
+    if recipe.compile:  # after the checkpoint's weights are in (compiling keeps the modules' own)
+        compile_blocks(local, recipe.compile)
     train_loader, sampler, order, eval_loader = _loaders(recipe, dist_, device)
     steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
     reporter.run_start(recipe, local, start_epoch, steps)
@@ -482,7 +518,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         for step, (x, y) in enumerate(train_loader):
             if step >= steps:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = _batch_to(x, device, recipe.channels_last), y.to(device, non_blocking=True)
             metrics: dict = {}
             with autocast:
                 losses = local.train_step(x, y, optimizer_arg, scaler=scaler, grad_hook=grad_hook, metrics=metrics)
@@ -513,7 +549,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         if dist_.enabled:
             record["replicas_in_sync"] = _replicas_in_sync(local)
         if dist_.main and ((epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs):
-            record.update({f"test_{k}": v for k, v in evaluate(local, eval_loader, device, recipe.amp).items()})
+            record.update({f"test_{k}": v for k, v in evaluate(local, eval_loader, device, recipe.amp, recipe.channels_last).items()})
             record["evaluated_on"] = "validation" if recipe.data.validation else "test"
         history.append(record)
         if dist_.main:

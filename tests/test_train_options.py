@@ -1,0 +1,98 @@
+"""The training options a GPU user expects (amp, channels_last, compile) train as the plain run
+does; on the CPU each is checked against that run."""
+
+import copy
+
+import pytest
+import torch
+
+import fxlocal
+from fxlocal.recipe import RecipeError, load_recipe
+from fxlocal.train import Reporter, amp_dtype, amp_scaler, fit, load_training_checkpoint
+from helpers import tiny
+
+
+def final_weights(tmp_path, name, **changes):
+    fit(tiny(tmp_path / name, epochs=1, **changes))
+    return load_training_checkpoint(tmp_path / name / "run/last.pt")["model"]
+
+
+def assert_close(a, b, atol):
+    assert a.keys() == b.keys()  # the same state_dict keys: checkpoints stay interchangeable
+    for key in a:
+        if a[key].is_floating_point():
+            assert torch.allclose(a[key], b[key], atol=atol), (key, (a[key] - b[key]).abs().max())
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_amp_values_map_to_the_autocast_dtype_and_only_fp16_on_cuda_scales_the_loss(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(False, cpu) is None
+    assert amp_dtype(True, cpu) == torch.bfloat16 and amp_dtype(True, cuda) == torch.float16
+    assert amp_dtype("bf16", cuda) == torch.bfloat16 and amp_dtype("fp16", cpu) == torch.float16
+    assert amp_scaler(tiny(tmp_path, amp="bf16"), cpu) is None
+    assert amp_scaler(tiny(tmp_path, amp=True), cpu) is None
+    with pytest.raises(RecipeError, match="amp"):
+        tiny(tmp_path, amp="fp8")
+
+
+class Watch(Reporter):
+    """Sees the model fit trains, and the memory format of the batches its first block gets."""
+
+    def run_start(self, recipe, local, start_epoch, steps_per_epoch):
+        self.local, self.batches = local, []
+        local.blocks[0].register_forward_pre_hook(
+            lambda m, args: self.batches.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+
+
+def test_channels_last_puts_the_model_and_every_batch_in_channels_last(tmp_path):
+    watch = Watch()
+    fit(tiny(tmp_path, epochs=1, channels_last=True), reporter=watch)
+    convs = [m.weight for m in watch.local.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert watch.batches and all(watch.batches)  # training and evaluation batches
+
+
+@pytest.mark.parametrize("aux", ["dgl", "mlaan"])
+def test_a_channels_last_step_computes_what_the_default_layout_does(aux):
+    # in float64, where the two layouts' different summation orders do not show (in float32 this
+    # net's gradients differ by ~0.3% between them, and SGD at lr 0.1 amplifies that within steps)
+    torch.manual_seed(0)
+    plain = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28)).double()
+    last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    for local, batch in ((plain, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        opts = [torch.optim.SGD(list(local.block_parameters(b)), lr=0.1, momentum=0.9) for b in range(local.k)]
+        for _ in range(2):
+            local.train_step(batch, y, opts)
+    for p, q in zip(plain.state_dict().values(), last.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-9) if p.is_floating_point() else torch.equal(p, q)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    plain = fit(tiny(tmp_path / "plain", epochs=1)).history[0]
+    bf16 = fit(tiny(tmp_path / "bf16", epochs=1, amp="bf16")).history[0]
+    # bf16 keeps 8 bits of mantissa: the first epoch's losses agree to a few percent, not bitwise
+    for a, b in zip(plain["train_loss"], bf16["train_loss"]):
+        assert abs(a - b) < 0.05 * a
+
+
+def test_compile_trains_as_eager_and_keeps_the_state_dict_keys(tmp_path):
+    eager = final_weights(tmp_path, "eager")
+    # aot_eager traces forward and backward through dynamo and AOTAutograd without generating
+    # code (inductor's C++ build takes minutes here); what the recipe option wires is the same
+    compiled = final_weights(tmp_path, "compiled", compile="aot_eager")
+    assert_close(eager, compiled, atol=1e-5)
+
+
+def test_an_unknown_compile_backend_is_refused_at_load_in_one_line(tmp_path):
+    with pytest.raises(RecipeError, match="unknown torch.compile backend 'inductr'"):
+        tiny(tmp_path, compile="inductr")
+
+
+def test_channels_last_and_compile_are_refused_in_the_pipeline_in_one_line(tmp_path):
+    for change in ({"channels_last": True}, {"compile": True}):
+        with pytest.raises(RecipeError, match="pipeline"):
+            load_recipe(data={"model": {"name": "resnet32_cifar"}, "pipeline": {"enabled": True}, **change})
