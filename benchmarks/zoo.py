@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from record import provenance
+
 from fxlocal.zoo import (
     AUX,
     CLASSES,
@@ -107,8 +109,17 @@ def render(rows: list[dict], command: str) -> str:
         "",
         "## Summary",
         "",
-        f"| models | aux | ok at K={K} | ok at a lower K | cannot be cut (K=1 only) | failed | no head | ok % |",
-        "|---|---|---|---|---|---|---|---|",
+        (f"*ok*: real tensors; finite losses, every trainable parameter changed by the step (or listed with "
+         "the reason it cannot: no gradient end to end either), isolation, identical export outputs. "
+         "*ok (fake)*: the same stages on fake tensors, nothing computed. *degraded*: passed at a lower K "
+         f"than {K}, the model has too few cut points (the reason names its largest K). Rows without a commit "
+         "predate the parameter check and these statuses: their ok means finite losses, and their status here is "
+         "read from their mode and K."),
+        "",
+        _provenance_line(rows),
+        "",
+        f"| models | aux | ok at K={K} | ok (fake) at K={K} | degraded (lower K) | cannot be cut (K=1 only) | failed | no head | passed % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     groups = {
         "timm (FX-tested)": lambda r: not r["model"].startswith("torchvision:") and not fx_excluded(r["model"]),
@@ -119,14 +130,11 @@ def render(rows: list[dict], command: str) -> str:
         for aux in AUX:
             sel = [r for r in rows if keep(r) and r["aux"] == aux]
             if sel:
-                full = sum(r["status"] == "ok" and r.get("k") == K for r in sel)
-                lower = sum(r["status"] == "ok" and r.get("k") != K for r in sel)
-                uncut = sum(r["status"] == "unsplittable" for r in sel)
-                headless = sum(r["status"] == "no head" for r in sel)
-                failed = len(sel) - full - lower - uncut - headless
-                lines.append(f"| {label} | {aux} | {full} | {lower} | {uncut} | {failed} | {headless} | "
-                             f"{100 * (full + lower) / max(len(sel) - headless, 1):.1f} |")
-    failures = [r for r in rows if r["status"] != "ok"]
+                n = {status: sum(verdict(r) == status for r in sel) for status in VERDICTS}
+                passed = n["ok"] + n["ok-fake"] + n["degraded"]
+                lines.append(f"| {label} | {aux} | {n['ok']} | {n['ok-fake']} | {n['degraded']} | {n['unsplittable']} | "
+                             f"{n['fail']} | {n['no head']} | {100 * passed / max(len(sel) - n['no head'], 1):.1f} |")
+    failures = [r for r in rows if verdict(r) not in ("ok", "ok-fake")]
     if failures:
         failed = [r for r in failures if r["status"] == "fail"]
         stages = [s for s in (*STAGES, "process") if any(r["stage"] == s for r in failed)]
@@ -138,16 +146,37 @@ def render(rows: list[dict], command: str) -> str:
         lines += ["", "## Failures and models that cannot be cut", "",
                   "| model | aux | in target | status | stage | reason |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['aux']} | {_in_target(r)} | "
-                  f"{r['status']} | {r['stage']} | {r['reason'].replace('|', '/')} |" for r in failures]
+                  f"{verdict(r)} | {r['stage'] or 'convert'} | {(r['reason'] or r.get('k_error', '')).replace('|', '/')} |" for r in failures]
     lines += ["", "## Every model", "",
               "| model | family | aux | status | input | K | cut candidates | params (M) | mode | s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], AUX.index(r["aux"]) if r["aux"] in AUX else 9)):
-        status = r["status"] if r["status"] != "fail" else f"fail ({r['stage']})"
+        status = verdict(r) if r["status"] != "fail" else f"fail ({r['stage']})"
         size = "×".join(map(str, r["input"][1:])) if r.get("input") else ""
         lines.append(f"| {r['model']} | {r['family']} | {r['aux']} | {status} | {size} | {r.get('k', '')} | "
                      f"{r.get('candidates', '')} | {r.get('params_m', '')} | {r.get('mode', '')} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+VERDICTS = ("ok", "ok-fake", "degraded", "unsplittable", "fail", "no head")
+
+
+def verdict(row: dict) -> str:
+    """A row's status; rows recorded before the statuses ok-fake and degraded existed (no
+    ``commit``) get the one they would have had, from their mode and K."""
+    if row["status"] == "ok" and "commit" not in row:
+        if row.get("k") != K:
+            return "degraded"
+        return "ok-fake" if row.get("mode") == "fake" else "ok"
+    return row["status"]
+
+
+def _provenance_line(rows: list[dict]) -> str:
+    by_commit: dict[str, int] = {}
+    for r in rows:
+        key = f"`{r['commit']}` (torch {r['torch']}, torchvision {r['torchvision']}, timm {r['timm']})" if "commit" in r else "no commit recorded (before rows carried one)"
+        by_commit[key] = by_commit.get(key, 0) + 1
+    return "**Rows by fxlocal commit:** " + "; ".join(f"{n} from {key}" for key, n in sorted(by_commit.items(), key=lambda kv: -kv[1])) + "."
 
 
 def _in_target(row: dict) -> str:
@@ -204,13 +233,14 @@ def main(argv=None) -> None:
     done = {(r["model"], r["aux"]) for r in _read(args.results)}
     todo = [] if args.render else _families_in_turn([n for n in names if args.rerun or any((n, a) not in done for a in args.aux)])
     print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
+    recorded = {k: v for k, v in provenance("cpu").items() if k in ("commit", "torch", "torchvision", "timm", "python")}
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
         for i, rows in enumerate(pool.map(lambda n: _run_one(n, args.aux, args.fake_above, args.timeout), todo)):
             for row in rows:
-                out.write(json.dumps(row) + "\n")
+                out.write(json.dumps({**row, **recorded}) + "\n")
             out.flush()
             bad = [f"{r['aux']}:{r['stage']}" if r["status"] == "fail" else f"{r['aux']}:{r['status']}"
-                   for r in rows if r["status"] != "ok"]
+                   for r in rows if r["status"] not in ("ok", "ok-fake")]
             print(f"[{i + 1}/{len(todo)}] {rows[0]['model']}: {'ok' if not bad else 'not ok ' + ' '.join(bad)}", file=sys.stderr)
     rows = list({(r["model"], r["aux"]): r for r in _read(args.results)}.values())
     command = "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])

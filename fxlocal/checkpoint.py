@@ -18,13 +18,53 @@ from .errors import FxLocalError
 from .local_model import LocalModel
 from .plan import Plan, atomic_write_bytes
 
-__all__ = ["save_converted", "load_converted", "CheckpointError"]
+__all__ = ["save_converted", "load_converted", "read_checkpoint_file", "load_weights", "CheckpointError"]
 
 FORMAT = "fxlocal.converted/1"
 
 
 class CheckpointError(FxLocalError, ValueError):
     """A file that is not an fxlocal checkpoint, or cannot be written or read."""
+
+
+def read_checkpoint_file(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> object:
+    """Load a file written by fxlocal with ``torch.load(weights_only=True)``: tensors and plain
+    data only, so a file from anyone cannot run code while it loads.
+
+    Args:
+        path: the file.
+        allow_numpy_arrays: also accept numpy arrays (training checkpoints of format 1 stored
+            numpy's RNG state as one); numpy's array rebuild runs no code of the file's choosing.
+
+    Returns:
+        What the file holds.
+
+    Raises:
+        CheckpointError: no such file, a file that holds pickled objects other than tensors and
+            plain data (refused before any of them is built), or one that is truncated or not a
+            torch file.
+    """
+    import pickle
+
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]] if allow_numpy_arrays else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # a class or function it would have called
+            raise CheckpointError(
+                f"refused to load {path}: it holds pickled Python objects, which fxlocal never writes "
+                "(loading them could run code); use a file written by fxlocal"
+            ) from None
+        raise CheckpointError(f"{path} is not an fxlocal checkpoint (unreadable pickle: it may be truncated)") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError or zipfile errors for a cut file
+        raise CheckpointError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__}: truncated or another kind of file)") from None
 
 
 def save_converted(local: LocalModel, path: str | os.PathLike) -> None:
@@ -52,21 +92,31 @@ def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> L
     """
     from .convert import convert
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"no such file: {path}") from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from exc
+    payload = read_checkpoint_file(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fxlocal converted-model file")
+    missing = [key for key in ("config", "plan", "state_dict") if key not in payload]
+    if missing or not isinstance(payload["config"], dict) or not isinstance(payload["plan"], dict):
+        raise CheckpointError(f"{path} is an incomplete converted-model file (no {', '.join(missing) or 'valid config'}): convert the model again")
     config = dict(payload["config"])
     source = model if model is not None else config.pop("model")
     config.pop("model", None)
     if source is None:
         raise CheckpointError(f"{path} was converted from a module object: pass that model to load it")
-    config.pop("k")
+    config.pop("k", None)
     options = config.pop("aux_options", {})
-    local = convert(source, k=payload["plan"]["k"], plan=Plan.from_dict(payload["plan"]), **config, **options)
-    local.load_state_dict(payload["state_dict"])
+    plan = Plan.from_dict(payload["plan"])
+    local = convert(source, k=plan.k, plan=plan, **config, **options)
+    load_weights(local, payload["state_dict"], path)
     return local
+
+
+def load_weights(local: LocalModel, state_dict: object, path: str | os.PathLike) -> None:
+    """``local.load_state_dict(state_dict)``, with a file whose weights do not fit one line."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} holds no weights: use a complete checkpoint")
+    try:
+        local.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path}: its weights do not fit the model its plan builds ({first.rstrip('.')}); use a complete checkpoint") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +16,37 @@ from rich.table import Table
 
 from .errors import FxLocalError
 
+# Click's error base class, as the installed typer raises it (typer 0.29 vendors click privately)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's usage errors (an unknown option, a missing argument, a value out of range) as one
+    line on stderr with the help hint and exit code 2, like fxlocal's own errors: typer's default
+    is a multi-line panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "fxlocal"
+            message = " ".join(exc.format_message().split()).rstrip(".")  # one line
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {escape(message)} (see '{escape(command)} --help')", highlight=False, soft_wrap=True
+            )
+            sys.exit(2)
+        except typer.Abort:
+            sys.exit(1)
+        # a command returns None; an Exit it raised comes back as its code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -48,6 +79,12 @@ def _one_line_errors(command):
             raise typer.Exit(2)
 
     return run
+
+
+def _check_writable(path: Optional[Path], what: str) -> None:
+    """Refuse an output path in a missing folder before any work (nothing printed, nothing written)."""
+    if path is not None and not path.parent.is_dir():
+        raise FxLocalError(f"cannot write the {what} to {path}: folder {path.parent} does not exist; create it first")
 
 
 def _plan_table(plan) -> Table:
@@ -135,6 +172,8 @@ def convert(
 
     from .cost import MemoryModel
 
+    _check_writable(save_plan, "plan")
+    _check_writable(output, "converted model")
     options = _parse_aux_options(aux_option)
     options.update({key: v for key, v in (("aux_depth", aux_depth), ("pyramid", pyramid)) if v is not None})
     options["backbone_recompute"] = backbone_recompute
@@ -178,6 +217,7 @@ def inspect(
     """List MODEL's cut candidates, the module each one closes, and the cost of the segment before it."""
     import fxlocal
 
+    _check_writable(plot, "plot")
     net = fxlocal.create_model(model, None, input_size)
     gm = fxlocal.trace(net, input_size)
     analysis = fxlocal.analyze(gm, input_size, timed=plot is not None and balance == "time")
@@ -208,8 +248,6 @@ def inspect(
     if plot is not None:
         from .plot import plot_plan
 
-        if not plot.parent.is_dir():
-            raise FxLocalError(f"cannot write {plot}: folder {plot.parent} does not exist")
         plan = fxlocal.partition(gm, k, balance, analysis=analysis, model_name=model)
         plot_plan(plan, analysis, plot)
         console.print(f"plan drawn to {plot}")
@@ -286,7 +324,8 @@ class _RichReporter:
         )
 
     def close(self):
-        self.progress.stop()
+        if self.progress.live.is_started:  # stopping a bar never started prints an empty line
+            self.progress.stop()
 
 
 @app.command()
@@ -298,6 +337,7 @@ def train(
     pipeline: bool = typer.Option(
         False, "--pipeline", help="one block per process: torchrun --nproc-per-node K ... train RECIPE --pipeline"
     ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output_dir: checkpoints and metrics (--set output_dir=DIR)"),
 ):
     """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir).
 
@@ -305,7 +345,8 @@ def train(
     from .recipe import load_recipe
     from .train import fit
 
-    parsed = load_recipe(recipe, [*set_, *(["pipeline.enabled=true"] if pipeline else [])])
+    overrides = [*set_, *(["pipeline.enabled=true"] if pipeline else []), *([f"output_dir={json.dumps(str(output))}"] if output else [])]  # quoted: a YAML string whatever the name
+    parsed = load_recipe(recipe, overrides)
     reporter = _RichReporter()
     try:
         result = fit(parsed, resume=resume, reporter=reporter)
@@ -367,8 +408,7 @@ def export(
 
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if not output.parent.is_dir():
-        raise ExportError(f"cannot write {output}: folder {output.parent} does not exist")
+    _check_writable(output, "export")
     local = load_local_model(checkpoint)
     for path in run_export(local, format, output, with_aux):
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)

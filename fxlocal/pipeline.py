@@ -77,6 +77,19 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _losing_is_an_error(rank: int, peer: str):
+    """A peer that died or went silent past the timeout, as one line (not gloo's traceback)."""
+    try:
+        yield
+    except FxLocalError:  # fxlocal's own (some are RuntimeErrors): already one line
+        raise
+    except RuntimeError as exc:  # gloo/nccl report a dead peer or a timeout as RuntimeError
+        raise PipelineError(
+            f"pipeline stage {rank} lost {peer} ({_first_line(exc)}); that process stopped or hangs, its own output says why"
+        ) from None
+
+
 def _first_line(exc: BaseException) -> str:
     """The backend's reason, without the source location gloo prefixes it with."""
     text = str(exc).strip().splitlines()
@@ -99,15 +112,8 @@ class _Link:
         self.timeout = timedelta(seconds=timeout_s)
         self.in_flight: deque[tuple[list, tuple]] = deque()  # (works, the tensors they read)
 
-    @contextlib.contextmanager
     def talking_to(self, peer: str):
-        try:
-            yield
-        except RuntimeError as exc:  # gloo/nccl report a dead peer or a timeout as RuntimeError
-            raise PipelineError(
-                f"pipeline stage {self.rank} lost {peer} ({_first_line(exc)}); "
-                "that process stopped or hangs, its own output says why"
-            ) from None
+        return _losing_is_an_error(self.rank, peer)
 
     def send(self, kind: int, carried: tuple = (), y: torch.Tensor | None = None) -> None:
         header = torch.zeros(_HEADER, dtype=torch.long)
@@ -264,14 +270,18 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     if not recipe.optimizer.per_block:
         raise PipelineError("pipeline mode steps each block's optimizer in the block's own process: set optimizer.per_block: true")
     dist_ = T._init_distributed(T._device_kind(recipe), recipe.pipeline.timeout_s)
-    out_dir = Path(recipe.output_dir)
+    out_dir = T.check_output_dir(recipe.output_dir)
     checkpoint = out_dir / "last.pt"
     state = None
     if resume:
         if not checkpoint.exists():
             raise FxLocalError(f"nothing to resume: no checkpoint at {checkpoint}")
         state = T.load_training_checkpoint(checkpoint)
-    local = T.build_agreed_model(recipe, dist_, state)
+    if dist_.main:  # builds the model and sends its plan: its errors are its own
+        local = T.build_agreed_model(recipe, dist_, state)
+    else:
+        with _losing_is_an_error(dist_.rank, "stage 0"):  # waits for that plan
+            local = T.build_agreed_model(recipe, dist_, state)
     obstacle = pipeline_obstacle(local) if local.k > 1 else "it has one block; set convert.k to 2 or more"
     if obstacle:
         raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal or none")
@@ -286,7 +296,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     device = T._device(recipe, dist_.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    T.make_output_dir(out_dir)
     start_epoch, history = 0, []
     if state is not None:
         if len(state["optimizers"]) != k:

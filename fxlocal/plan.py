@@ -65,19 +65,29 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        """The Plan of :meth:`to_dict`'s output; anything else is a :class:`PartitionError`."""
+        hint = "write one with fxlocal convert --save-plan"
+        if not isinstance(data, dict):
+            raise PartitionError(f"not an fxlocal plan: it holds a JSON {type(data).__name__}, not an object; {hint}")
+        blocks = data.get("blocks", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise PartitionError(f"not an fxlocal plan: 'blocks' is not a list of objects; {hint}")
         try:
             fields = {k: v for k, v in data.items() if k not in ("cuts", "imbalance")}
-            fields["blocks"] = [BlockPlan(**b) for b in fields.get("blocks", [])]
-            return cls(**fields)
+            fields["blocks"] = [BlockPlan(**b) for b in blocks]
+            plan = cls(**fields)
         except TypeError as exc:
-            raise PartitionError(f"not an fxlocal plan: {exc}") from exc
+            raise PartitionError(f"not an fxlocal plan: {exc}; {hint}") from exc
+        if not isinstance(plan.k, int) or plan.k < 1 or len(plan.blocks) != plan.k:
+            raise PartitionError(f"not an fxlocal plan: k={plan.k!r} with {len(plan.blocks)} blocks; {hint}")
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise PartitionError(f"not an fxlocal plan (invalid JSON: {exc})") from exc
+            raise PartitionError(f"not an fxlocal plan (invalid JSON: {exc}); write one with fxlocal convert --save-plan") from exc
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(Path(path), self.to_json().encode())
@@ -115,6 +125,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

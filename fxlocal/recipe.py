@@ -168,6 +168,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 f"recipe field 'compile': unknown torch.compile backend {recipe.compile!r}; use true (inductor) or one of "
                 f"{', '.join(list_backends())}"
             )
+    if recipe.device != "auto":
+        import torch
+
+        try:
+            torch.device(recipe.device)
+        except RuntimeError:
+            raise RecipeError(f"recipe field 'device': unknown device {recipe.device!r}; use auto, cpu, cuda or cuda:N") from None
     if recipe.pipeline.enabled and (recipe.channels_last or recipe.compile):
         raise RecipeError("recipe fields 'channels_last' and 'compile' are not supported with pipeline.enabled yet: turn them off")
     if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 
 from .convert import convert
 from .data import build_dataset, dataset_info
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_weights, read_checkpoint_file
 from .errors import FxLocalError
 from .local_model import LocalModel
 from .plan import Plan, atomic_write_bytes
@@ -49,6 +50,45 @@ CHECKPOINT_FORMAT = "fxlocal.training/1"
 
 class TrainingDiverged(FxLocalError, RuntimeError):
     """A loss became NaN or infinite."""
+
+
+class OutputDirError(FxLocalError, OSError):
+    """The recipe's output_dir cannot be created or written."""
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Fail early, creating nothing, when ``path`` cannot become a folder this process writes to.
+
+    Args:
+        path: the recipe's output_dir (it need not exist yet).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OutputDirError: the nearest existing ancestor is a file, or a file cannot be made in it.
+    """
+    out = Path(path).absolute()
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    hint = "set another with --output DIR"
+    if not existing.is_dir():
+        raise OutputDirError(f"cannot make output_dir {path}: {existing} is a file, not a folder; {hint}")
+    try:  # a probe that leaves nothing behind: permissions, read-only mounts, a full disk
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise OutputDirError(f"cannot write in output_dir {path} ({existing}: {exc.strerror}); {hint}") from None
+    return Path(path)
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the output folder once the run is known to start (nothing is written before)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"cannot make output_dir {path} ({exc.strerror}); set another with --output DIR") from None
 
 
 class Reporter:
@@ -248,7 +288,9 @@ def _reseed_epoch(sampler, order: torch.Generator, seed: int, epoch: int) -> Non
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's key as a tensor: a checkpoint holds tensors and plain data only (weights_only loads)
+    name, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -257,7 +299,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or an array in checkpoints before it was one
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -292,16 +335,33 @@ def _write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int,
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`fit`; a file that is not one is a clear error."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not an fxlocal checkpoint ({type(exc).__name__})") from None
+    """Read a checkpoint written by :func:`fit` (tensors and plain data only: it cannot run code).
+
+    Raises:
+        CheckpointError: a missing, truncated or incomplete file, one that is not a training
+            checkpoint, or one that holds pickled objects.
+    """
+    payload = read_checkpoint_file(path, allow_numpy_arrays=True)  # format 1 kept numpy's RNG key as an array
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an fxlocal training checkpoint")
+    kinds = {"recipe": dict, "plan": dict, "config": dict, "model": dict, "epoch": int, "history": list}
+    wrong = [key for key, kind in kinds.items() if not isinstance(payload.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} is an incomplete training checkpoint (no valid {', '.join(wrong)}): use an earlier one or train again")
     return payload
+
+
+def _check_resumable(state: dict, path: Path, optimizers: int) -> None:
+    """A checkpoint that evaluates may still lack what resuming needs (one written by hand)."""
+    kinds = {"optimizers": list, "schedulers": list, "rng": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} cannot be resumed (no valid {', '.join(wrong)}): train again without --resume")
+    if len(state["optimizers"]) != optimizers:
+        raise CheckpointError(
+            f"{path} holds {len(state['optimizers'])} optimizer(s) and the recipe makes {optimizers}: "
+            "resume with the recipe's optimizer.per_block as it was"
+        )
 
 
 def model_from_checkpoint(state: dict) -> LocalModel:
@@ -309,7 +369,7 @@ def model_from_checkpoint(state: dict) -> LocalModel:
     from .recipe import load_recipe
 
     local = build_model(load_recipe(data=state["recipe"]), Plan.from_dict(state["plan"]))
-    local.load_state_dict(state["model"])
+    load_weights(local, state["model"], "the checkpoint")
     return local
 
 
@@ -465,8 +525,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     dist_ = _init_distributed(_device_kind(recipe))
     reporter = (reporter or Reporter()) if dist_.main else Reporter()
     device = _device(recipe, dist_.local_rank)
-    out_dir = Path(recipe.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(recipe.output_dir)
     last = out_dir / "last.pt"
 
     state = None
@@ -485,7 +544,8 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     scaler = amp_scaler(recipe, device)
     start_epoch, history = 0, []
     if state is not None:
-        local.load_state_dict(state["model"])
+        _check_resumable(state, last, len(optimizers))
+        load_weights(local, state["model"], last)
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         for sch, s in zip(schedulers, state["schedulers"]):
@@ -502,6 +562,8 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     if recipe.compile:  # after the checkpoint's weights are in (compiling keeps the modules' own)
         compile_blocks(local, recipe.compile)
     train_loader, sampler, order, eval_loader = _loaders(recipe, dist_, device)
+    if dist_.main:
+        make_output_dir(out_dir)
     steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
     reporter.run_start(recipe, local, start_epoch, steps)
     grad_hook = _grad_allreduce(dist_.world) if dist_.enabled else None

@@ -61,6 +61,7 @@ CLASSES = 10
 # block or a unit copy fails the step
 BATCH = 3
 STAGES = ("create", "convert", "step", "isolation", "export")
+LR = 0.01  # the step's SGD learning rate (momentum 0.9)
 
 
 class ZooFailure(FxLocalError):
@@ -154,9 +155,14 @@ def stratified_sample(names: list[str]) -> list[str]:
 
 
 def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict]:
-    """One row per aux method: status (ok; fail; unsplittable: convert refused every K above 1
-    with an error naming it; no head: a feature encoder, refused as not a classifier), the
-    failing stage and reason, details, seconds.
+    """One row per aux method: status, the failing stage and reason, details, seconds.
+
+    Statuses: ``ok`` (real tensors: finite losses, every trainable parameter changed by the step
+    or listed in ``unchanged`` with the reason it cannot, isolation, export round trip with
+    identical outputs); ``ok-fake`` (the same stages on fake tensors: shapes, graphs, gradient
+    flow and state-dict keys, nothing computed); ``degraded`` (it passed, but at a lower K than
+    asked: the reason says why); ``unsplittable`` (convert refused every K above 1 with an error
+    naming it); ``no head`` (a feature encoder, refused as not a classifier); ``fail``.
 
     Runs on fake tensors when the model has more than ``fake_above`` parameters. The model is
     built, traced and analysed once (the first row's seconds include that), then converted for
@@ -180,6 +186,10 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
             if isinstance(analyzed, ZooFailure):
                 raise analyzed
             row.update(check(analyzed, aux, fake=fake))
+            if fake:
+                row["status"] = "ok-fake"
+            if "k_error" in row:  # passed, at the largest K the model allows
+                row.update(status="degraded", stage="convert", reason=row.pop("k_error"))
         except ZooFailure as failure:
             row.update(status=_status(failure), stage=failure.stage, reason=failure.reason)
         row["seconds"] = round(time.perf_counter() - started, 2)
@@ -234,7 +244,10 @@ def check(analyzed: AnalyzedModel, aux: str, fake: bool = False, k: int = K) -> 
     with context:
         x = torch.randn(BATCH, *size, device=device)
         y = torch.randint(0, CLASSES, (BATCH,), device=device)
-        _step(trained, x, y, fake)
+        if fake:
+            _step(trained, x, y, fake)
+        else:
+            details["unchanged"] = _trained_step(analyzed, trained, x, y)
         with _stage("isolation"):
             problems = isolation_violations(trained, x, y)
             if problems:
@@ -269,10 +282,84 @@ def _convert(analyzed: AnalyzedModel, aux: str, k: int) -> tuple[LocalModel, dic
 
 def _step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> None:
     with _stage("step"):
-        optimizers = [torch.optim.SGD(list(local.block_parameters(b)), lr=0.01, momentum=0.9) for b in range(local.k)]
+        optimizers = [torch.optim.SGD(list(local.block_parameters(b)), lr=LR, momentum=0.9) for b in range(local.k)]
         losses = local.train_step(x, y, optimizers, as_tensors=True)
         if not fake and not all(torch.isfinite(loss) for loss in losses):
             raise ZooFailure("step", f"non-finite loss {[float(v) for v in losses]}")
+
+
+def _trained_step(analyzed: AnalyzedModel, local: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, str]:
+    """:func:`_step` on real tensors, then every trainable parameter must have changed.
+
+    Returns:
+        The parameters that did not, each with the reason it cannot: no gradient, a zero one, or
+        an update below float32's resolution at the parameter's value (ConvNeXt's 1e-6 layer
+        scales), and for the backbone whether one end-to-end step on the same batch moves it.
+
+    Raises:
+        ZooFailure: (stage ``step``) a parameter whose update would change it was left alone, or
+            a backbone parameter that the end-to-end step moves gets no gradient at all locally.
+    """
+    trainable = {n: p for n, p in local.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    gradient: dict[str, str] = {}  # the last gradient each parameter received, as a reason or "moves"
+
+    def recorder(name):
+        def record(param):
+            grad, value = param.grad.detach(), param.detach()
+            if not grad.abs().sum() > 0:
+                gradient[name] = "zero gradient"
+            elif torch.equal(value - LR * grad, value):
+                gradient[name] = "an update below float32 resolution"
+            else:
+                gradient[name] = "moves"
+
+        return record
+
+    handles = [p.register_post_accumulate_grad_hook(recorder(n)) for n, p in trainable.items()]
+    try:
+        backbone_before = {k: v.detach().clone() for k, v in local.backbone_state_dict().items()}
+        _step(local, x, y, fake=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with _stage("step"):
+        unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+        stalled = [n for n in unchanged if gradient.get(n) == "moves"]
+        if stalled:
+            raise ZooFailure("step", f"{len(stalled)} parameters have a gradient but the step left them: {', '.join(stalled[:3])}")
+        original_key = {t.data_ptr(): k for k, t in local.backbone_state_dict().items()}
+        reasons, untrained = {}, []
+        moved_end_to_end = None
+        for n in unchanged:
+            why = gradient.get(n, "no gradient")
+            key = original_key.get(trainable[n].data_ptr())
+            if key is None:  # an aux head's
+                reasons[n] = f"{why} (aux head)"
+                continue
+            if moved_end_to_end is None:
+                moved_end_to_end = _moved_end_to_end(analyzed, backbone_before, x, y)
+            if key in moved_end_to_end and why == "no gradient":
+                untrained.append(key)
+            else:
+                reasons[key] = f"{why}; end to end {'it moves' if key in moved_end_to_end else 'it stays too'}"
+        if untrained:
+            raise ZooFailure("step", f"{len(untrained)} parameters that end-to-end training moves get no gradient: {', '.join(untrained[:3])}")
+    return reasons
+
+
+def _moved_end_to_end(analyzed: AnalyzedModel, state: dict, x: torch.Tensor, y: torch.Tensor) -> set[str]:
+    """The parameters one end-to-end SGD step on ``x``, ``y`` changes, from ``state``."""
+    model = _create(analyzed.model_name, analyzed.input_size, meta=False)
+    model.load_state_dict(state)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    logits = model.train()(x)
+    if isinstance(logits, (tuple, list)):  # training-mode extras (Inception's aux logits, distillation heads)
+        logits = logits[0]
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    optimizer.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
 def _input_sizes(name: str) -> list[tuple[int, ...]]:

@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import functools
 from pathlib import Path
 
 import torch
@@ -93,3 +94,31 @@ def assert_trains_alike(a, b, size, classes, rtol=1e-5, atol=1e-7):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(want[name].float(), got[name].float(), rtol=rtol, atol=atol), name
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit 2, one line on stderr naming what to do, nothing on stdout, no exception but the exit."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not a traceback
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == "", result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _analyzed(name: str, size: tuple, num_classes):
+    import fxlocal
+
+    return fxlocal.analyze_model(name, size, num_classes=num_classes)
+
+
+def convert_named(name: str, size, num_classes=None, **options):
+    """``fxlocal.convert(name, input_size=size, num_classes=..., **options)``, from one analysis
+    per model and size in this test process: tracing and measuring a model costs more than
+    converting it, and ``convert`` works on a copy of the analysed model (its LocalModels share
+    no weights), so a test sees what converting by name gives."""
+    import fxlocal
+
+    return fxlocal.convert(_analyzed(name, tuple(size), num_classes), **options)

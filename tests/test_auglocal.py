@@ -6,7 +6,7 @@ import fxlocal
 from fxlocal.aux.adapters import make_adapter, make_tensors_adapter
 from fxlocal.aux.auglocal import pyramid_depths, sampled_units
 from fxlocal.cli import app
-from helpers import assert_gradient_isolation, assert_trains
+from helpers import assert_gradient_isolation, assert_trains, convert_named
 
 
 # --- sampling: the reference values ---------------------------------------------------------
@@ -156,7 +156,7 @@ def test_aux_depth_and_pyramid_reach_the_heads():
     ],
 )
 def test_auglocal_converts_trains_and_isolates(name, k, size):
-    local = fxlocal.convert(name, k=k, aux="auglocal", input_size=size, num_classes=10)
+    local = convert_named(name, size, 10, k=k, aux="auglocal")
     assert local.k == k
     assert_trains(local, size)
     assert_gradient_isolation(local, torch.randn(2, *size), torch.randint(0, 10, (2,)))

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from fxlocal.checkpoint import load_converted
 from fxlocal.cli import app
+from helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -68,16 +69,12 @@ def test_inspect_lists_candidates():
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
-    result = run(*args)
-    assert result.exit_code == 2
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(run(*args), message)
 
 
 def test_output_to_missing_folder_is_a_clear_error(tmp_path):
     result = run("convert", "resnet18", "--k", "2", "--input-size", "3", "32", "32", "--output", str(tmp_path / "no" / "m.pt"))
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert_one_line_error(result, "does not exist")
     assert not (tmp_path / "no").exists()
 
 

@@ -7,6 +7,7 @@ import fxlocal
 from fxlocal.checkpoint import save_converted
 from fxlocal.cli import app
 from fxlocal.export import ExportError, export, plain_model
+from helpers import assert_one_line_error
 
 runner = CliRunner()
 AUX = ["dgl", "auglocal", "mlaan", "man", "none"]
@@ -148,9 +149,7 @@ def test_training_checkpoint_exports(tmp_path):
 def test_bad_export_requests_are_one_line(converted, tmp_path, args, message):
     path, _ = converted
     base = ["export", str(path), "--output", str(tmp_path / "x.pt")]
-    result = runner.invoke(app, base + args)
-    assert result.exit_code == 2 and message in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(runner.invoke(app, base + args), message)
     assert not list(tmp_path.iterdir())
 
 
@@ -158,8 +157,7 @@ def test_not_our_checkpoint(tmp_path):
     (tmp_path / "other.pt").write_bytes(b"\x80\x04junk")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pt")
     for name in ("other.pt", "dict.pt"):
-        result = runner.invoke(app, ["export", str(tmp_path / name), "-o", str(tmp_path / "x.pt")])
-        assert result.exit_code == 2 and "not an fxlocal" in result.output
+        assert_one_line_error(runner.invoke(app, ["export", str(tmp_path / name), "-o", str(tmp_path / "x.pt")]), "not an fxlocal")
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -8,7 +8,7 @@ import fxlocal
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
 from fxlocal.verify import export_mismatch
-from helpers import assert_gradient_isolation, assert_trains
+from helpers import assert_gradient_isolation, assert_trains, convert_named
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ from helpers import assert_gradient_isolation, assert_trains
     [("resnet18", (3, 32, 32)), ("vit_tiny_patch16_224", (3, 32, 32)), ("torchvision:resnet18", (3, 32, 32))],
 )
 def test_gradient_isolation(name, size):
-    local = fxlocal.convert(name, k=4, input_size=size, num_classes=5)
+    local = convert_named(name, size, 5, k=4)
     assert_gradient_isolation(local, torch.randn(4, *size), torch.randint(0, 5, (4,)))
 
 

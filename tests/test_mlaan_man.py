@@ -7,7 +7,7 @@ from fxlocal.aux.ema import EMATwin
 from fxlocal.aux.mlaan import leap_chain
 from fxlocal.checkpoint import load_converted, save_converted
 from fxlocal.cli import app
-from helpers import assert_gradient_isolation, assert_trains, saved_activation_bytes
+from helpers import assert_gradient_isolation, assert_trains, convert_named, saved_activation_bytes
 
 CIFAR = (3, 32, 32)
 RESNET32_STAGES = [0] * 6 + [1] * 5 + [2] * 5  # stem + layer1 | layer2 | layer3
@@ -128,7 +128,7 @@ def test_mlaan_loss_is_the_weighted_sum_of_both_paths():
     ],
 )
 def test_converts_trains_and_isolates(aux, name, size):
-    local = fxlocal.convert(name, k=4, aux=aux, input_size=size, num_classes=10)
+    local = convert_named(name, size, 10, k=4, aux=aux)
     assert len(twins(local)) == 3
     assert_trains(local, size)
     x, y = torch.randn(2, *size), torch.randint(0, 10, (2,))

@@ -14,7 +14,7 @@ from fxlocal.cli import app
 from fxlocal.data import DatasetError, build_dataset
 from fxlocal.recipe import RecipeError, load_recipe
 from fxlocal.train import Reporter, TrainingDiverged, build_model, fit, load_training_checkpoint
-from helpers import tiny
+from helpers import assert_one_line_error, tiny
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
@@ -146,12 +146,9 @@ def test_cli_train_and_evaluate(tmp_path):
 def test_cli_bad_recipe_and_checkpoint_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: resnet32_cifar}\nconvert: {balance: speed}\n")
-    result = CliRunner().invoke(app, ["train", str(bad)])
-    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "convert.balance" in result.output
+    assert_one_line_error(CliRunner().invoke(app, ["train", str(bad)]), "convert.balance")
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "x.pt")])
-    assert result.exit_code == 2 and "not an fxlocal checkpoint" in result.output
+    assert_one_line_error(CliRunner().invoke(app, ["evaluate", str(tmp_path / "x.pt")]), "not an fxlocal checkpoint")
 
 
 def test_data_parallel_with_two_processes(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxlocal
-from helpers import assert_exports_bit_identically, assert_trains
+from helpers import assert_exports_bit_identically, assert_trains, convert_named
 
 SMALL = (3, 64, 64)
 # Beside tests/test_zoo_sample.py, which checks the smallest model of every family (real tensors
@@ -36,7 +36,7 @@ ZOO = [
 
 @pytest.mark.parametrize("name,size", ZOO, ids=[n for n, _ in ZOO])
 def test_converts_and_trains(name, size):
-    local = fxlocal.convert(name, k=4, input_size=size, num_classes=10)
+    local = convert_named(name, size, 10, k=4)
     assert local.k == 4 and len(local.heads) == 3
     assert_trains(local, size)
     assert_exports_bit_identically(local, name, size)
@@ -54,7 +54,55 @@ EVERY_AUX = [z for z in ZOO if z[0] in (
 @pytest.mark.parametrize("name,size", EVERY_AUX, ids=[n for n, _ in EVERY_AUX])
 def test_every_aux_method_round_trips(name, size, aux):
     """Convert with every other aux method (dgl is above), train a step, export: bit-identical."""
-    local = fxlocal.convert(name, k=1 if aux == "none" else 4, aux=aux, input_size=size, num_classes=10)
+    local = convert_named(name, size, 10, k=1 if aux == "none" else 4, aux=aux)
     opt = torch.optim.SGD(local.parameters(), lr=0.01)
     local.train_step(torch.randn(4, *size), torch.randint(0, 10, (4,)), opt)
     assert_exports_bit_identically(local, name, size)
+
+
+# --- the zoo check's verdict --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analyzed_resnet18():
+    from fxlocal import zoo
+
+    return zoo.prepare("torchvision:resnet18", fake=False)
+
+
+def test_zoo_check_lists_what_a_step_cannot_move(analyzed_resnet18):
+    """torchvision's ResNet-18 zero-inits nothing: every parameter moves, nothing is listed. The
+    verdict's reasons are what the check measured, not a fixed list."""
+    from fxlocal import zoo
+
+    details = zoo.check(analyzed_resnet18, "dgl")
+    assert details["mode"] == "real" and details["k"] == zoo.K
+    assert details["unchanged"] == {}
+
+
+def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_resnet18, monkeypatch):
+    from fxlocal import zoo
+    from fxlocal.local_model import LocalModel
+
+    original = LocalModel.block_parameters
+    monkeypatch.setattr(LocalModel, "block_parameters", lambda self, b: list(original(self, b))[1:] if b == 1 else original(self, b))
+    with pytest.raises(zoo.ZooFailure, match="1 parameters have a gradient but the step left them"):
+        zoo.check(analyzed_resnet18, "dgl")
+
+
+def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, monkeypatch):
+    from fxlocal import zoo
+
+    monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # a step that trains nothing
+    with pytest.raises(zoo.ZooFailure, match="parameters that end-to-end training moves get no gradient: conv1.weight"):
+        zoo.check(analyzed_resnet18, "dgl")
+
+
+def test_zoo_rows_say_fake_and_degraded_apart():
+    from fxlocal import zoo
+
+    (fake,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
+    assert fake["status"] == "ok-fake" and fake["mode"] == "fake"
+    (degraded,) = zoo.check_model("tnt_s_legacy_patch16_224", ["auglocal"], fake_above=0)
+    assert degraded["status"] == "degraded" and degraded["k"] == 2
+    assert degraded["stage"] == "convert" and "k can be 1 to 2" in degraded["reason"]

@@ -1,6 +1,8 @@
 """CI's stratified zoo sample: one model of every timm and torchvision family through the zoo
 check (``fxlocal.zoo.check_model``: convert with K=4, one train step at a batch size other than
-the traced one, gradient isolation of every block's loss, export round trip).
+the traced one that must move every parameter it can, gradient isolation of every block's loss,
+export round trip). A row must pass at K=4 (``ok``, or ``ok-fake`` on fake tensors); one that
+passes only at a lower K (``degraded``) fails unless its family is in ``DEGRADED``.
 
 The full sweep (every model with every aux method) is a benchmark, ``benchmarks/zoo.py``; its
 sample run reads the same list. Here each family runs once, with one aux method, rotating over
@@ -35,6 +37,10 @@ OUTSIDE = {"gemma4_vit"}
 # tensor live): its cuts carry the second branch, and its units hand both on (MLAAN: copies of
 # later units take both, the cascade carries both gradients back).
 PINNED = {"coat": "man", "efficientvim": "mlaan", "crossvit": "mlaan"}
+# Families whose sample model passes only at a lower K, with the reason (docs/zoo.md): TNT's pixel
+# stream is (batch·patches, …), never carried beside its patch stream, so for the unit-copying
+# methods its blocks form one unit and it is cut at K=2, the error naming that K.
+DEGRADED = {"tnt"}
 FAKE_ABOVE = 15_000_000
 # Real-tensor runs that take more than a few seconds here (large inputs, wide early layers).
 SLOW = {"byoanet", "convmixer", "efficientformer"}
@@ -66,12 +72,9 @@ def checked(request):
 @pytest.mark.parametrize("name", CASES)
 def test_family(name, checked):
     (row,) = checked[name].result(timeout=600)
-    assert row["status"] == "ok", f"{row['aux']} fails at {row['stage']}: {row['reason']}"
-    assert row["k"] <= zoo.K and row["candidates"] >= row["k"] - 1
-
-
-def test_sample_covers_every_family():
-    """One model per family of the installed timm and torchvision, none left out unexplained."""
-    families = {zoo.family(n) for n in zoo.all_models()}
-    assert sorted(zoo.family(n) for n in MODELS) == sorted(families)
-    assert {zoo.family(n) for n in MODELS} - {zoo.family(n) for n in CASES} == OUTSIDE
+    if row["status"] == "degraded" and zoo.family(name) in DEGRADED:
+        assert "k can be 1 to" in row["reason"] and row["k"] < zoo.K, row
+        return
+    expected = "ok-fake" if row.get("mode") == "fake" else "ok"
+    assert row["status"] == expected, f"{row['aux']}: {row['status']} at {row['stage']}: {row['reason']}"
+    assert row["k"] == zoo.K and row["candidates"] >= row["k"] - 1
