@@ -98,11 +98,9 @@ def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, mon
         zoo.check(analyzed_resnet18, "dgl")
 
 
-def test_zoo_rows_say_fake_and_degraded_apart():
+def test_zoo_rows_say_fake_apart():
+    """(A degraded row, TNT's, is checked by the CI sample, tests/test_zoo_sample.py.)"""
     from fxlocal import zoo
 
     (fake,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
     assert fake["status"] == "ok-fake" and fake["mode"] == "fake"
-    (degraded,) = zoo.check_model("tnt_s_legacy_patch16_224", ["auglocal"], fake_above=0)
-    assert degraded["status"] == "degraded" and degraded["k"] == 2
-    assert degraded["stage"] == "convert" and "k can be 1 to 2" in degraded["reason"]
