@@ -18,7 +18,7 @@ from .errors import FxLocalError
 from .local_model import LocalModel
 from .plan import Plan, atomic_write_bytes
 
-__all__ = ["save_converted", "load_converted", "read_checkpoint_file", "load_weights", "CheckpointError"]
+__all__ = ["save_converted", "load_converted", "converted_from", "read_checkpoint_file", "invalid_fields", "load_weights", "CheckpointError"]
 
 FORMAT = "fxlocal.converted/1"
 
@@ -90,14 +90,18 @@ def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> L
 
     ``model`` is needed only when the original was converted from a module, not a name.
     """
+    return converted_from(read_checkpoint_file(path), path, model)
+
+
+def converted_from(payload: object, path: str | os.PathLike, model: nn.Module | None = None) -> LocalModel:
+    """:func:`load_converted` of a file already read with :func:`read_checkpoint_file`."""
     from .convert import convert
 
-    payload = read_checkpoint_file(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fxlocal converted-model file")
-    missing = [key for key in ("config", "plan", "state_dict") if key not in payload]
-    if missing or not isinstance(payload["config"], dict) or not isinstance(payload["plan"], dict):
-        raise CheckpointError(f"{path} is an incomplete converted-model file (no {', '.join(missing) or 'valid config'}): convert the model again")
+    wrong = invalid_fields(payload, {"config": dict, "plan": dict, "state_dict": dict})
+    if wrong:
+        raise CheckpointError(f"{path} is an incomplete converted-model file (no valid {', '.join(wrong)}): convert the model again")
     config = dict(payload["config"])
     source = model if model is not None else config.pop("model")
     config.pop("model", None)
@@ -109,6 +113,11 @@ def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> L
     local = convert(source, k=plan.k, plan=plan, **config, **options)
     load_weights(local, payload["state_dict"], path)
     return local
+
+
+def invalid_fields(payload: dict, kinds: dict[str, type]) -> list[str]:
+    """The keys of ``kinds`` that ``payload`` lacks or holds as another type."""
+    return [key for key, kind in kinds.items() if not isinstance(payload.get(key), kind)]
 
 
 def load_weights(local: LocalModel, state_dict: object, path: str | os.PathLike) -> None:

@@ -31,14 +31,14 @@ class ExportError(FxLocalError, ValueError):
 
 def load_local_model(path: str | os.PathLike) -> LocalModel:
     """A LocalModel from either a training checkpoint or a converted-model file."""
-    from .checkpoint import FORMAT as CONVERTED, CheckpointError, load_converted, read_checkpoint_file
-    from .train import load_training_checkpoint, model_from_checkpoint
+    from .checkpoint import FORMAT as CONVERTED, CheckpointError, converted_from, read_checkpoint_file
+    from .train import model_from_checkpoint, training_checkpoint_from
 
-    try:
+    try:  # read once, then built by whichever format it is
         payload = read_checkpoint_file(path, allow_numpy_arrays=True)
         if isinstance(payload, dict) and payload.get("format") == CONVERTED:
-            return load_converted(path)
-        return model_from_checkpoint(load_training_checkpoint(path))
+            return converted_from(payload, path)
+        return model_from_checkpoint(training_checkpoint_from(payload, path))
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
 

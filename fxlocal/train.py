@@ -28,7 +28,7 @@ from torch import nn
 
 from .convert import convert
 from .data import build_dataset, dataset_info
-from .checkpoint import CheckpointError, load_weights, read_checkpoint_file
+from .checkpoint import CheckpointError, invalid_fields, load_weights, read_checkpoint_file
 from .errors import FxLocalError
 from .local_model import LocalModel
 from .plan import Plan, atomic_write_bytes
@@ -341,11 +341,15 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
         CheckpointError: a missing, truncated or incomplete file, one that is not a training
             checkpoint, or one that holds pickled objects.
     """
-    payload = read_checkpoint_file(path, allow_numpy_arrays=True)  # format 1 kept numpy's RNG key as an array
+    # format 1 kept numpy's RNG key as an array
+    return training_checkpoint_from(read_checkpoint_file(path, allow_numpy_arrays=True), path)
+
+
+def training_checkpoint_from(payload: object, path: str | os.PathLike) -> dict:
+    """:func:`load_training_checkpoint` of a file already read with ``read_checkpoint_file``."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an fxlocal training checkpoint")
-    kinds = {"recipe": dict, "plan": dict, "config": dict, "model": dict, "epoch": int, "history": list}
-    wrong = [key for key, kind in kinds.items() if not isinstance(payload.get(key), kind)]
+    wrong = invalid_fields(payload, {"recipe": dict, "plan": dict, "config": dict, "model": dict, "epoch": int, "history": list})
     if wrong:
         raise CheckpointError(f"{path} is an incomplete training checkpoint (no valid {', '.join(wrong)}): use an earlier one or train again")
     return payload
@@ -353,8 +357,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
 
 def _check_resumable(state: dict, path: Path, optimizers: int) -> None:
     """A checkpoint that evaluates may still lack what resuming needs (one written by hand)."""
-    kinds = {"optimizers": list, "schedulers": list, "rng": dict}
-    wrong = [key for key, kind in kinds.items() if not isinstance(state.get(key), kind)]
+    wrong = invalid_fields(state, {"optimizers": list, "schedulers": list, "rng": dict})
     if wrong:
         raise CheckpointError(f"{path} cannot be resumed (no valid {', '.join(wrong)}): train again without --resume")
     if len(state["optimizers"]) != optimizers:
