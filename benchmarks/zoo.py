@@ -6,8 +6,8 @@ naming it) at 64×64 (or, for a model that rejects it, the sizes its source give
 train step with per-block optimizers, gradient isolation of every block's loss, and the export
 round trip (the trained backbone loads strictly into a fresh original model; on real tensors
 its eval output is bit-identical). Models above ``--fake-above`` parameters are built on the
-meta device and every stage runs on fake tensors: shapes and graphs are checked, nothing is
-computed or allocated, so the whole zoo fits on a 2-core CPU machine.
+meta device and every stage runs there: shapes and graphs are checked, nothing is computed or
+allocated, so the whole zoo fits on a 2-core CPU machine.
 
     python benchmarks/zoo.py                  # the whole zoo (hours; resumable)
     python benchmarks/zoo.py --sample         # one model per timm family and per torchvision family
@@ -93,7 +93,7 @@ def render(rows: list[dict], command: str) -> str:
         "",
         f"Made by `python benchmarks/zoo.py` runs, resumed where the results stopped; rendered from every "
         f"row of `benchmarks/results/zoo.jsonl` ({len(models)} models, {len(rows)} model × aux rows), "
-        f"last by `{command}`.",
+        f"last by `{command}`. What the sweep found and what it took to pass: [zoo_notes.md](zoo_notes.md).",
         "",
         f"**What was run:** {_scope(models)}",
         "",
@@ -102,7 +102,8 @@ def render(rows: list[dict], command: str) -> str:
         "with per-block optimizers, gradient isolation of every block's loss, export round trip "
         "(strict load into a fresh original; bit-identical eval output on real tensors, NaN where NaN). A model "
         f"with too few cut points for K={K} must fail with an error naming its largest K, and is "
-        "then checked at that K. *fake*: built on the meta device, every stage on fake tensors. "
+        "then checked at that K. *fake*: built on the meta device, every stage run there, nothing computed "
+        "(rows before 5 December 2026 ran the step on fake copies). "
         "Models timm itself excludes from its FX tests (`vit_gi*`, `hiera*`, `gemma4_vit*`) are "
         "outside the target and counted apart; so are feature encoders without a classification head "
         "(timm's `*_enc`), which convert refuses as not classifiers (*no head*; ok % leaves them out)."),
@@ -111,7 +112,7 @@ def render(rows: list[dict], command: str) -> str:
         "",
         (f"*ok*: real tensors; finite losses, every trainable parameter changed by the step (or listed with "
          "the reason it cannot: no gradient end to end either), isolation, identical export outputs. "
-         "*ok (fake)*: the same stages on fake tensors, nothing computed. *degraded*: passed at a lower K "
+         "*ok (fake)*: the same stages on the meta device, nothing computed. *degraded*: passed at a lower K "
          f"than {K}, the model has too few cut points (the reason names its largest K). Rows without a commit "
          "predate the parameter check and these statuses: their ok means finite losses, and their status here is "
          "read from their mode and K."),
@@ -206,7 +207,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="*", help="glob patterns over the model names (torchvision: prefixed)")
     p.add_argument("--sample", action="store_true", help="only the smallest model of every family")
     p.add_argument("--aux", nargs="*", default=list(AUX))
-    p.add_argument("--fake-above", type=int, default=30_000_000, help="parameters above which a model runs on fake tensors")
+    p.add_argument("--fake-above", type=int, default=30_000_000, help="parameters above which a model is checked on the meta device, computing nothing")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model (all its aux methods)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/zoo.jsonl")

@@ -1,19 +1,22 @@
-"""Measure what a piece of computation costs for one training step, on fake tensors.
+"""Measure what a piece of computation costs for one training step.
 
 ``Cost`` is per sample: forward+backward FLOPs counted by :class:`torch.utils.flop_counter.
 FlopCounterMode`, the bytes autograd saves for backward (activations, parameters excluded), and
-parameter bytes. Nothing is allocated: modules are fake copies or live on the meta device.
+parameter bytes. Counted without computing where it matters: on the meta device or on fake
+copies; a graph small enough (:data:`REAL_RUN_MAX_BYTES`) runs for real at batch 2, which gives
+the same counts sooner.
 """
 
 from __future__ import annotations
 
 from operator import attrgetter
 
+import contextlib
 import copy
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -25,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .recompute import KEPT_OPS
 
-__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes"]
+__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes", "traced_activation_bytes"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -239,19 +242,43 @@ def _param_storages(module: nn.Module) -> set[int]:
 
 
 def measure_module(module: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> Cost:
-    """Cost of training ``module`` (built on the meta device or fake) on one input of ``input_shape``.
+    """Cost of training ``module`` on one input of ``input_shape``, computing nothing.
 
-    ``input_shape`` excludes the batch dimension. The input itself needs no gradient (a block's
-    input is detached), so its gradient is not counted.
+    A module on the meta device (how heads are built to be priced) runs as it is, on meta
+    tensors, and is left as it was (training flag, gradients); any other runs as a fake copy.
+
+    Args:
+        module: the module, on the meta device or with weights.
+        input_shape: one sample's input shape (no batch dimension). The input itself needs no
+            gradient (a block's input is detached), so its gradient is not counted.
+        batch: the batch it is counted at; the cost is divided by it.
+
+    Returns:
+        Its per-sample :class:`Cost`.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fake = _fake_copy(module, mode)
-        fake.train()
-        meter = _Meter(_param_storages(fake))
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        x = torch.empty(batch, *input_shape, device=device)
-        measured = meter.measure(lambda: fake(x), batch)
+    tensors = [*module.parameters(), *module.buffers()]
+    if tensors and all(t.device.type == "meta" for t in tensors):
+        # meta tensors dispatch in C++, without fake tensors' Python layer: the same counts, sooner
+        grads = [(p, p.grad) for p in module.parameters()]
+        was_training = module.training
+        try:
+            module.train()
+            meter = _Meter(_param_storages(module))
+            x = torch.empty(batch, *input_shape, device="meta")  # made outside: not an activation
+            measured = meter.measure(lambda: module(x), batch)
+        finally:
+            module.train(was_training)
+            for param, grad in grads:
+                param.grad = grad
+    else:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fake = _fake_copy(module, mode)
+            fake.train()
+            meter = _Meter(_param_storages(fake))
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            x = torch.empty(batch, *input_shape, device=device)
+            measured = meter.measure(lambda: fake(x), batch)
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     params = sum(p.numel() for p in module.parameters())
     return Cost(measured.flops / batch, measured.saved / batch, float(param_bytes), params, measured.largest / batch)
@@ -320,38 +347,55 @@ def time_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 32,
         from .errors import PartitionError
 
         raise PartitionError("balance='time' times the model for real, but it was built without weights (meta device)")
-    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
-    grads = [(p, p.grad) for p in gm.parameters()]
-    was_training = gm.training
     runs: list[dict[str, float]] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with _left_as_it_was(gm, device):
         gm.train()
         for _ in range(repeats + 1):
             interp = _CostInterpreter(gm, _Stopwatch(device))
             interp.run(torch.randn(batch, *input_size, device=device))
             runs.append({name: measured.flops for name, measured in interp.node_costs.items()})
-    gm.train(was_training)
-    with torch.no_grad():
-        for name, b in gm.named_buffers():
-            b.copy_(buffers[name])
-    for p, g in grads:
-        p.grad = g
     return {name: statistics.median(run[name] for run in runs[1:]) / batch for name in runs[0]}
+
+
+# measure_nodes runs a graph with weights as it is, for real, when its activations at the
+# measured batch fit in this many bytes: a real op costs its FLOPs, a fake one a fixed Python
+# dispatch (several times more on the small inputs of most conversions), and the counts are the
+# same (tested). Above it, fake tensors: the real run keeps every activation alive, and large maps
+# cost more to compute than to dispatch.
+REAL_RUN_MAX_BYTES = 128 * 2**20
 
 
 def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 2) -> dict[str, Cost]:
     """Per-node cost of one training step of ``gm`` at ``input_size`` (per sample).
 
     Saved activations are counted once, at the first node that saves them; parameters are
-    attributed to the node that uses them (call_module or get_attr).
+    attributed to the node that uses them (call_module or get_attr). The counts do not depend on
+    how the graph runs, so it runs the cheapest way: on the meta device, as it is (meta tensors
+    dispatch in C++); with weights whose traced activations (``node.meta["val"]``) at ``batch``
+    take at most :data:`REAL_RUN_MAX_BYTES`, as it is, for real; otherwise as a fake copy. A
+    graph run as it is is left as it was (buffers, gradients, training flag, RNG).
+
+    Args:
+        gm: a traced graph (:func:`fxlocal.trace`), on any device, the meta device included.
+        input_size: one sample's input shape.
+        batch: the batch the step is counted at; the costs are divided by it.
+
+    Returns:
+        Every node's :class:`Cost`, by node name.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fake = _fake_copy(gm, mode)
-        fake.train()
-        meter = _Meter(_param_storages(fake))
-        interp = _CostInterpreter(fake, meter)
-        interp.run(torch.empty(batch, *input_size, device=model_device(gm)))
+    device = model_device(gm)
+    if device.type == "meta" or batch * traced_activation_bytes(gm) <= REAL_RUN_MAX_BYTES:
+        with _left_as_it_was(gm, device):
+            gm.train()
+            interp = _CostInterpreter(gm, _Meter(_param_storages(gm)))
+            interp.run(torch.randn(batch, *input_size, device=device))
+    else:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fake = _fake_copy(gm, mode)
+            fake.train()
+            interp = _CostInterpreter(fake, _Meter(_param_storages(fake)))
+            interp.run(torch.empty(batch, *input_size, device=device))
     costs: dict[str, Cost] = {}
     for node in gm.graph.nodes:
         measured = interp.node_costs.get(node.name, _Measured(None, 0.0))
@@ -371,3 +415,36 @@ def measure_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 
             kept_bytes=measured.kept / batch,
         )
     return costs
+
+
+def traced_activation_bytes(gm: fx.GraphModule) -> float:
+    """Per-sample bytes of every floating-point value the graph computes, from the shapes
+    tracing stored (``inf`` if it stored none: then nothing is known)."""
+    if not any("val" in node.meta for node in gm.graph.nodes):
+        return float("inf")
+    total = 0.0
+    for node in gm.graph.nodes:
+        if node.op in COMPUTE:  # a node whose value is no tensor (an assert) has no "val"
+            for value in tree_flatten(node.meta.get("val"))[0]:
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                    total += value.numel() * value.element_size() / max(value.shape[0], 1)
+    return total
+
+
+@contextlib.contextmanager
+def _left_as_it_was(gm: fx.GraphModule, device: torch.device) -> Iterator[None]:
+    """Runs inside leave ``gm`` as they found it: its buffers (BatchNorm statistics), its
+    parameters' gradients, its training flag and the RNG (``device``'s too, if CUDA)."""
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    grads = [(p, p.grad) for p in gm.parameters()]
+    was_training = gm.training
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        gm.train(was_training)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for param, grad in grads:
+            param.grad = grad

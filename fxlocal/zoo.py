@@ -8,14 +8,13 @@ classification model (one process per model) and renders ``docs/zoo.md``;
 Models are built for a small input (:data:`SIZE`); a model that rejects it is built for the
 sizes its source gives for it (:func:`fxlocal.models.native_input_sizes`: fixed-resolution
 models timm does not flag, patch sizes that do not divide 64), smallest first. Large models are
-built on the meta device and every stage runs on fake tensors: shapes, graphs, gradient flow and
-state-dict keys are checked, nothing is computed or allocated.
+built on the meta device and every stage runs there (shape propagation on fake tensors): shapes,
+graphs, gradient flow and state-dict keys are checked, nothing is computed or allocated.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import functools
 import time
@@ -24,7 +23,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
 from .convert import AnalyzedModel, analyze_model, convert
 from .errors import FxLocalError, InputSizeError, KOutOfRangeError, NotAClassifierError
@@ -159,14 +157,14 @@ def check_model(name: str, aux_methods: list[str], fake_above: int) -> list[dict
 
     Statuses: ``ok`` (real tensors: finite losses, every trainable parameter changed by the step
     or listed in ``unchanged`` with the reason it cannot, isolation, export round trip with
-    identical outputs); ``ok-fake`` (the same stages on fake tensors: shapes, graphs, gradient
+    identical outputs); ``ok-fake`` (the same stages on the meta device: shapes, graphs, gradient
     flow and state-dict keys, nothing computed); ``degraded`` (it passed, but at a lower K than
     asked: the reason says why); ``unsplittable`` (convert refused every K above 1 with an error
     naming it); ``no head`` (a feature encoder, refused as not a classifier); ``fail``.
 
-    Runs on fake tensors when the model has more than ``fake_above`` parameters. The model is
-    built, traced and analysed once (the first row's seconds include that), then converted for
-    each aux method."""
+    Runs on the meta device, computing nothing, when the model has more than ``fake_above``
+    parameters. The model is built, traced and analysed once (the first row's seconds include
+    that), then converted for each aux method."""
     warnings.filterwarnings("ignore")
     rows = []
     fake = analyzed = None
@@ -233,25 +231,19 @@ def check(analyzed: AnalyzedModel, aux: str, fake: bool = False, k: int = K) -> 
     local, details = _convert(analyzed, aux, k)
     details["mode"] = "fake" if fake else "real"
     size = analyzed.input_size
+    # a model built on the meta device steps as it is: meta tensors carry shapes, graphs and
+    # gradient flow through every stage and compute nothing (writes to them are no-ops)
+    device = torch.device("meta" if fake else "cpu")
+    x = torch.randn(BATCH, *size, device=device)
+    y = torch.randint(0, CLASSES, (BATCH,), device=device)
     if fake:
-        # a fake copy: the step needs tensors to write to, the meta original has none
-        mode = FakeTensorMode()
-        with FakeCopyMode(mode):
-            trained = copy.deepcopy(local)
-        context, device = mode, torch.device("meta")
+        _step(local, x, y, fake)
     else:
-        trained, context, device = local, contextlib.nullcontext(), torch.device("cpu")
-    with context:
-        x = torch.randn(BATCH, *size, device=device)
-        y = torch.randint(0, CLASSES, (BATCH,), device=device)
-        if fake:
-            _step(trained, x, y, fake)
-        else:
-            details["unchanged"] = _trained_step(analyzed, trained, x, y)
-        with _stage("isolation"):
-            problems = isolation_violations(trained, x, y)
-            if problems:
-                raise ZooFailure("isolation", "; ".join(problems))
+        details["unchanged"] = _trained_step(analyzed, local, x, y)
+    with _stage("isolation"):
+        problems = isolation_violations(local, x, y)
+        if problems:
+            raise ZooFailure("isolation", "; ".join(problems))
     with _stage("export"):
         fresh = _create(analyzed.model_name, size, meta=fake)
         why = export_mismatch(local, fresh, None if fake else torch.randn(BATCH, *size))

@@ -267,3 +267,43 @@ def test_a_measured_modules_largest_activation_is_not_a_weight():
     with torch.device("meta"):
         head = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10))
     assert measure_module(head, (1024,)).largest_activation_bytes == 4096 * 4
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [("resnet32_cifar", (3, 32, 32)), ("vit_tiny_patch16_224", (3, 32, 32)), ("convnext_atto", (3, 32, 32))],
+)
+def test_real_and_fake_measurements_count_the_same_and_leave_the_model_as_it_was(name, size, monkeypatch):
+    """``measure_nodes`` runs a small graph for real (faster) and a large one on fake tensors:
+    every node's FLOPs, saved, kept and largest bytes are the same either way, and the real run
+    leaves the model as it found it (BatchNorm statistics, gradients, training flag, RNG)."""
+    from fxlocal import cost
+
+    gm = fxlocal.analyze_model(name, size, num_classes=10).gm.eval()
+    assert 2 * cost.traced_activation_bytes(gm) <= cost.REAL_RUN_MAX_BYTES  # the real path runs
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    rng = torch.get_rng_state()
+    real = cost.measure_nodes(gm, size)
+    assert not gm.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in gm.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
+    monkeypatch.setattr(cost, "REAL_RUN_MAX_BYTES", -1.0)
+    fake = cost.measure_nodes(gm, size)
+    assert sum(c.flops for c in real.values()) > 0 and sum(c.activation_bytes for c in real.values()) > 0
+    assert real == fake
+
+
+@pytest.mark.parametrize("shape,layout", [((256, 16, 16), "nchw"), ((8, 8, 96), "nhwc"), ((197, 192), "nlc"), ((16, 32, 32), "nchw")])
+def test_a_head_on_the_meta_device_costs_what_its_fake_copy_does(shape, layout):
+    """``measure_module`` runs a meta-device module as it is (meta tensors) and any other as a fake
+    copy: a head counts the same either way, and the meta one is left without gradients."""
+    from fxlocal.aux import HeadSpec
+    from fxlocal.aux.dgl import DGLHead
+    from fxlocal.aux.mlaan import PoolLinear
+
+    spec = HeadSpec(shape, layout, 10, 0, 4)
+    for build in (lambda: DGLHead(spec), lambda: PoolLinear(shape, layout, 10, 64, True)):
+        with torch.device("meta"):
+            on_meta = build().eval()
+        assert measure_module(on_meta, shape) == measure_module(build(), shape)
+        assert not on_meta.training and all(p.grad is None for p in on_meta.parameters())

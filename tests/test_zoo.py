@@ -104,3 +104,15 @@ def test_zoo_rows_say_fake_apart():
 
     (fake,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
     assert fake["status"] == "ok-fake" and fake["mode"] == "fake"
+
+
+def test_a_fake_row_still_catches_a_gradient_leak(monkeypatch):
+    """A model checked without computing (built on the meta device) still fails isolation when
+    the boundaries stop detaching: meta tensors carry the autograd graph a leak goes through."""
+    from fxlocal import local_model, zoo
+
+    monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
+    monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # (a step then fails first)
+    (row,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
+    assert row["status"] == "fail" and row["stage"] == "isolation", row
+    assert "reaches foreign parameters" in row["reason"]

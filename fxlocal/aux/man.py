@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
-from ..cost import Cost, measure_module
+from ..cost import Cost
 from ..errors import FxLocalError
 from ..units import Unit
 from . import HeadSpec, register_aux
-from .dgl import DGLHead
+from .dgl import DGLHead, dgl_head_cost
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
 from .recompute import checked_flag, forward_flops, recomputed_cost
@@ -91,9 +90,7 @@ class MAN:
         again and only one's activations are alive at a time."""
         u = spec.unit + 1
         unit, lb = spec.units.units[u], spec.units.unit_costs[u]
-        with torch.device("meta"):
-            heads = self._dgl_heads(unit, spec)
-        dgl = sum((measure_module(h, shape) for h, (shape, _) in zip(heads, unit.tensors)), Cost())
+        dgl = sum((dgl_head_cost(tuple(shape), layout, spec.num_classes, **self.dgl_options) for shape, layout in unit.tensors), Cost())
         # LB(x) + EMA(x) is a new tensor, kept by DGL's head for its backward
         pair_out = spec.units.handed_bytes(u)
         if not self.recompute:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -68,6 +69,15 @@ def leap_chain(hidden: int, stages: list[int], length: int = 4, fill: bool = Fal
     leaps = leaps[: max(1, length - 1)]
     rest = length - len(leaps)
     return leaps + (sampled_units(leaps[-1], len(stages), rest) if rest > 0 and leaps[-1] < last else [])
+
+
+@lru_cache(maxsize=None)
+def pool_linear_cost(shape: tuple[int, ...], layout: str, num_classes: int, narrow_width: int, norm: bool) -> Cost:
+    """What training a :class:`PoolLinear` on ``shape`` costs, per sample: built on the meta device
+    and measured once per structure (every cut of a stage gets the same one)."""
+    with torch.device("meta"):
+        head = PoolLinear(shape, layout, num_classes, narrow_width, norm)
+    return measure_module(head, shape)
 
 
 class PoolLinear(nn.Module):
@@ -316,9 +326,7 @@ class MLAAN:
         return self._pool_linear_cost(spec.tensors, spec.num_classes)
 
     def _pool_linear_cost(self, tensors, num_classes: int) -> Cost:
-        with torch.device("meta"):
-            heads = [PoolLinear(shape, layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors]
-        return sum((measure_module(h, shape) for h, (shape, _) in zip(heads, tensors)), Cost())
+        return sum((pool_linear_cost(tuple(shape), layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors), Cost())
 
     def describe(self, head: nn.Module) -> str:
         return head.summary
