@@ -1,6 +1,6 @@
 """Accuracy of every aux method against end-to-end training, on real data (Fashion-MNIST).
 
-Each run trains ``resnet32_cifar`` (1-channel input, 28×28) through ``fxlocal.train.fit``, the
+Each run trains ``resnet32_cifar`` (1-channel input, 28×28) through ``fxlocal.training.fit``, the
 code path of ``fxlocal train``, with one recipe for every row: SGD Nesterov 0.9, lr 0.1, weight
 decay 5e-4, cosine, pad-4 crop + flip, one optimizer per block. Rows: end to end
 (K=1) and ``dgl``, ``auglocal``, ``mlaan``, ``man`` at K=4 and K=16 (every residual unit its own
@@ -29,7 +29,6 @@ resumes from its last epoch's checkpoint, so a long protocol can be run in piece
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -87,8 +86,9 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
     import torch
 
     from fxlocal.memory import local_step, step_peak_bytes
-    from fxlocal.recipe import apply_overrides, load_recipe
-    from fxlocal.train import build_model, fit
+    from fxlocal.training.recipe import apply_overrides, load_recipe
+    from fxlocal.training.build import build_model
+    from fxlocal.training.loop import fit
 
     key = run_key(args.label, aux, k, seed, args.tag, args.validation)
     data = base_recipe(args.protocol, args.device, args.data_root, args.workers)

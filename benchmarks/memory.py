@@ -18,7 +18,7 @@ import time
 import warnings
 
 import fxlocal
-from fxlocal.cost import MemoryModel
+from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import OPTIMIZERS, e2e_step, local_step, block_step_peaks, step_peak_bytes
 from record import append_rows, provenance
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 import fxlocal
-from fxlocal.cost import MemoryModel
+from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import step_flops
-from fxlocal.train import compile_blocks
+from fxlocal.training.runtime import compile_blocks
 from memory import hand_split
 from record import ROOT, append_rows, provenance
 from speed import HandSplit

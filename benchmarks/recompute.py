@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 import fxlocal
-from fxlocal.cost import MemoryModel
+from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import local_step, step_peak_bytes
 from overhead import time_steps, timing_turn
 

@@ -1,6 +1,6 @@
 """The zoo sweep: every timm and torchvision classification model through fxlocal.
 
-For each model and aux method, ``fxlocal.zoo.check_model``: convert with K=4 (or, when the
+For each model and aux method, ``fxlocal.tools.zoo.check_model``: convert with K=4 (or, when the
 model has fewer cut points, the largest K it allows, after checking that K=4 fails with an error
 naming it) at 64×64 (or, for a model that rejects it, the sizes its source gives for it), one
 train step with per-block optimizers, gradient isolation of every block's loss, and the export
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from record import provenance
 
-from fxlocal.zoo import (
+from fxlocal.tools.zoo import (
     AUX,
     CLASSES,
     SIZE,

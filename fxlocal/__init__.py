@@ -5,18 +5,19 @@
     >>> losses = local.train_step(x, y, optimizer)
 """
 
-from .analyze import CutCandidate, GraphAnalysis, analyze, find_cut_candidates, recomputable_values
+from .graph.analyze import GraphAnalysis, analyze
+from .graph.candidates import CutCandidate, find_cut_candidates, recomputable_values
 from .aux import available_aux, get_aux, register_aux
-from . import paper_models  # noqa: F401  (registers the CIFAR ResNets with timm)
+
 from .convert import AnalyzedModel, analyze_model, convert
-from .cost import Cost
+from .graph.cost import Cost
 from .errors import FxLocalError
 from .local_model import LocalModel
 from .models import create_model
-from .partition import min_max_partition, partition
-from .plan import BlockPlan, Plan
-from .split import split_graph
-from .trace import TraceReport, trace
+from .graph.partition import min_max_partition, partition
+from .graph.plan import BlockPlan, Plan
+from .graph.split import split_graph
+from .graph.trace import TraceReport, trace
 
 __version__ = "0.1.0"
 

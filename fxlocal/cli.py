@@ -168,9 +168,9 @@ def convert(
 ):
     """Cut MODEL into K balanced gradient-isolated blocks with aux heads and print the plan."""
     import fxlocal
-    from .checkpoint import save_converted
+    from .training.checkpoint import save_converted
 
-    from .cost import MemoryModel
+    from .graph.cost import MemoryModel
 
     _check_writable(save_plan, "plan")
     _check_writable(output, "converted model")
@@ -246,7 +246,7 @@ def inspect(
     _print_units(analysis.units, model)
     _print_trace_report(report)
     if plot is not None:
-        from .plot import plot_plan
+        from .tools.plot import plot_plan
 
         plan = fxlocal.partition(gm, k, balance, analysis=analysis, model_name=model)
         plot_plan(plan, analysis, plot)
@@ -342,8 +342,8 @@ def train(
     """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir).
 
     Under torchrun the processes train data-parallel, or with --pipeline one block each."""
-    from .recipe import load_recipe
-    from .train import fit
+    from .training.recipe import load_recipe
+    from .training.loop import fit
 
     overrides = [*set_, *(["pipeline.enabled=true"] if pipeline else []), *([f"output_dir={json.dumps(str(output))}"] if output else [])]  # quoted: a YAML string whatever the name
     parsed = load_recipe(recipe, overrides)
@@ -380,8 +380,11 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the recipe's"),
 ):
     """Report top-1 / top-5 of CHECKPOINT on its dataset's test split."""
-    from .recipe import load_recipe
-    from .train import evaluate as run_eval, evaluation_loader, load_training_checkpoint, model_from_checkpoint
+    from .training.recipe import load_recipe
+    from .training.evaluate import evaluate as run_eval
+    from .training.loaders import evaluation_loader
+    from .training.checkpoint import load_training_checkpoint
+    from .training.build import model_from_checkpoint
 
     state = load_training_checkpoint(checkpoint)
     local = model_from_checkpoint(state)
@@ -404,7 +407,7 @@ def export(
     with_aux: bool = typer.Option(False, "--with-aux", help="also write the aux heads beside it"),
 ):
     """Write the trained backbone under the original model's parameter names (heads and twins gone)."""
-    from .export import EXPORT_FORMATS, ExportError, export as run_export, load_local_model
+    from .tools.export import EXPORT_FORMATS, ExportError, export as run_export, load_local_model
 
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -418,17 +421,13 @@ def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, de
     """The smallest K whose predicted step peak fits ``max_memory``, and its converted model."""
     import fxlocal
 
-    from .memory import max_blocks, parse_bytes, smallest_k_that_fits
+    from .memory import fit_to_memory
 
-    limit = parse_bytes(max_memory)
     analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time")  # once for every K tried
-    k, local, peak = smallest_k_that_fits(
+    k, local, peak = fit_to_memory(
+        analyzed, aux, max_memory,
         lambda k: fxlocal.convert(analyzed, k=k, aux=aux, balance=balance, memory=priced, **options),
-        limit,
-        priced.batch,
-        max_blocks(analyzed, aux),
-        optimizer,
-        device,
+        priced.batch, optimizer, device,
     )
     console.print(f"K={k} is the smallest that fits {max_memory}: predicted peak {peak:.0f} MiB", highlight=False)
     return k, local
@@ -461,7 +460,7 @@ def memory(
     if device not in ("fake", "cuda"):
         raise FxLocalError(f"unknown device {device!r}; choose fake or cuda")
     original = fxlocal.create_model(model, num_classes, input_size)
-    from .cost import MemoryModel
+    from .graph.cost import MemoryModel
 
     priced = MemoryModel(batch=batch, optimizer_states=OPTIMIZERS[optimizer][1])
     if max_memory is not None:

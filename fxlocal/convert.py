@@ -14,27 +14,26 @@ from functools import lru_cache
 import torch
 from torch import fx, nn
 
-from .analyze import GraphAnalysis, analyze
-from .aux import HeadSpec, UnitLibrary, get_aux
+from .graph.analyze import GraphAnalysis, analyze
+from .aux import AuxMethod, HeadSpec, UnitLibrary, get_aux
 from .aux.joint import JointHead, one_per_tensor
 from .backbone import map_backbone
-from .cost import BALANCE_METRICS, Cost, MemoryModel, measure_module, model_device
+from .graph.cost import Cost, MemoryModel, checked_balance, model_device
 from .errors import (
     FxLocalError,
     IncompatibleOptionsError,
     InputSizeError,
-    KOutOfRangeError,
     NotAClassifierError,
     PartitionError,
     PlanMismatchError,
 )
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
-from .partition import partition, plan_from_cuts
-from .plan import BlockPlan, Plan
-from .recompute import checked_policy
-from .split import split_graph
-from .trace import trace
+from .graph.partition import partition, plan_from_cuts
+from .graph.plan import Plan
+from .graph.recompute import checked_policy
+from .graph.split import split_graph
+from .graph.trace import trace
 
 __all__ = ["AnalyzedModel", "analyze_model", "convert"]
 
@@ -139,22 +138,10 @@ def _num_classes(gm, num_classes: int | None, model_name: str) -> int:
     raise FxLocalError("cannot tell the number of classes from the model's output; pass num_classes")
 
 
-def _unit_library(gm, analysis: GraphAnalysis) -> UnitLibrary:
-    """The graph's units with what each costs (the segments between its cuts)."""
-    bounds = [-1] + [u.cut_position for u in analysis.units]
-    costs = [
-        sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
-        for i in range(len(analysis.units))
-    ]
-    tail = sum((analysis.segment_costs[s] for s in range(bounds[-1] + 1, len(analysis.segment_costs))), Cost())
-    return UnitLibrary(gm, analysis.units, costs, tail)
 
 
-def _plan_at_modules(cuts: list[str], k: int, plan: Plan | None, analysis, model_name: str, aux: str, balance: str,
-                     input_size) -> Plan:
-    """A plan whose blocks end where the modules ``cuts`` end (convert checks the rest)."""
-    if plan is not None:
-        raise PlanMismatchError("give convert either cuts or a plan, not both")
+def _cut_nodes_at_modules(cuts: list[str], k: int, analysis: GraphAnalysis, model_name: str) -> list[str]:
+    """The cut nodes where the modules ``cuts`` end (a paper's hand-written split)."""
     if len(cuts) + 1 != k:
         raise PartitionError(f"{len(cuts)} cuts make {len(cuts) + 1} blocks, but k={k}: set k to {len(cuts) + 1}")
     # a module a cut candidate closes, or a unit's last module (a Sequential's last unit ends
@@ -167,10 +154,49 @@ def _plan_at_modules(cuts: list[str], k: int, plan: Plan | None, analysis, model
             f"cuts names {unknown[0]!r}, which is not a module a block can end at in {model_name}; "
             "`fxlocal inspect` lists the cut points"
         )
-    blocks = [BlockPlan(index=i, module_paths=[], params=0, gflops=0.0, activation_mib=0.0, cut_node=by_module[m])
-              for i, m in enumerate(cuts)]
-    blocks.append(BlockPlan(index=len(cuts), module_paths=[], params=0, gflops=0.0, activation_mib=0.0))
-    return Plan(model_name, list(input_size), k, balance, aux, len(analysis.candidates), blocks)
+    return [by_module[m] for m in cuts]
+
+
+@dataclass
+class _Heads:
+    """The aux method's heads at the graph's cuts: what each is built from, built, and priced.
+
+    The partition prices every cut as if for block 0 unless the method's heads vary by block;
+    ``cost`` and ``first_part_cost`` are cached per (cut position, block).
+    """
+
+    method: AuxMethod
+    analysis: GraphAnalysis
+    num_classes: int
+    units: UnitLibrary
+    k: int
+
+    def __post_init__(self) -> None:
+        self.unit_at = {u.cut_position: u.index for u in self.analysis.units}
+        self.cost = lru_cache(maxsize=None)(self._cost)
+        self.first_part_cost = lru_cache(maxsize=None)(self._first_part_cost)
+
+    def specs(self, position: int, block: int) -> list[HeadSpec]:
+        """A method that copies units gets the cut's tensor and the one it carries if any (its
+        copies take both); any other one spec per tensor, and a head for each (``JointHead``)."""
+        c = self.analysis.candidates[position]
+        carried = tuple((t.shape, t.layout) for t in c.carried)
+        unit = self.unit_at.get(position)
+        if self.method.cuts_at_units:
+            return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried)]
+        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units)
+                for shape, layout in [(c.shape, c.layout), *carried]]
+
+    def build(self, position: int, block: int) -> nn.Module:
+        return one_per_tensor([self.method.build_head(s) for s in self.specs(position, block)])
+
+    def _cost(self, position: int, block: int = 0) -> Cost:
+        return sum((self.method.head_cost(s) for s in self.specs(position, block)), Cost())
+
+    def _first_part_cost(self, position: int, block: int = 0) -> Cost:
+        """What the head's first part holds through its first backward, which keeps the block's
+        graph (a method whose heads backpropagate their block twice: MLAAN's independent head)."""
+        return sum((self.method.first_part_cost(s) for s in self.specs(position, block)), Cost())
 
 
 def convert(
@@ -189,155 +215,122 @@ def convert(
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
 
-    Names go through ``timm.create_model`` then ``torchvision.models.get_model`` (random init).
-    ``input_size`` defaults to (3, 224, 224); an :class:`AnalyzedModel` (:func:`analyze_model`)
-    is converted at its own size, classes and model kwargs, without tracing it again.
-    ``plan`` re-applies a saved :class:`Plan` instead of partitioning. ``model_kwargs`` go to the
-    model's constructor; ``memory`` prices ``balance="memory"`` (batch size, optimizer state,
-    pipeline mode; default batch 64, SGD momentum, one process); ``aux_options`` to the aux method (``aux_depth=3`` for ``auglocal``,
-    ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
-    ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``) trades step time for memory:
-    training recomputes the blocks' activations in backward, one unit at a time
-    (:mod:`fxlocal.recompute`); ``balance="memory"`` prices the blocks so.
-    ``cuts`` names the modules the first ``k - 1`` blocks end at (``["act1", "layer1.0"]``),
-    instead of partitioning: a paper's hand-written split.
+    Args:
+        model_or_name: a module, a timm/torchvision name (built with random init), or an
+            :class:`AnalyzedModel` (converted at its own size, classes and model kwargs, without
+            tracing it again).
+        k: the number of gradient-isolated blocks.
+        aux: the aux method (:func:`fxlocal.available_aux`); ``"none"`` is end to end (k=1).
+        input_size: per-sample input shape; default (3, 224, 224).
+        balance: what the partition balances: ``flops``, ``params``, ``activations``,
+            ``memory`` (a training step's peak) or ``time`` (measured here).
+        num_classes: the classes (default: the model's own).
+        plan: a saved :class:`Plan` to cut by instead of partitioning.
+        model_kwargs: passed to the model's constructor.
+        memory: prices ``balance="memory"`` (batch, optimizer state, pipeline mode; default
+            batch 64, SGD momentum, one process).
+        backbone_recompute: ``"none"``, ``"cheap"`` or ``"all"``: training recomputes the blocks'
+            activations in backward, one unit at a time (:mod:`fxlocal.graph.recompute`), and
+            ``balance="memory"`` prices them so.
+        cuts: the modules the first ``k - 1`` blocks end at (``["act1", "layer1.0"]``), instead
+            of partitioning: a paper's hand-written split.
+        **aux_options: the aux method's options (``aux_depth=3`` for ``auglocal``;
+            ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
+
+    Returns:
+        The :class:`LocalModel`: blocks sharing the model's parameters, one head per block but
+        the last, and the plan.
     """
-    if balance not in BALANCE_METRICS:
-        raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
+    checked_balance(balance)
     method = get_aux(aux, **aux_options)
-    # balance="memory" prices the blocks as they will run
-    memory = replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
     if aux == "none" and k != 1:
         raise PartitionError("aux='none' is plain end-to-end training: use it with k=1")
     if k < 1:
         raise PartitionError(f"k must be at least 1, got {k}")
+    if cuts is not None and plan is not None:
+        raise PlanMismatchError("give convert either cuts or a plan, not both")
+    # balance="memory" prices the blocks as they will run
+    memory = replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
     timed = balance == "time" and plan is None
     if isinstance(model_or_name, AnalyzedModel):
         analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed)
     else:
         analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed)
-    model, gm, analysis, model_name = analyzed.model, analyzed.gm, analyzed.analysis, analyzed.model_name
-    input_size, num_classes, model_kwargs = analyzed.input_size, analyzed.num_classes, analyzed.model_kwargs
-    classes = _num_classes(gm, num_classes, model_name)
-    units = _unit_library(gm, analysis)
-    unit_at = {u.cut_position: u.index for u in analysis.units}
-
-    def specs(position: int, block: int, num_blocks: int) -> list[HeadSpec]:
-        """What the head at a cut is built from: a method that copies units gets the cut's
-        tensor and the one it carries if any (its copies take both); any other one spec per
-        tensor, and a head for each (``JointHead``)."""
-        c = analysis.candidates[position]
-        carried = tuple((t.shape, t.layout) for t in c.carried)
-        if method.cuts_at_units:
-            return [HeadSpec(c.shape, c.layout, classes, block, num_blocks, unit_at.get(position), units, carried)]
-        return [
-            HeadSpec(shape, layout, classes, block, num_blocks, unit_at.get(position), units)
-            for shape, layout in [(c.shape, c.layout), *carried]
-        ]
-
-    def build_head(position: int, block: int, num_blocks: int) -> nn.Module:
-        heads = [method.build_head(s) for s in specs(position, block, num_blocks)]
-        return one_per_tensor(heads)
-
-    @lru_cache(maxsize=None)
-    def head_cost(position: int, block: int = 0) -> Cost:
-        """What the head at ``position`` training block ``block`` costs (the DP prices every cut
-        as if for block 0 unless the method's heads vary by block)."""
-        if aux == "none":
-            return Cost()
-        total = Cost()
-        for s in specs(position, block, k):
-            if hasattr(method, "head_cost"):
-                total = total + method.head_cost(s)
-            else:
-                total = total + built_head_cost(s)
-        return total
-
-    measured: dict[tuple, Cost] = {}
-
-    def built_head_cost(s: HeadSpec) -> Cost:
-        # Built on the meta device (instant) and measured once per structure and input shape:
-        # the heads of cuts of one shape (every block of a ConvMixer, a ViT; DGL's heads of one
-        # stage, whatever block they train) are the same computation.
-        with torch.device("meta"):
-            head = method.build_head(s)
-        key = (s.shape, s.layout, repr(head))
-        if key not in measured:
-            measured[key] = measure_module(head, s.shape)
-        return measured[key]
-
-    allowed = None
-    if method.cuts_at_units:
-        if len(analysis.units) < 2 and k > 1:
-            raise KOutOfRangeError(
-                f"k={k} is out of range: aux={aux!r} cuts only between units and {model_name} has "
-                f"{len(analysis.units)} unit{'' if len(analysis.units) == 1 else 's'}, so k can be 1 to 1"
-                + (f"; aux='dgl' can cut at its {len(analysis.candidates)} cut candidates" if analysis.candidates else ""),
-                max_k=1,
-            )
-        allowed = [u.cut_position for u in analysis.units[:-1]]
-
-    twice = method.backpropagates_blocks_twice
-
-    @lru_cache(maxsize=None)
-    def first_part_cost(position: int, block: int = 0) -> Cost:
-        """What the head's first part holds through its first backward, which keeps the block's
-        graph (a method whose heads backpropagate their block twice: MLAAN's independent head)."""
-        return sum((method.first_part_cost(s) for s in specs(position, block, k)), Cost()) if twice else Cost()
-
-    if cuts is not None:
-        plan = _plan_at_modules(cuts, k, plan, analysis, model_name, aux, balance, input_size)
-    if plan is None:
+    gm, analysis = analyzed.gm, analyzed.analysis
+    k = plan.k if plan is not None else k
+    heads = _Heads(method, analysis, _num_classes(gm, analyzed.num_classes, analyzed.model_name),
+                   UnitLibrary.from_analysis(gm, analysis), k)
+    allowed = [u.cut_position for u in analysis.units[:-1]] if method.cuts_at_units else None
+    priced = dict(model_name=analyzed.model_name, aux=aux, memory=memory, input_window=method.input_window)
+    if plan is None and cuts is None:
         plan = partition(
-            gm, k, balance, analysis=analysis, head_cost=head_cost, model_name=model_name, aux=aux,
-            allowed=allowed, memory=memory, heads_vary_by_block=method.heads_vary_by_block,
-            first_part_cost=first_part_cost if twice else None, input_window=method.input_window,
+            gm, k, balance, analysis=analysis, head_cost=heads.cost if aux != "none" else None, allowed=allowed,
+            heads_vary_by_block=method.heads_vary_by_block,
+            first_part_cost=heads.first_part_cost if method.backpropagates_blocks_twice else None, **priced,
         )
+    else:
+        given = plan
+        cut_nodes = plan.cuts if plan is not None else _cut_nodes_at_modules(cuts, k, analysis, analyzed.model_name)
+        plan = _plan_at(cut_nodes, gm, analyzed, heads, allowed, balance if given is None else given.balance, priced)
+        if given is not None and plan.balance == "time" and not analyzed.timed:
+            for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
+                block.cost = measured.cost
+    return _assemble(analyzed, plan, heads, aux, aux_options, backbone_recompute)
+
+
+def _plan_at(cut_nodes: list[str], gm, analyzed: AnalyzedModel, heads: _Heads, allowed: list[int] | None,
+             balance: str, priced: dict) -> Plan:
+    """The plan for cutting after the nodes ``cut_nodes`` (a saved plan's, or a paper's split),
+    each block priced with its real head; the cuts must be cut candidates (unit boundaries for a
+    method that copies units) of this model at this input size."""
+    analysis = analyzed.analysis
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
-    missing = [c for c in plan.cuts if c not in position or (allowed is not None and position[c] not in allowed)]
+    missing = [c for c in cut_nodes if c not in position or (allowed is not None and position[c] not in allowed)]
     if missing:
         raise PlanMismatchError(
             f"the plan cuts after {missing[0]!r}, which is not a "
-            f"{'unit boundary' if allowed is not None else 'cut candidate'} of {model_name} "
-            f"at input size {input_size}; re-run the partition"
+            f"{'unit boundary' if allowed is not None else 'cut candidate'} of {analyzed.model_name} "
+            f"at input size {analyzed.input_size}; re-run the partition"
         )
-    # Re-derive the plan's figures with each block's real head (its depth may depend on the block).
-    cut_idx = [position[c] for c in plan.cuts]
-    heads_cost = [Cost()] * len(analysis.candidates)
-    first_parts_cost = [Cost()] * len(analysis.candidates)
+    cut_idx = [position[c] for c in cut_nodes]
+    head_costs = [Cost()] * len(analysis.candidates)
+    first_parts = [Cost()] * len(analysis.candidates)
     for b, i in enumerate(cut_idx):
-        heads_cost[i], first_parts_cost[i] = head_cost(i, b), first_part_cost(i, b)
-    given, plan = plan, plan_from_cuts(
-        gm, analysis, cut_idx, plan.balance, heads_cost, model_name=model_name, aux=aux, memory=memory,
-        first_parts=first_parts_cost if twice else None, input_window=method.input_window,
-    )
-    if plan.balance == "time" and not any(c.seconds for c in analysis.segment_costs):
-        for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
-            block.cost = measured.cost
+        head_costs[i] = heads.cost(i, b) if heads.method.name != "none" else Cost()
+        first_parts[i] = heads.first_part_cost(i, b)
+    twice = heads.method.backpropagates_blocks_twice
+    return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, first_parts=first_parts if twice else None, **priced)
+
+
+def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_options: dict,
+              backbone_recompute: str) -> LocalModel:
+    """Split the graph at the plan's cuts, build each block's head, and make the LocalModel."""
+    model, gm, analysis = analyzed.model, analyzed.gm, analyzed.analysis
+    position = {c.node: i for i, c in enumerate(analysis.candidates)}
     carries = {c: analysis.candidates[position[c]].carried for c in plan.cuts}
     blocks = split_graph(gm, plan.cuts, {c: carried[0].node for c, carried in carries.items() if carried})
-    heads = []
+    built = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
         with model_device(model):  # heads live with the weights (the meta device for a sweep)
-            head = build_head(position[block_plan.cut_node], b, plan.k)
-        block_plan.head = head.describe(method.describe) if isinstance(head, JointHead) else method.describe(head)
-        heads.append(head)
+            head = heads.build(position[block_plan.cut_node], b)
+        describe = heads.method.describe
+        block_plan.head = head.describe(describe) if isinstance(head, JointHead) else describe(head)
+        built.append(head)
     config = dict(
-        model=model_name if analyzed.from_name else None,
+        model=analyzed.model_name if analyzed.from_name else None,
         k=plan.k,
         aux=aux,
-        input_size=list(input_size),
+        input_size=list(analyzed.input_size),
         balance=plan.balance,
-        num_classes=num_classes,
-        model_kwargs=dict(model_kwargs or {}),
+        num_classes=analyzed.num_classes,
+        model_kwargs=dict(analyzed.model_kwargs or {}),
         aux_options=dict(aux_options),
         backbone_recompute=backbone_recompute,
     )
-    final = method.final_objective() if hasattr(method, "final_objective") else None
     backbone_map, untraced = map_backbone(model, blocks)
     unit_ends = {u.cut for u in analysis.units}
     local = LocalModel(
-        blocks, heads, plan, config, final_objective=final, backbone=(backbone_map, untraced),
+        blocks, built, plan, config, final_objective=heads.method.final_objective(), backbone=(backbone_map, untraced),
         backbone_recompute=backbone_recompute,
         # unit boundaries inside each block (not its input, not its own end)
         region_ends=[

@@ -52,3 +52,7 @@ class KOutOfRangeError(PartitionError):
     def __init__(self, message: str, max_k: int):
         super().__init__(message)
         self.max_k = max_k
+
+
+class TrainingDiverged(FxLocalError, RuntimeError):
+    """A loss became NaN or infinite."""

@@ -11,10 +11,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .aux.base import AuxHead
 from .errors import IncompatibleOptionsError
-from .plan import Plan
-from .recompute import checked_policy
-from .regions import recomputing_block, runner_key
+from .graph.plan import Plan
+from .graph.recompute import checked_policy
+from .graph.regions import recomputing_block, runner_key
 
 __all__ = ["LocalModel", "StepContext"]
 
@@ -188,7 +189,7 @@ class LocalModel(nn.Module):
     (EMA updates) and ``input_window`` (how many block inputs their loss re-runs).
     ``final_objective``, when set, is the last block's ``local_loss``.
 
-    ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``: :mod:`fxlocal.recompute`) has
+    ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``: :mod:`fxlocal.graph.recompute`) has
     training recompute the blocks' activations in backward, region by region, a region ending
     after each node of ``region_ends[b]`` in block ``b`` (the model's unit boundaries).
     """
@@ -211,7 +212,7 @@ class LocalModel(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.final_objective = final_objective
         self.plan = plan
-        # The convert() arguments that rebuild this model (see fxlocal.checkpoint).
+        # The convert() arguments that rebuild this model (see fxlocal.training.checkpoint).
         self.config = dict(config or {})
         # Where the original model's state_dict entries live (see fxlocal.backbone).
         self.backbone_map, self.untraced = backbone if backbone is not None else ({}, None)
@@ -223,14 +224,14 @@ class LocalModel(nn.Module):
 
     @property
     def backbone_recompute(self) -> str:
-        """``"none"``, ``"cheap"`` or ``"all"`` (:mod:`fxlocal.recompute`); settable, and kept in
+        """``"none"``, ``"cheap"`` or ``"all"`` (:mod:`fxlocal.graph.recompute`); settable, and kept in
         ``config`` so that a checkpoint rebuilds it."""
         return self._backbone_recompute
 
     @backbone_recompute.setter
     def backbone_recompute(self, policy: str) -> None:
         checked_policy(policy)
-        if policy == "cheap" and any(getattr(head, "backpropagates_block_twice", False) for head in self.heads):
+        if policy == "cheap" and any(isinstance(head, AuxHead) and head.backpropagates_block_twice for head in self.heads):
             raise IncompatibleOptionsError(
                 f"aux={self.plan.aux!r} backpropagates each block twice per step (its heads' losses in two "
                 "parts), and backbone_recompute='cheap' allows one backward per block (selective "
@@ -251,7 +252,7 @@ class LocalModel(nn.Module):
     @property
     def input_window(self) -> int:
         objectives = [*self.heads, self.final_objective]
-        return max(getattr(o, "input_window", 1) for o in objectives if o is not None) if self.k > 1 else 1
+        return max((o.input_window for o in objectives if isinstance(o, AuxHead)), default=1) if self.k > 1 else 1
 
     def forward(self, x: torch.Tensor):
         carried: tuple = (x,)
@@ -320,7 +321,7 @@ class LocalModel(nn.Module):
     def _objective(self, b: int) -> Callable:
         """``(ctx, block, output) -> (loss, logits)`` for block ``b``."""
         head = self.heads[b] if b < len(self.heads) else self.final_objective
-        if head is not None and hasattr(head, "local_loss"):
+        if isinstance(head, AuxHead) and head.owns_loss:
             return head.local_loss
         if b < len(self.heads):
 
@@ -433,7 +434,7 @@ class LocalModel(nn.Module):
 
     def _after_backward(self, b: int) -> None:
         """Heads that follow the backbone (EMA twins) update once block ``b``'s loss is backpropagated."""
-        if b < len(self.heads) and hasattr(self.heads[b], "after_backward"):
+        if b < len(self.heads) and isinstance(self.heads[b], AuxHead):
             self.heads[b].after_backward()
 
     @staticmethod
@@ -458,7 +459,7 @@ class LocalModel(nn.Module):
         """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
         local loss, backward, step of the block's own ``optimizer``, gradients released.
 
-        What one stage of a pipeline does (:mod:`fxlocal.pipeline`); it needs an objective that
+        What one stage of a pipeline does (:mod:`fxlocal.training.pipeline`); it needs an objective that
         re-runs no earlier block (``input_window == 1``). Returns what block ``b + 1`` takes
         (detached; empty for the last block), the loss and the logits, both detached.
         """

@@ -77,7 +77,7 @@ class MemoryReport:
         return self.local_peak_mib / self.e2e_peak_mib
 
 
-def _make_optimizers(module: nn.Module, optimizer: str, per_block: bool) -> torch.optim.Optimizer | list:
+def make_step_optimizers(module: nn.Module, optimizer: str, per_block: bool) -> torch.optim.Optimizer | list:
     """One optimizer over ``module``, or one per block of a LocalModel (stepped block by block)."""
     make = OPTIMIZERS[optimizer][0]
     if per_block:
@@ -96,7 +96,7 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         module = copy.deepcopy(module).cuda()
-        opt = _make_optimizers(module, optimizer, per_block)
+        opt = make_step_optimizers(module, optimizer, per_block)
         x = torch.randn(batch, *input_size, device="cuda")
         y = torch.randint(0, num_classes, (batch,), device="cuda")
         step(module, opt, x, y)
@@ -136,7 +136,7 @@ def step_flops(module: nn.Module, batch: int, input_size: tuple[int, ...], num_c
     with FakeCopyMode(mode):
         fake = copy.deepcopy(module)
     with mode:
-        opt = _make_optimizers(fake, optimizer, per_block)
+        opt = make_step_optimizers(fake, optimizer, per_block)
         x = torch.randn(batch, *input_size)
         y = torch.randint(0, num_classes, (batch,))
         step(fake, opt, x, y)
@@ -176,14 +176,14 @@ def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, 
     """The tracker of one ``step`` of a fake copy of ``module``, after a warm-up step (which
     creates the optimizer state); ``prepare(fake)`` before it; with ``phase`` (a :class:`_Phase`
     the step updates), ``tracker.phase_peaks`` holds the peak seen in each block's part."""
-    _StepTracker = _step_tracker_class()
+    _StepTracker = step_tracker_class()
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
         fake = copy.deepcopy(module)
     if prepare is not None:
         prepare(fake)
     with mode:
-        opt = _make_optimizers(fake, optimizer, per_block)
+        opt = make_step_optimizers(fake, optimizer, per_block)
         x = torch.randn(batch, *input_size)
         y = torch.randint(0, num_classes, (batch,))
         step(fake, opt, x, y)
@@ -194,7 +194,9 @@ def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, 
     return tracker
 
 
-def _step_tracker_class():
+def step_tracker_class() -> type:
+    """A MemTracker that tracks the step's peak without module hooks (see ``NoModules``), and per
+    block when given a phase; made on first use (the import is slow)."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL, MemTracker
 
     class NoModules:
@@ -343,3 +345,29 @@ def max_blocks(analyzed: AnalyzedModel, aux: str) -> int:
 
     analysis = analyzed.analysis
     return len(analysis.units) if get_aux(aux).cuts_at_units else analysis.max_k
+
+
+def fit_to_memory(
+    analyzed: AnalyzedModel,
+    aux: str,
+    max_memory: str,
+    convert_k: Callable[[int], LocalModel],
+    batch: int,
+    optimizer: str = "sgd",
+    device: str = "fake",
+    per_block: bool = True,
+) -> tuple[int, LocalModel, float]:
+    """The K search behind ``--max-memory`` and a recipe's ``convert.max_memory``.
+
+    Args:
+        analyzed: the model, traced and analysed once for every K tried.
+        aux: the aux method (it bounds K: methods that copy units cut only between them).
+        max_memory: the limit as written (``"8GiB"``).
+        convert_k: converts ``analyzed`` at a given K.
+        batch, optimizer, device, per_block: the step that is predicted (:func:`predict_memory`).
+
+    Returns:
+        (K, its LocalModel, its predicted step peak in MiB), the smallest K that fits.
+    """
+    return smallest_k_that_fits(convert_k, parse_bytes(max_memory), batch, max_blocks(analyzed, aux), optimizer,
+                                device, per_block)

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fxlocal.training.data import SHIPPED
+
 warnings.filterwarnings("ignore")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -13,7 +15,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # second intra-op thread per process would only contend (the suite is mostly dispatch-bound).
     torch.set_num_threads(1)
 
-FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-mnist"
+# the Fashion-MNIST sample fxlocal ships (1000 training images; the quickstart trains on it)
+FASHION_MNIST = SHIPPED / "fashion_mnist_mini"
 
 
 def _idx(path: Path, count: int, item_bytes: int, header: int) -> torch.Tensor:
@@ -24,7 +27,7 @@ def _idx(path: Path, count: int, item_bytes: int, header: int) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def fashion_mnist():
-    """The first 512 real Fashion-MNIST training images, as (N,1,28,28) floats and labels."""
+    """The first 512 real Fashion-MNIST training images (the shipped sample), as (N,1,28,28) floats and labels."""
     n = 512
     images = _idx(FASHION_MNIST / "train-images-idx3-ubyte.gz", n, 28 * 28, 16)
     labels = _idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz", n, 1, 8)

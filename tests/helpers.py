@@ -12,7 +12,7 @@ def assert_gradient_isolation(local, x, y, blocks=None, window=1):
 
     ``window`` is 1 for strictly local methods; MLAAN's cascade reaches back ``span`` blocks.
     """
-    from fxlocal.verify import isolation_violations
+    from fxlocal.tools.verify import isolation_violations
 
     assert local.input_window == window
     assert isolation_violations(local, x, y, blocks) == []
@@ -39,7 +39,7 @@ def assert_trains(local, size, num_classes=10, batch=4):
 def assert_exports_bit_identically(local, name, size, num_classes=10):
     """The backbone loads strictly into a fresh original model and gives the same eval output."""
     import fxlocal
-    from fxlocal.verify import export_mismatch
+    from fxlocal.tools.verify import export_mismatch
 
     x = torch.randn(2, *size)
     assert export_mismatch(local, fxlocal.create_model(name, num_classes, size), x) is None
@@ -49,7 +49,7 @@ def assert_exports_bit_identically(local, name, size, num_classes=10):
 
 def tiny(tmp_path, **changes):
     """The quickstart recipe, shrunk to a few seconds (K=2). ``section__field=value`` changes a field."""
-    from fxlocal.recipe import load_recipe
+    from fxlocal.training.recipe import load_recipe
 
     data = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
     data.update(epochs=2, batch_size=32, output_dir=str(tmp_path / "run"))

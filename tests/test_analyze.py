@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import fxlocal
-from fxlocal.cost import measure_module
+from fxlocal.graph.cost import measure_module
 
 
 class Chain(nn.Module):
@@ -277,7 +277,7 @@ def test_real_and_fake_measurements_count_the_same_and_leave_the_model_as_it_was
     """``measure_nodes`` runs a small graph for real (faster) and a large one on fake tensors:
     every node's FLOPs, saved, kept and largest bytes are the same either way, and the real run
     leaves the model as it found it (BatchNorm statistics, gradients, training flag, RNG)."""
-    from fxlocal import cost
+    from fxlocal.graph import cost
 
     gm = fxlocal.analyze_model(name, size, num_classes=10).gm.eval()
     assert 2 * cost.traced_activation_bytes(gm) <= cost.REAL_RUN_MAX_BYTES  # the real path runs

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import fxlocal
 from fxlocal.cli import app
-from fxlocal.cost import MemoryModel
+from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import block_step_peaks
-from fxlocal.regions import RecomputedRegion
+from fxlocal.graph.regions import RecomputedRegion
 from helpers import assert_one_line_error, assert_trains_alike
 
 CIFAR = (3, 32, 32)
@@ -168,8 +168,8 @@ def test_memory_balance_prices_blocks_as_they_are_recomputed(aux, policy):
 
 def test_cheap_keeps_convolution_outputs_only():
     """``Cost.kept_bytes``: what a "cheap" recompute keeps of a node is its convolution's output."""
-    from fxlocal.cost import measure_nodes
-    from fxlocal.trace import trace
+    from fxlocal.graph.cost import measure_nodes
+    from fxlocal.graph.trace import trace
 
     gm = trace(fxlocal.create_model("resnet32_cifar", 10, CIFAR), CIFAR)
     costs = measure_nodes(gm, CIFAR)
@@ -185,7 +185,7 @@ def test_cheap_keeps_convolution_outputs_only():
 
 
 def test_checkpoints_keep_the_recompute(tmp_path):
-    from fxlocal.checkpoint import load_converted, save_converted
+    from fxlocal.training.checkpoint import load_converted, save_converted
 
     local = fxlocal.convert("resnet32_cifar", k=2, aux="dgl", input_size=CIFAR, backbone_recompute="all")
     save_converted(local, tmp_path / "m.pt")
@@ -205,7 +205,7 @@ def test_cli_memory_with_recompute_and_a_bad_policy():
 def test_a_recipe_sets_the_recompute(tmp_path):
     from helpers import tiny
 
-    from fxlocal.train import build_model
+    from fxlocal.training.build import build_model
 
     recipe = tiny(tmp_path, convert__backbone_recompute="cheap")
     assert build_model(recipe).backbone_recompute == "cheap"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fxlocal.checkpoint import load_converted
+from fxlocal.training.checkpoint import load_converted
 from fxlocal.cli import app
 from helpers import assert_one_line_error
 

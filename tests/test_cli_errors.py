@@ -16,9 +16,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fxlocal.checkpoint import CheckpointError, read_checkpoint_file
+from fxlocal.training.checkpoint import CheckpointError, read_checkpoint_file
 from fxlocal.cli import app
-from fxlocal.train import fit, load_training_checkpoint
+from fxlocal.training.loop import fit
+from fxlocal.training.checkpoint import load_training_checkpoint
 from helpers import assert_one_line_error, tiny
 
 
@@ -250,7 +251,7 @@ def test_a_pickle_that_would_run_code_is_refused_as_a_converted_model(tmp_path, 
     marker = tmp_path / "code_ran"
     evil = tmp_path / "model.pt"
     torch.save({"format": "fxlocal.converted/1", "config": payload(marker)}, evil)
-    from fxlocal.checkpoint import load_converted
+    from fxlocal.training.checkpoint import load_converted
 
     with pytest.raises(CheckpointError, match="refused to load"):
         load_converted(evil)
@@ -272,7 +273,7 @@ def test_a_checkpoint_of_the_previous_format_resumes(tmp_path, trained):
         torch.save(state, f)
     assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(run_dir / "last.pt")
     loaded = load_training_checkpoint(run_dir / "last.pt")
-    from fxlocal.recipe import load_recipe
+    from fxlocal.training.recipe import load_recipe
 
     seen = []
 
@@ -297,7 +298,7 @@ def test_new_checkpoints_hold_no_numpy_objects(trained):
 
 def _write_forever(path: Path, first_written) -> None:
     """Checkpoints of growing step numbers, each a tensor full of its step, until killed."""
-    from fxlocal.plan import atomic_write_bytes
+    from fxlocal.graph.plan import atomic_write_bytes
 
     step = 0
     while True:

@@ -4,9 +4,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.checkpoint import save_converted
+from fxlocal.training.checkpoint import save_converted
 from fxlocal.cli import app
-from fxlocal.export import ExportError, export, plain_model
+from fxlocal.tools.export import ExportError, export, plain_model
 from helpers import assert_one_line_error
 
 runner = CliRunner()
@@ -57,7 +57,7 @@ class PartlyNaNShifted(PartlyNaN):
 
 
 def test_export_check_is_bit_identical_with_nan_where_nan():
-    from fxlocal.verify import export_mismatch
+    from fxlocal.tools.verify import export_mismatch
 
     torch.manual_seed(0)
     local = fxlocal.convert(PartlyNaN(), k=2, input_size=(4,))
@@ -129,7 +129,7 @@ def test_cli_pt2_is_the_plain_model(converted, tmp_path):
 
 def test_training_checkpoint_exports(tmp_path):
     from helpers import tiny
-    from fxlocal.train import fit
+    from fxlocal.training.loop import fit
 
     fit(tiny(tmp_path, epochs=1))
     out = tmp_path / "b.safetensors"

@@ -5,9 +5,9 @@ import torchvision
 from torch import nn
 
 import fxlocal
-from fxlocal.checkpoint import load_converted, save_converted
+from fxlocal.training.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
-from fxlocal.verify import export_mismatch
+from fxlocal.tools.verify import export_mismatch
 from helpers import assert_gradient_isolation, assert_trains, convert_named
 
 
@@ -24,7 +24,7 @@ def test_isolation_check_reports_a_boundary_that_lets_gradients_through(monkeypa
     """The check itself can fail: with the boundaries' detach removed, every later block's loss
     reaches the blocks before it."""
     from fxlocal import local_model
-    from fxlocal.verify import isolation_violations
+    from fxlocal.tools.verify import isolation_violations
 
     local = fxlocal.convert("resnet18", k=3, input_size=(3, 32, 32), num_classes=5)
     monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
@@ -275,7 +275,7 @@ def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
 def test_a_table_made_from_a_parameter_ties_it_between_the_blocks_that_recompute_it(aux):
     from test_analyze import RotaryTokens
 
-    from fxlocal.pipeline import pipeline_obstacle
+    from fxlocal.training.pipeline import pipeline_obstacle
 
     torch.manual_seed(0)
     model = RotaryTokens("parameter").eval()

@@ -66,14 +66,14 @@ def test_max_memory_picks_the_smallest_k_that_fits():
 
 
 def test_fake_prediction_of_a_cascaded_local_step_equals_a_real_cpu_step():
-    from fxlocal.memory import local_step, _make_optimizers, _step_tracker_class
+    from fxlocal.memory import local_step, make_step_optimizers, step_tracker_class
 
     local = fxlocal.convert("resnet32_cifar", k=4, aux="mlaan", input_size=(3, 32, 32))
     predicted = step_peak_bytes(local, local_step, 8, (3, 32, 32), 10, per_block=True)
-    opt = _make_optimizers(local, "sgd", per_block=True)
+    opt = make_step_optimizers(local, "sgd", per_block=True)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     local_step(local, opt, x, y)
-    tracker = _step_tracker_class()()
+    tracker = step_tracker_class()()
     tracker.track_external(local, *opt)
     with tracker:
         local_step(local, opt, x, y)
@@ -84,13 +84,13 @@ def test_step_tracker_counts_a_module_input_only_while_it_lives():
     """MemTracker's module tracker keeps every module input that requires grad (a cascade's
     block input) and its gradient alive; the step tracker does not: three inputs used one after
     the other peak as one."""
-    from fxlocal.memory import _step_tracker_class
+    from fxlocal.memory import step_tracker_class
 
     linear = torch.nn.Linear(256, 256, bias=False)
     x = torch.randn(1024, 256)
 
     def peak(uses: int) -> int:
-        tracker = _step_tracker_class()()
+        tracker = step_tracker_class()()
         tracker.track_external(linear)
         with tracker:
             for _ in range(uses):

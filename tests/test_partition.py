@@ -158,7 +158,7 @@ def test_dp_with_recomputed_regions_matches_brute_force(seed):
     """Blocks recomputed region by region (backbone_recompute): the DP grows each block's peak at
     one end, O(1) per segment; brute force prices every split from the definition. A block's
     head trains beside all that the block keeps (``head_peaks``, one row per block)."""
-    from fxlocal.partition import BackwardRegions
+    from fxlocal.graph.partition import BackwardRegions
 
     rng = random.Random(300 + seed)
     n = rng.randint(2, 9)
@@ -192,7 +192,7 @@ def test_dp_with_a_cascade_matches_brute_force(seed):
     freed, so a block's price depends on where that block starts (the DP's state holds it).
     Heads that backpropagate their block twice keep its graph through the first backward
     (``retained_heads``). Brute force prices every split from the definition."""
-    from fxlocal.partition import BackwardRegions, BlockPrices, CascadePrices
+    from fxlocal.graph.partition import BackwardRegions, BlockPrices, CascadePrices
 
     rng = random.Random(600 + seed)
     n = rng.randint(2, 8)

@@ -1,4 +1,4 @@
-"""Pipeline-parallel local training (fxlocal.pipeline): one block per process, on gloo."""
+"""Pipeline-parallel local training (fxlocal.training.pipeline): one block per process, on gloo."""
 
 import os
 import shutil
@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 import fxlocal
 from fxlocal.cli import app
-from fxlocal.export import load_local_model
-from fxlocal.pipeline import PipelineError, pipeline_obstacle
-from fxlocal.train import fit, load_training_checkpoint
-from fxlocal.verify import export_mismatch
+from fxlocal.tools.export import load_local_model
+from fxlocal.training.pipeline import PipelineError, pipeline_obstacle
+from fxlocal.training.loop import fit
+from fxlocal.training.checkpoint import load_training_checkpoint
+from fxlocal.tools.verify import export_mismatch
 from helpers import assert_one_line_error, tiny
 
 
@@ -164,7 +165,7 @@ def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, stage_lo
 
 _LINK = """
 import sys, torch, torch.distributed as dist
-from fxlocal.pipeline import END, TRAIN, _Link
+from fxlocal.training.pipeline import END, TRAIN, _Link
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo")

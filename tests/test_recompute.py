@@ -53,14 +53,14 @@ def test_recomputed_copies_take_a_carried_second_branch(aux):
 # adapters between them (each its own recomputed stage, whose output is kept too)
 @pytest.mark.parametrize("aux,unit", [("mlaan", 2), ("auglocal", 0), ("auglocal", 5)])
 def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so(aux, unit):
-    from fxlocal.analyze import analyze
+    from fxlocal.graph.analyze import analyze
     from fxlocal.aux import HeadSpec, get_aux
-    from fxlocal.convert import _unit_library
-    from fxlocal.trace import trace
+    from fxlocal.aux import UnitLibrary
+    from fxlocal.graph.trace import trace
 
     gm = trace(fxlocal.create_model("resnet32_cifar", 10, CIFAR), CIFAR)
     analysis = analyze(gm, CIFAR)
-    library = _unit_library(gm, analysis)
+    library = UnitLibrary.from_analysis(gm, analysis)
     cut = analysis.candidates[analysis.units[unit].cut_position]
     spec = HeadSpec(cut.shape, cut.layout, 10, 0, 4, unit, library)
     batch = 8

@@ -11,8 +11,10 @@ import fxlocal
 from fxlocal.aux.ema import EMATwin
 from fxlocal.aux.mlaan import MLAANHead, PoolLinear, WithoutOwnLoss
 from fxlocal.errors import FxLocalError
-from fxlocal.recipe import RecipeError, load_recipe
-from fxlocal.train import _make_optimizer, _splits, build_model
+from fxlocal.training.recipe import RecipeError, load_recipe
+from fxlocal.training.optim import make_optimizer
+from fxlocal.training.loaders import train_and_evaluation_sets
+from fxlocal.training.build import build_model
 from helpers import tiny
 
 CIFAR = (3, 32, 32)
@@ -147,12 +149,12 @@ def test_decay_norm_and_bias_decays_every_parameter_the_default_exempts_norms_an
         local = build_model(recipe)
         for b in range(local.k):
             stage = torch.nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])])
-            opt = _make_optimizer(recipe, stage, list(local.block_parameters(b)))
+            opt = make_optimizer(recipe, stage, list(local.block_parameters(b)))
             decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
             one_dim = [p for p in local.block_parameters(b) if p.ndim <= 1]
             assert one_dim
             assert all((id(p) in decayed) == decay_all for p in one_dim)
-        whole = _make_optimizer(recipe, local)
+        whole = make_optimizer(recipe, local)
         decayed = {id(p) for g in whole.param_groups if g["weight_decay"] > 0 for p in g["params"]}
         assert all((id(p) in decayed) == decay_all for p in local.parameters() if p.ndim <= 1)
 
@@ -161,22 +163,22 @@ def test_pad_mode_reflect_pads_crops_by_reflection(tmp_path):
     from torchvision import transforms as T
 
     for mode in ("constant", "reflect"):
-        train, _ = _splits(tiny(tmp_path, data__pad_mode=mode).data)
+        train, _ = train_and_evaluation_sets(tiny(tmp_path, data__pad_mode=mode).data)
         crops = [t for t in train.dataset.transform.transforms if isinstance(t, T.RandomCrop)]
         assert [c.padding_mode for c in crops] == [mode]
 
 
 def test_validation_holds_out_the_last_training_images_and_evaluation_sees_only_them(tmp_path):
     recipe = tiny(tmp_path, data__validation=1000, data__train_subset=None, data__test_subset=None)
-    train, held_out = _splits(recipe.data)
+    train, held_out = train_and_evaluation_sets(recipe.data)
     assert len(train) + len(held_out) == 4000 and len(held_out) == 1000
     assert list(train.indices) == list(range(3000)) and list(held_out.indices) == list(range(3000, 4000))
     assert held_out.dataset.train  # from the training split, not the test split
     small = tiny(tmp_path, data__validation=1000)  # train_subset=128, test_subset=64 as tiny sets them
-    train, held_out = _splits(small.data)
+    train, held_out = train_and_evaluation_sets(small.data)
     assert (len(train), len(held_out)) == (128, 64) and held_out.indices[0] == 3000
     with pytest.raises(FxLocalError, match="hold out fewer"):
-        _splits(tiny(tmp_path, data__validation=4000).data)
+        train_and_evaluation_sets(tiny(tmp_path, data__validation=4000).data)
 
 
 def test_auglocal_paper_recipe_builds_the_references_modules_k16_d3_is_13_blocks_with_12_heads():

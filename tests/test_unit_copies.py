@@ -7,7 +7,7 @@ from torch import nn
 
 import fxlocal
 from fxlocal.errors import FxLocalError
-from fxlocal.verify import isolation_violations
+from fxlocal.tools.verify import isolation_violations
 
 SIZE = (3, 16, 16)
 

@@ -4,7 +4,6 @@ their trained backbone back to a fresh instance of the original model."""
 import pytest
 import torch
 
-import fxlocal
 from helpers import assert_exports_bit_identically, assert_trains, convert_named
 
 SMALL = (3, 64, 64)
@@ -65,7 +64,7 @@ def test_every_aux_method_round_trips(name, size, aux):
 
 @pytest.fixture(scope="module")
 def analyzed_resnet18():
-    from fxlocal import zoo
+    from fxlocal.tools import zoo
 
     return zoo.prepare("torchvision:resnet18", fake=False)
 
@@ -73,7 +72,7 @@ def analyzed_resnet18():
 def test_zoo_check_lists_what_a_step_cannot_move(analyzed_resnet18):
     """torchvision's ResNet-18 zero-inits nothing: every parameter moves, nothing is listed. The
     verdict's reasons are what the check measured, not a fixed list."""
-    from fxlocal import zoo
+    from fxlocal.tools import zoo
 
     details = zoo.check(analyzed_resnet18, "dgl")
     assert details["mode"] == "real" and details["k"] == zoo.K
@@ -81,7 +80,7 @@ def test_zoo_check_lists_what_a_step_cannot_move(analyzed_resnet18):
 
 
 def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_resnet18, monkeypatch):
-    from fxlocal import zoo
+    from fxlocal.tools import zoo
     from fxlocal.local_model import LocalModel
 
     original = LocalModel.block_parameters
@@ -91,7 +90,7 @@ def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_re
 
 
 def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, monkeypatch):
-    from fxlocal import zoo
+    from fxlocal.tools import zoo
 
     monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # a step that trains nothing
     with pytest.raises(zoo.ZooFailure, match="parameters that end-to-end training moves get no gradient: conv1.weight"):
@@ -100,7 +99,7 @@ def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, mon
 
 def test_zoo_rows_say_fake_apart():
     """(A degraded row, TNT's, is checked by the CI sample, tests/test_zoo_sample.py.)"""
-    from fxlocal import zoo
+    from fxlocal.tools import zoo
 
     (fake,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
     assert fake["status"] == "ok-fake" and fake["mode"] == "fake"
@@ -109,7 +108,7 @@ def test_zoo_rows_say_fake_apart():
 def test_a_fake_row_still_catches_a_gradient_leak(monkeypatch):
     """A model checked without computing (built on the meta device) still fails isolation when
     the boundaries stop detaching: meta tensors carry the autograd graph a leak goes through."""
-    from fxlocal import local_model, zoo
+    from fxlocal import local_model; from fxlocal.tools import zoo
 
     monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
     monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # (a step then fails first)

@@ -1,5 +1,5 @@
 """CI's stratified zoo sample: one model of every timm and torchvision family through the zoo
-check (``fxlocal.zoo.check_model``: convert with K=4, one train step at a batch size other than
+check (``fxlocal.tools.zoo.check_model``: convert with K=4, one train step at a batch size other than
 the traced one that must move every parameter it can, gradient isolation of every block's loss,
 export round trip). A row must pass at K=4 (``ok``, or ``ok-fake`` on the meta device); one that
 passes only at a lower K (``degraded``) fails unless its family is in ``DEGRADED``.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxlocal import zoo
+from fxlocal.tools import zoo
 
 SAMPLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo_sample.txt"
 MODELS = zoo.representatives(SAMPLE.read_text().split())

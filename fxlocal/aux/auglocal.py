@@ -16,9 +16,9 @@ import math
 
 from torch import nn
 
-from ..cost import Cost
+from ..graph.cost import Cost
 from ..errors import FxLocalError
-from . import HeadSpec, register_aux
+from .base import AuxMethod, HeadSpec, register_aux
 from .adapters import make_tensors_adapter
 from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain
@@ -60,7 +60,7 @@ def he_initialised(module: nn.Module) -> nn.Module:
 
 
 @register_aux("auglocal")
-class AugLocal:
+class AugLocal(AuxMethod):
     cuts_at_units = True
     heads_vary_by_block = True  # pyramidal depth: a later block's head copies fewer units
 

@@ -15,8 +15,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..cost import Cost, measure_module
-from . import HeadSpec, register_aux
+from ..graph.cost import Cost, measure_module
+from .base import AuxMethod, HeadSpec, register_aux
 
 _SPATIAL = {"nchw": 2, "nhwc": 2, "nlc": 1, "nc": 0}
 
@@ -78,7 +78,7 @@ def dgl_head_cost(
     all alike (ResNet-110's 54 MAN heads are three structures).
 
     Returns:
-        Its :class:`~fxlocal.cost.Cost` (:func:`~fxlocal.cost.measure_module`).
+        Its :class:`~fxlocal.graph.cost.Cost` (:func:`~fxlocal.graph.cost.measure_module`).
     """
     spec = HeadSpec(shape, layout, num_classes, 0)
     with torch.device("meta"):
@@ -87,7 +87,7 @@ def dgl_head_cost(
 
 
 @register_aux("dgl")
-class DGL:
+class DGL(AuxMethod):
     def __init__(self, conv_layers: int = 3, mlp_layers: int = 3, max_mlp_width: int = 1024):
         self.options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
 

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from ..cost import Cost
+from ..graph.cost import Cost
 from . import recompute as recompute_
 
 __all__ = ["EMATwin", "ParallelSum", "twin_cost"]

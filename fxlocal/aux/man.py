@@ -11,10 +11,10 @@ import copy
 
 from torch import nn
 
-from ..cost import Cost
+from ..graph.cost import Cost
 from ..errors import FxLocalError
-from ..units import Unit
-from . import HeadSpec, register_aux
+from ..graph.units import Unit
+from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .dgl import DGLHead, dgl_head_cost
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
@@ -24,7 +24,9 @@ from .unit_copies import handed_on
 __all__ = ["MAN"]
 
 
-class MANHead(nn.Module):
+class MANHead(AuxHead):
+    """DGL's head after ``LB(x) + EMA(x)``; the EMA twin follows LB after each backward."""
+
     def __init__(self, pair: ParallelSum, head: nn.Module, summary: str):
         super().__init__()
         self.pair = pair
@@ -39,7 +41,7 @@ class MANHead(nn.Module):
 
 
 @register_aux("man")
-class MAN:
+class MAN(AuxMethod):
     cuts_at_units = True
 
     def __init__(

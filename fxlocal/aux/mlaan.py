@@ -36,9 +36,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..cost import Cost, measure_module
+from ..graph.cost import Cost, measure_module
 from ..errors import FxLocalError
-from . import HeadSpec, register_aux
+from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .ema import EMATwin, ParallelSum, twin_cost
@@ -102,7 +102,8 @@ class PoolLinear(nn.Module):
         return self.layers(x)
 
 
-class MLAANHead(nn.Module):
+class MLAANHead(AuxHead):
+    owns_loss = True
     # local_loss backpropagates its block twice: the independent part at once (backward_now),
     # then the cascade's, which must not reach the earlier blocks
     backpropagates_block_twice = True
@@ -137,9 +138,11 @@ class MLAANHead(nn.Module):
                 m.update()
 
 
-class WithoutOwnLoss(nn.Module):
+class WithoutOwnLoss(AuxHead):
     """The head of a block that has no loss of its own (the reference's first block on CIFAR):
     the block is trained only by the next block's cascade. Its logits are zeros."""
+
+    owns_loss = True
 
     def __init__(self, num_classes: int, summary: str):
         super().__init__()
@@ -154,8 +157,10 @@ class WithoutOwnLoss(nn.Module):
         return logits.new_zeros(()), logits
 
 
-class CascadedFinalLoss(nn.Module):
+class CascadedFinalLoss(AuxHead):
     """The last block's loss: its own output and the cascaded re-run both through the model head."""
+
+    owns_loss = True
 
     def __init__(self, span: int, wx: float, wy: float):
         super().__init__()
@@ -171,7 +176,7 @@ class CascadedFinalLoss(nn.Module):
 
 
 @register_aux("mlaan")
-class MLAAN:
+class MLAAN(AuxMethod):
     cuts_at_units = True
     backpropagates_blocks_twice = MLAANHead.backpropagates_block_twice
 
@@ -223,6 +228,11 @@ class MLAAN:
     @property
     def input_window(self) -> int:
         return self.span
+
+    @property
+    def heads_vary_by_block(self) -> bool:
+        # the first blocks' heads (no loss of their own) cost almost nothing
+        return self.blocks_without_own_loss > 0
 
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:

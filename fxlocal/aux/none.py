@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnknownAuxError
-from . import HeadSpec, register_aux
+from .base import AuxMethod, HeadSpec, register_aux
 
 
 @register_aux("none")
-class NoAux:
+class NoAux(AuxMethod):
     def build_head(self, spec: HeadSpec) -> nn.Module:
         raise UnknownAuxError("aux='none' trains end to end and has no local heads: use it with k=1")
 

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..cost import Cost
+from ..graph.cost import Cost
 from ..errors import IncompatibleOptionsError
-from ..recompute import checkpointed
+from ..graph.recompute import checkpointed
 
 __all__ = ["run", "recomputed_cost", "forward_flops", "checked_flag"]
 

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..cost import Cost
+from ..graph.cost import Cost
 from ..errors import FxLocalError
-from ..split import split_graph
-from ..trace import SHAPE_BATCH, values_at_batch
-from ..units import Unit
+from ..graph.split import split_graph
+from ..graph.trace import SHAPE_BATCH, values_at_batch
+from ..graph.analyze import GraphAnalysis
+from ..graph.units import Unit
 from . import recompute as recompute_
 from .adapters import Tensors, make_tensors_adapter
 from .ema import ParallelSum
@@ -56,6 +57,25 @@ class UnitLibrary:
 
     def __len__(self) -> int:
         return len(self.units)
+
+    @classmethod
+    def from_analysis(cls, gm: fx.GraphModule, analysis: GraphAnalysis) -> "UnitLibrary":
+        """The units of an analysed graph, with what each costs (the segments between its cuts).
+
+        Args:
+            gm: the traced graph.
+            analysis: its :func:`~fxlocal.graph.analyze.analyze` result.
+
+        Returns:
+            The library the unit-copying methods build their heads from.
+        """
+        bounds = [-1] + [u.cut_position for u in analysis.units]
+        costs = [
+            sum((analysis.segment_costs[s] for s in range(bounds[i] + 1, bounds[i + 1] + 1)), Cost())
+            for i in range(len(analysis.units))
+        ]
+        tail = sum((analysis.segment_costs[s] for s in range(bounds[-1] + 1, len(analysis.segment_costs))), Cost())
+        return cls(gm, analysis.units, costs, tail)
 
     @property
     def pieces(self) -> list[nn.Module]:

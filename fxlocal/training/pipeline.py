@@ -25,7 +25,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -33,10 +32,17 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from .aux.ema import EMATwin
-from .errors import FxLocalError
-from .local_model import LocalModel
+from ..aux.ema import EMATwin
+from ..errors import FxLocalError, TrainingDiverged
+from ..local_model import LocalModel
 from .recipe import Recipe
+from .build import build_agreed_model
+from .checkpoint import load_training_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .loaders import make_loaders, reseed_epoch
+from .evaluate import evaluation_record, top_correct
+from .optim import block_stage, make_optimizer, make_schedulers
+from .report import Reporter, TrainResult, check_output_dir, log_metrics, make_output_dir, plot_curves, tensorboard
+from .runtime import Distributed, amp_scaler, autocast_context, device_kind, init_distributed, leave_distributed, peak_memory_mib, training_device
 
 __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 
@@ -119,7 +125,7 @@ class _Link:
         header = torch.zeros(_HEADER, dtype=torch.long)
         header[0] = kind
         tensors: list[torch.Tensor] = []
-        # a block hands on its tensors first, then plain values (see fxlocal.split)
+        # a block hands on its tensors first, then plain values (see fxlocal.graph.split)
         boundary = [v.contiguous() for v in carried if isinstance(v, torch.Tensor)]
         plain = list(carried[len(boundary):])
         if kind != END:
@@ -198,8 +204,6 @@ def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, 
             link.send(TRAIN, handed_on, y)
         value = loss.item()
         if not math.isfinite(value):
-            from .train import TrainingDiverged
-
             raise TrainingDiverged(
                 f"loss of block {rank} is {value} at epoch {epoch + 1}, step {step + 1}; stopped. "
                 "The last good checkpoint is the last one written; lower optimizer.lr or enable warm-up"
@@ -216,7 +220,6 @@ def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, 
 @torch.no_grad()
 def _eval_pass(local, rank, link, batches, autocast) -> dict:
     """This stage's share of the evaluation: its head's correct count, or (last) the model's."""
-    from .train import top_correct
 
     local.eval()
     counts = {"local_correct": 0, "correct1": 0, "correct5": 0, "total": 0}
@@ -264,24 +267,23 @@ def _stage_state(local, rank, optimizer, scheduler, scaler, rng) -> dict:
 
 
 def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
-    """:func:`fxlocal.train.fit` with one block per process (see the module docstring)."""
-    from . import train as T
+    """:func:`fxlocal.training.fit` with one block per process (see the module docstring)."""
 
     if not recipe.optimizer.per_block:
         raise PipelineError("pipeline mode steps each block's optimizer in the block's own process: set optimizer.per_block: true")
-    dist_ = T._init_distributed(T._device_kind(recipe), recipe.pipeline.timeout_s)
-    out_dir = T.check_output_dir(recipe.output_dir)
+    dist_ = init_distributed(device_kind(recipe), recipe.pipeline.timeout_s)
+    out_dir = check_output_dir(recipe.output_dir)
     checkpoint = out_dir / "last.pt"
     state = None
     if resume:
         if not checkpoint.exists():
             raise FxLocalError(f"nothing to resume: no checkpoint at {checkpoint}")
-        state = T.load_training_checkpoint(checkpoint)
+        state = load_training_checkpoint(checkpoint)
     if dist_.main:  # builds the model and sends its plan: its errors are its own
-        local = T.build_agreed_model(recipe, dist_, state)
+        local = build_agreed_model(recipe, dist_, state)
     else:
         with _losing_is_an_error(dist_.rank, "stage 0"):  # waits for that plan
-            local = T.build_agreed_model(recipe, dist_, state)
+            local = build_agreed_model(recipe, dist_, state)
     obstacle = pipeline_obstacle(local) if local.k > 1 else "it has one block; set convert.k to 2 or more"
     if obstacle:
         raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal or none")
@@ -292,11 +294,11 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         )
     rank, k = dist_.rank, local.k
     last = rank == k - 1
-    reporter = (reporter or T.Reporter()) if last else T.Reporter()
-    device = T._device(recipe, dist_.local_rank)
+    reporter = (reporter or Reporter()) if last else Reporter()
+    device = training_device(recipe, dist_.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    T.make_output_dir(out_dir)
+    make_output_dir(out_dir)
     start_epoch, history = 0, []
     if state is not None:
         if len(state["optimizers"]) != k:
@@ -306,14 +308,14 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     # This process keeps its own block (and head) only.
     for b in range(k):
         if b != rank:
-            T._stage(local, b).to("meta")
-    stage = T._stage(local, rank).to(device)
+            block_stage(local, b).to("meta")
+    stage = block_stage(local, rank).to(device)
     if last and local.final_objective is not None:
         local.final_objective.to(device)
-    optimizer = T._make_optimizer(recipe, stage)
-    schedulers = T._schedulers(recipe, [optimizer])
+    optimizer = make_optimizer(recipe, stage)
+    schedulers = make_schedulers(recipe, [optimizer])
     scheduler = schedulers[0] if schedulers else None
-    scaler = T.amp_scaler(recipe, device)
+    scaler = amp_scaler(recipe, device)
     if state is not None:
         optimizer.load_state_dict(state["optimizers"][rank])
         if scheduler is not None:
@@ -323,7 +325,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             scaler.load_state_dict(pipelined["scalers"][rank])
         rngs = pipelined.get("rng") or [state["rng"], *[None] * (k - 1)]
         if rngs[rank] is not None:
-            T._set_rng_state(rngs[rank])
+            set_rng_state(rngs[rank])
     else:  # every stage as the sequential trainer's single process: rank 0's data order matches
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
@@ -331,15 +333,15 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
 
     link = _Link(rank, k, device, recipe.pipeline.max_in_flight, recipe.pipeline.timeout_s)
     if rank == 0:
-        train_loader, sampler, order, eval_loader = T._loaders(recipe, T._Distributed(), device)
+        train_loader, sampler, order, eval_loader = make_loaders(recipe, Distributed(), device)
         steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
     shared = [steps if rank == 0 else None]
     with link.talking_to("stage 0"):
         dist.broadcast_object_list(shared, src=0)
     steps = shared[0]
     reporter.run_start(recipe, local, start_epoch, steps)
-    writer = T._tensorboard(out_dir) if last else None
-    autocast = T._autocast(device, recipe.amp)
+    writer = tensorboard(out_dir) if last else None
+    autocast = autocast_context(device, recipe.amp)
 
     def from_loader(loader, limit=None):
         for step, (x, y) in enumerate(loader):
@@ -350,7 +352,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     for epoch in range(start_epoch, recipe.epochs):
         local.train()
         if rank == 0:
-            T._reseed_epoch(sampler, order, recipe.seed, epoch)
+            reseed_epoch(sampler, order, recipe.seed, epoch)
         started = time.perf_counter()
         batches = from_loader(train_loader, steps) if rank == 0 else link.receive(TRAIN)
         totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started)
@@ -365,7 +367,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         summary = {
             "loss": totals.loss / max(steps, 1),
             "accuracy": totals.accuracy / max(steps, 1),
-            "peak_memory_mib": round(T._peak_memory_mib(device), 1),
+            "peak_memory_mib": round(peak_memory_mib(device), 1),
             "lr": optimizer.param_groups[0]["lr"],
             "eval": counts,
         }
@@ -389,17 +391,17 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             if evaluated:
                 final = summaries[-1]["eval"]
                 local_correct = [s["eval"]["local_correct"] for s in summaries[:-1]]
-                result = T.evaluation_record(final["correct1"], final["correct5"], local_correct, final["total"])
+                result = evaluation_record(final["correct1"], final["correct5"], local_correct, final["total"])
                 record.update({f"test_{key}": v for key, v in result.items()})
             history.append(record)
-            T._log_metrics(out_dir, writer, record)
+            log_metrics(out_dir, writer, record)
             reporter.epoch_end(record)
         if (epoch + 1) % recipe.checkpoint_interval == 0 or epoch + 1 == recipe.epochs:
             parts = [None] * k if last else None
             with link.talking_to("a stage"):
-                dist.gather_object(_stage_state(local, rank, optimizer, scheduler, scaler, T._rng_state()), parts, dst=k - 1)
+                dist.gather_object(_stage_state(local, rank, optimizer, scheduler, scaler, rng_state()), parts, dst=k - 1)
             if last:
-                T._write_checkpoint(
+                write_checkpoint(
                     checkpoint, recipe, local, epoch + 1, history,
                     model={key: value for part in parts for key, value in part["model"].items()},
                     optimizers=[p["optimizer"] for p in parts],
@@ -411,7 +413,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     if writer is not None:
         writer.close()
     if last:
-        T._plot_curves(history, out_dir / "curves.png")
+        plot_curves(history, out_dir / "curves.png")
     with link.talking_to("a stage"):
-        T._leave_distributed(dist_)
-    return T.TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, last)
+        leave_distributed(dist_)
+    return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, last)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .errors import IncompatibleOptionsError
+from ..errors import IncompatibleOptionsError
 
 __all__ = ["RECOMPUTE_POLICIES", "KEPT_OPS", "checkpointed", "checked_policy"]
 

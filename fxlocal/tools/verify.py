@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .local_model import LocalModel
+from ..local_model import LocalModel
 
 __all__ = ["isolation_violations", "export_mismatch"]
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .errors import FxLocalError
-from .local_model import LocalModel
-from .plan import Plan, atomic_write_bytes
+from ..convert import convert
+from ..errors import FxLocalError
+from ..local_model import LocalModel
+from ..graph.plan import Plan, atomic_write_bytes
+from .recipe import Recipe
 
 __all__ = ["save_converted", "load_converted", "converted_from", "read_checkpoint_file", "invalid_fields", "load_weights", "CheckpointError"]
 
@@ -95,7 +99,6 @@ def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> L
 
 def converted_from(payload: object, path: str | os.PathLike, model: nn.Module | None = None) -> LocalModel:
     """:func:`load_converted` of a file already read with :func:`read_checkpoint_file`."""
-    from .convert import convert
 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fxlocal converted-model file")
@@ -129,3 +132,86 @@ def load_weights(local: LocalModel, state_dict: object, path: str | os.PathLike)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise CheckpointError(f"{path}: its weights do not fit the model its plan builds ({first.rstrip('.')}); use a complete checkpoint") from None
+
+
+TRAINING_FORMAT = "fxlocal.training/1"
+
+
+def rng_state() -> dict:
+    # numpy's key as a tensor: a checkpoint holds tensors and plain data only (weights_only loads)
+    name, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or an array in checkpoints before it was one
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, recipe: Recipe, local: LocalModel, optimizers, schedulers, scaler, epoch: int, history) -> None:
+    write_checkpoint(
+        path, recipe, local, epoch, history,
+        model=local.state_dict(),
+        optimizers=[o.state_dict() for o in optimizers],
+        schedulers=[s.state_dict() for s in schedulers],
+        scaler=scaler.state_dict() if scaler is not None else None,
+        rng=rng_state(),
+    )
+
+
+def write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int, history, **states) -> None:
+    """Write a training checkpoint atomically. ``states``: ``model`` (the whole LocalModel's
+    state_dict), ``optimizers`` and ``schedulers`` (one per block with per-block optimizers),
+    ``scaler``, ``rng``, and anything a trainer adds for itself (the pipeline's per-stage RNG)."""
+    payload = {
+        "format": TRAINING_FORMAT,
+        "recipe": recipe.model_dump(mode="json"),
+        "plan": local.plan.to_dict(),
+        "config": local.config,
+        "epoch": epoch,  # epochs completed
+        "history": history,
+        **states,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`fit` (tensors and plain data only: it cannot run code).
+
+    Raises:
+        CheckpointError: a missing, truncated or incomplete file, one that is not a training
+            checkpoint, or one that holds pickled objects.
+    """
+    # format 1 kept numpy's RNG key as an array
+    return training_checkpoint_from(read_checkpoint_file(path, allow_numpy_arrays=True), path)
+
+
+def training_checkpoint_from(payload: object, path: str | os.PathLike) -> dict:
+    """:func:`load_training_checkpoint` of a file already read with ``read_checkpoint_file``."""
+    if not isinstance(payload, dict) or payload.get("format") != TRAINING_FORMAT:
+        raise CheckpointError(f"{path} is not an fxlocal training checkpoint")
+    wrong = invalid_fields(payload, {"recipe": dict, "plan": dict, "config": dict, "model": dict, "epoch": int, "history": list})
+    if wrong:
+        raise CheckpointError(f"{path} is an incomplete training checkpoint (no valid {', '.join(wrong)}): use an earlier one or train again")
+    return payload
+
+
+def check_resumable(state: dict, path: Path, optimizers: int) -> None:
+    """A checkpoint that evaluates may still lack what resuming needs (one written by hand)."""
+    wrong = invalid_fields(state, {"optimizers": list, "schedulers": list, "rng": dict})
+    if wrong:
+        raise CheckpointError(f"{path} cannot be resumed (no valid {', '.join(wrong)}): train again without --resume")
+    if len(state["optimizers"]) != optimizers:
+        raise CheckpointError(
+            f"{path} holds {len(state['optimizers'])} optimizer(s) and the recipe makes {optimizers}: "
+            "resume with the recipe's optimizer.per_block as it was"
+        )

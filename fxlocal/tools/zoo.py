@@ -24,10 +24,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .convert import AnalyzedModel, analyze_model, convert
-from .errors import FxLocalError, InputSizeError, KOutOfRangeError, NotAClassifierError
-from .local_model import LocalModel
-from .models import create_model, native_input_sizes
+from ..convert import AnalyzedModel, analyze_model, convert
+from ..errors import FxLocalError, InputSizeError, KOutOfRangeError, NotAClassifierError
+from ..local_model import LocalModel
+from ..models import create_model, native_input_sizes
 from .verify import export_mismatch, isolation_violations
 
 __all__ = [

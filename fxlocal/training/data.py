@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from .errors import FxLocalError
+from ..errors import FxLocalError
 
 __all__ = ["DatasetError", "DatasetInfo", "register_dataset", "available_datasets", "build_dataset", "build_transform"]
 
@@ -161,4 +161,3 @@ def build_dataset(
     if subset is not None and subset < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(subset))
     return dataset
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .analyze import GraphAnalysis
-from .plan import Plan, atomic_write_bytes
+from ..graph.analyze import GraphAnalysis
+from ..graph.plan import Plan, atomic_write_bytes
 
 __all__ = ["plot_plan"]
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import FxLocalError
+from ..errors import FxLocalError
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides"]
 
@@ -39,7 +39,7 @@ class ConvertSection(_Section):
     aux: str = "dgl"
     aux_options: dict[str, Any] = Field(default_factory=dict)
     balance: Literal["flops", "params", "activations", "memory", "time"] = "flops"
-    # recompute the blocks' activations in backward, unit by unit (fxlocal.recompute)
+    # recompute the blocks' activations in backward, unit by unit (fxlocal.graph.recompute)
     backbone_recompute: Literal["none", "cheap", "all"] = "none"
     # the modules the first k-1 blocks end at (a paper's hand-written split), instead of balancing
     cuts: Optional[list[str]] = None
@@ -76,7 +76,7 @@ class OptimizerSection(_Section):
 
 class PipelineSection(_Section):
     # ``fxlocal train --pipeline`` under ``torchrun --nproc-per-node K``: one block per process
-    # (fxlocal.pipeline). Also settable here, so a recipe can say how it is meant to run.
+    # (fxlocal.training.pipeline). Also settable here, so a recipe can say how it is meant to run.
     enabled: bool = False
     max_in_flight: int = Field(default=2, ge=1)  # unfinished sends per stage before it waits
     timeout_s: float = Field(default=300.0, gt=0)  # a silent neighbour for this long is an error
@@ -179,7 +179,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError("recipe fields 'channels_last' and 'compile' are not supported with pipeline.enabled yet: turn them off")
     if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:
         raise RecipeError("recipe fields 'convert.cuts' and 'convert.max_memory' both choose the blocks: keep one")
-    from .aux import available_aux
+    from ..aux import available_aux
 
     if recipe.convert.aux not in available_aux():
         raise RecipeError(

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import FxLocalError
-from .local_model import LocalModel
-from .models import create_model
+from ..errors import FxLocalError
+from ..local_model import LocalModel
+from ..models import create_model
 
 __all__ = ["ExportError", "EXPORT_FORMATS", "export", "load_local_model", "plain_model"]
 
@@ -31,8 +31,9 @@ class ExportError(FxLocalError, ValueError):
 
 def load_local_model(path: str | os.PathLike) -> LocalModel:
     """A LocalModel from either a training checkpoint or a converted-model file."""
-    from .checkpoint import FORMAT as CONVERTED, CheckpointError, converted_from, read_checkpoint_file
-    from .train import model_from_checkpoint, training_checkpoint_from
+    from ..training.checkpoint import FORMAT as CONVERTED, CheckpointError, converted_from, read_checkpoint_file
+    from ..training.build import model_from_checkpoint
+    from ..training.checkpoint import training_checkpoint_from
 
     try:  # read once, then built by whichever format it is
         payload = read_checkpoint_file(path, allow_numpy_arrays=True)

@@ -4,7 +4,7 @@
 :meth:`BlockPrices.best_cuts` is the exact dynamic programme over them (O(K·C²); O(K·C³) when a
 cascade re-runs the block before, since a block's price then depends on where that block
 starts); :func:`min_max_partition` is its short form. :func:`partition` applies it to a traced
-graph and returns a :class:`~fxlocal.plan.Plan`. Because blocks are gradient-isolated, a
+graph and returns a :class:`~fxlocal.graph.plan.Plan`. Because blocks are gradient-isolated, a
 block's cost includes the aux head at its end.
 """
 
@@ -17,9 +17,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch.fx as fx
 
-from .analyze import GraphAnalysis, analyze, covered_module_paths
-from .cost import BALANCE_METRICS, Cost, MemoryModel
-from .errors import KOutOfRangeError, PartitionError
+from .analyze import GraphAnalysis, analyze
+from .candidates import covered_module_paths
+from .cost import Cost, MemoryModel, checked_balance
+from ..errors import KOutOfRangeError, PartitionError
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
 
@@ -346,8 +347,7 @@ def partition(
     twice, the first time keeping the graph, and this is what the first part holds through it;
     see :class:`BlockPrices`) and ``input_window`` (above 1: its loss re-runs the block before).
     """
-    if balance not in BALANCE_METRICS:
-        raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
+    checked_balance(balance)
     if analysis is None:
         analysis = analyze(gm, input_size or traced_input_size(gm), timed=balance == "time")
     if balance == "time" and not any(c.seconds for c in analysis.segment_costs):
@@ -411,7 +411,7 @@ def _segment_prices(analysis: GraphAnalysis, balance: str, memory: MemoryModel |
     """What each segment of ``analysis`` costs a block under ``balance``.
 
     With ``memory.recompute`` (the blocks recomputed in backward, one region per unit, see
-    :mod:`fxlocal.regions`) a segment keeps what the policy keeps of it (``kept_bytes`` for
+    :mod:`fxlocal.graph.regions`) a segment keeps what the policy keeps of it (``kept_bytes`` for
     ``"cheap"``, nothing for ``"all"``) plus, where it begins a region, that region's input, and
     its region's recompute brings the rest back (:class:`BackwardRegions`); a block starting
     inside a unit keeps its own input as its first region's.

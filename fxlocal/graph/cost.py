@@ -26,6 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import PartitionError
+
 from .recompute import KEPT_OPS
 
 __all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes", "traced_activation_bytes"]
@@ -49,7 +51,7 @@ class Cost:
     # resident tensors that get no gradient and no optimizer state (an EMA twin's weights)
     buffer_bytes: float = 0.0
     # outputs of its convolutions, matrix products and attention: what backbone_recompute="cheap"
-    # keeps of it (:data:`fxlocal.recompute.KEPT_OPS`)
+    # keeps of it (:data:`fxlocal.graph.recompute.KEPT_OPS`)
     kept_bytes: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
@@ -86,7 +88,7 @@ class MemoryModel:
     the losses that reach it are backpropagated, so they count toward that block alone.
     ``recompute`` is the conversion's ``backbone_recompute``: a block then keeps its regions'
     inputs (and, for ``"cheap"``, its ``kept_bytes``) and one region's recompute at a time
-    (priced per segment by :func:`fxlocal.partition.partition`).
+    (priced per segment by :func:`fxlocal.graph.partition.partition`).
     """
 
     batch: int = 64
@@ -95,7 +97,7 @@ class MemoryModel:
     per_block: bool = True
     # gradient buffers alive at once in backward, in units of the largest activation
     transient_factor: float = 2.0
-    # the blocks' activations recomputed in backward, unit by unit (fxlocal.recompute's policies)
+    # the blocks' activations recomputed in backward, unit by unit (fxlocal.graph.recompute's policies)
     recompute: str = "none"
 
     def bytes(self, cost: "Cost", head: bool = False) -> float:
@@ -118,6 +120,13 @@ class MemoryModel:
 # "time" balances measured wall time: what a pipeline's throughput depends on (its slowest
 # stage). FLOPs miss what convolutions on large maps, normalisation and elementwise ops cost.
 BALANCE_METRICS = ("flops", "params", "activations", "memory", "time")
+
+
+def checked_balance(balance: str) -> str:
+    """``balance`` if it is one of :data:`BALANCE_METRICS`, else a :class:`PartitionError` naming them."""
+    if balance not in BALANCE_METRICS:
+        raise PartitionError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_METRICS)}")
+    return balance
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -167,7 +176,7 @@ class _Measured:
     output: Any
     flops: float  # a _Stopwatch's: seconds
     saved: float = 0.0  # bytes saved for backward
-    kept: float = 0.0  # bytes output by the ops a "cheap" recompute keeps (fxlocal.recompute.KEPT_OPS)
+    kept: float = 0.0  # bytes output by the ops a "cheap" recompute keeps (fxlocal.graph.recompute.KEPT_OPS)
     largest: float = 0.0  # bytes of the largest activation an op output
 
 
@@ -344,8 +353,6 @@ def time_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 32,
     """
     device = model_device(gm)
     if device.type == "meta":
-        from .errors import PartitionError
-
         raise PartitionError("balance='time' times the model for real, but it was built without weights (meta device)")
     runs: list[dict[str, float]] = []
     with _left_as_it_was(gm, device):

@@ -25,13 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch import nn
 
-from .analyze import CarriedTensor, CutCandidate, covered_module_paths, has_parameterised_children
+from .atoms import atom_of
+from .candidates import CarriedTensor, CutCandidate, covered_module_paths
+from .trace import traced_input_size
 
-__all__ = ["Unit", "find_units", "unit_atoms"]
+__all__ = ["Unit", "find_units"]
 
-_PLAIN_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 
@@ -60,63 +60,6 @@ class Unit:
         return ", ".join(self.modules) if len(self.modules) <= 2 else f"{self.modules[0]} … {self.modules[-1]}"
 
 
-def _is_plain_container(m: nn.Module) -> bool:
-    # subclasses too (timm's SequentialTuple runs PiT's stages on (tokens, cls) pairs; DenseNet's
-    # blocks are ModuleDicts): whatever their forward adds between children is glue that joins
-    # a unit, and units still end only at cut candidates
-    return isinstance(m, _PLAIN_CONTAINERS)
-
-
-def _holds_block_stack(m: nn.Module) -> bool:
-    """A module with a plain container of >= 2 same-class composite blocks (a model stage)."""
-    for child in m.children():
-        if not _is_plain_container(child) or len(child) < 2:
-            continue
-        kinds = {type(g) for g in child.children()}
-        first = next(iter(child.children()))
-        if len(kinds) == 1 and not isinstance(first, nn.Sequential) and has_parameterised_children(first):
-            return True
-    return False
-
-
-def unit_atoms(model: nn.Module) -> dict[str, bool]:
-    """The modules units are made of (step 1 of the module docstring): path -> starts a unit.
-
-    :func:`fxlocal.trace` records this on ``gm.meta["fxlocal_unit_atoms"]``, because the
-    GraphModule keeps only the modules it calls, not the containers around them.
-    """
-    atoms: dict[str, bool] = {}
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if _holds_block_stack(child) or (
-                # a container of one weight layer and its norms (a downsample) stays whole
-                _is_plain_container(child) and sum(_starts_unit(g) for g in child.children()) >= 2
-            ):
-                walk(child, path)
-            else:
-                atoms[path] = _starts_unit(child)
-
-    walk(model, "")
-    return atoms
-
-
-def _starts_unit(m: nn.Module) -> bool:
-    if has_parameterised_children(m):
-        return True
-    return any(p.dim() >= 2 for p in m.parameters(recurse=False))
-
-
-def _atom_of(path: str, atoms: dict[str, bool]) -> str | None:
-    parts = path.split(".") if path else []
-    for j in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:j])
-        if prefix in atoms:
-            return prefix
-    return None
-
-
 def _has_extent(c: CutCandidate) -> bool:
     spatial = {"nchw": c.shape[1:], "nhwc": c.shape[:-1], "nlc": c.shape[:1]}.get(c.layout, ())
     n = 1
@@ -137,7 +80,7 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
     for i, node in enumerate(order):
         if node.op not in _COMPUTE_OPS:
             continue
-        atom = _atom_of(node.meta.get("module_path", ""), atoms)
+        atom = atom_of(node.meta.get("module_path", ""), atoms)
         if atom is not None and atom not in seen:
             seen.add(atom)
             if atoms[atom]:
@@ -159,8 +102,6 @@ def find_units(gm: fx.GraphModule, candidates: list[CutCandidate]) -> list[Unit]
         if inside and (not cuts or candidates[cuts[-1]].index < inside[-1].index):
             cuts.append(by_index[inside[-1].index])
     units: list[Unit] = []
-    from .trace import traced_input_size  # trace imports this module for unit_atoms
-
     prev_index, prev_shape, prev_carried, stage = -1, traced_input_size(gm), (), 0
     for u, pos in enumerate(cuts):
         c = candidates[pos]

@@ -1,4 +1,4 @@
-"""Find where a traced graph can be cut, and what each piece between cuts costs.
+"""Find where a traced graph can be cut: its cut candidates.
 
 A *cut candidate* is a node after which exactly one tensor value is live: the node's own
 output. ``get_attr`` values (parameters, buffers, training flags) are not live values (each block
@@ -28,7 +28,7 @@ candidates there are ``C + 1`` segments, the last one ending at the output.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,14 +36,14 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .cost import Cost, measure_nodes, node_parameters, time_nodes
-from .errors import FxLocalError
+from .cost import node_parameters
+from ..errors import FxLocalError
+from .atoms import has_parameterised_children
+from .trace import values_at_batch
 
 __all__ = [
     "CarriedTensor",
     "CutCandidate",
-    "GraphAnalysis",
-    "analyze",
     "find_cut_candidates",
     "recomputable_values",
     "covered_module_paths",
@@ -300,11 +300,6 @@ def _branches_side_by_side(
     )
 
 
-def has_parameterised_children(m: nn.Module) -> bool:
-    """A module of parameterised modules (a block, a cell), not a single layer."""
-    return any(any(True for _ in c.parameters()) for c in m.children())
-
-
 def _is_composite(gm: fx.GraphModule, path: str) -> bool:
     try:
         return has_parameterised_children(gm.get_submodule(path))
@@ -411,8 +406,6 @@ def _batch_first(gm: fx.GraphModule, candidates: list[CutCandidate], batch: int)
         unsure = {name for name in unsure if node[name] not in sure}
     if not unsure:
         return candidates
-    from .trace import values_at_batch  # trace builds on this module
-
     try:
         other = values_at_batch(gm, batch + 1)
     except FxLocalError:  # the model takes no other batch size: keep them
@@ -459,39 +452,3 @@ def covered_module_paths(gm: fx.GraphModule, node_names: set[str]) -> list[str]:
     return result
 
 
-@dataclass
-class GraphAnalysis:
-    """Cut candidates and the cost of each segment between them (``len(candidates) + 1``)."""
-
-    candidates: list[CutCandidate]
-    segment_costs: list[Cost]
-    segment_nodes: list[list[str]]
-    input_size: tuple[int, ...]
-    units: list = field(default_factory=list)  # list[fxlocal.units.Unit]
-
-    @property
-    def max_k(self) -> int:
-        return len(self.candidates) + 1
-
-
-def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False) -> GraphAnalysis:
-    """Cut candidates of ``gm`` and the per-sample training cost of every segment; ``timed``
-    also measures wall time (``Cost.seconds``, for ``balance="time"``) by running it for real."""
-    candidates = find_cut_candidates(gm)
-    node_costs = measure_nodes(gm, input_size)
-    if timed:
-        seconds = time_nodes(gm, input_size)
-        node_costs = {name: replace(cost, seconds=seconds.get(name, 0.0)) for name, cost in node_costs.items()}
-    cut_at = {c.index for c in candidates}
-    segments: list[list[str]] = [[]]
-    costs: list[Cost] = [Cost()]
-    for i, node in enumerate(gm.graph.nodes):
-        if node.op not in ("placeholder", "output"):
-            segments[-1].append(node.name)
-            costs[-1] = costs[-1] + node_costs[node.name]
-        if i in cut_at:
-            segments.append([])
-            costs.append(Cost())
-    from .units import find_units  # units build on candidates
-
-    return GraphAnalysis(candidates, costs, segments, tuple(input_size), find_units(gm, candidates))

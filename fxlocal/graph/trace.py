@@ -39,8 +39,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .cost import model_device
-from .errors import InputSizeError, TraceError
-from .units import unit_atoms
+from ..errors import InputSizeError, TraceError
+from .atoms import unit_atoms
 
 __all__ = ["TraceReport", "propagate_shapes", "trace", "traced_input_size", "values_at_batch"]
 
@@ -63,9 +63,10 @@ class TraceReport:
 
 
 def _timm_notrace() -> tuple[list[type], list[Any]]:
-    from timm.layers import _fx as timm_fx
+    # timm.models' public re-export (timm 1.0 on); the implementation moved to timm.layers._fx in 1.0.17
+    from timm.models import get_notrace_functions, get_notrace_modules
 
-    return list(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+    return list(get_notrace_modules()), list(get_notrace_functions())
 
 
 class _TrainingFlag(fx.Proxy):

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import PartitionError
+from ..errors import PartitionError
 
 __all__ = ["BlockPlan", "Plan", "atomic_write_bytes"]
 

@@ -5,7 +5,7 @@ Contract of :func:`split_graph`:
 * block ``b`` holds the nodes after cut ``b-1`` up to and including cut ``b``; its modules and
   parameters are the original objects (shared, never copied);
 * a block takes what crosses into it: the cut tensor first, then the tensor the cut carries
-  beside it, if any (``carries``; see :class:`~fxlocal.analyze.CutCandidate`), then any plain
+  beside it, if any (``carries``; see :class:`~fxlocal.graph.candidates.CutCandidate`), then any plain
   values computed earlier (shapes, ints). Non-last blocks return a tuple
   ``(tensor, *values)``; the last block returns what the model returns. The blocks stay
   connectable: :class:`~fxlocal.LocalModel` detaches the tensors at every boundary, and aux
@@ -14,7 +14,7 @@ Contract of :func:`split_graph`:
   uses them: passing a parameter in as an input and detaching it would silently freeze it;
   tensors computed from parameters, buffers and plain values alone (a rotary table) are
   recomputed inside every block that uses them, from the plain values that cross
-  (:func:`~fxlocal.analyze.recomputable_values`); the parameters such a table is made from are
+  (:func:`~fxlocal.graph.candidates.recomputable_values`); the parameters such a table is made from are
   then *tied*: held by each of those blocks, and trained by each one's local loss;
 * ops that consume a block's input in place (``relu_``, ``inplace=True``, ``+=``) are rewritten
   out of place, because the tensor they would overwrite is still the previous block's output;
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .analyze import holds_tensor, recomputable_values
+from .candidates import holds_tensor, recomputable_values
 from .cost import node_parameters
-from .errors import PlanMismatchError, SharedParameterError
+from ..errors import PlanMismatchError, SharedParameterError
 
 __all__ = ["make_out_of_place", "split_graph"]
 

@@ -2,7 +2,7 @@
 
 Recomputing a whole block at once would bring all its activations back together at the start
 of its backward: the peak would not drop. Regions end at the model's unit boundaries (a
-residual block, a transformer block: :mod:`fxlocal.units`), so backward holds what every region
+residual block, a transformer block: :mod:`fxlocal.graph.units`), so backward holds what every region
 keeps plus one region's recomputed activations. A unit boundary keeps one tensor live (two where
 a unit hands on two), the least a region can keep as its input.
 
@@ -30,7 +30,7 @@ __all__ = ["RecomputedRegion", "recomputing_block", "runner_key"]
 
 
 class RecomputedRegion(nn.Module):
-    """One region of a block, run by :func:`~fxlocal.recompute.checkpointed` under ``policy``."""
+    """One region of a block, run by :func:`~fxlocal.graph.recompute.checkpointed` under ``policy``."""
 
     def __init__(self, region: nn.Module, policy: str):
         super().__init__()
@@ -51,7 +51,7 @@ def runner_key(block: fx.GraphModule) -> tuple[Hashable, ...]:
 def recomputing_block(block: fx.GraphModule, region_ends: Sequence[str], policy: str) -> fx.GraphModule:
     """``block`` with its nodes grouped into regions, a region ending after each node named in
     ``region_ends`` (names the block does not have are ignored), each region run under
-    ``policy`` (see :mod:`fxlocal.recompute`)."""
+    ``policy`` (see :mod:`fxlocal.graph.recompute`)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(block.graph, {}))
     own = fx.GraphModule(block, graph)

@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from .errors import InputSizeError, UnknownModelError
+from ..errors import InputSizeError, UnknownModelError
 
 __all__ = ["ModelSource", "create_model", "list_model_names", "native_input_sizes", "register_model_source"]
 

@@ -1,0 +1,173 @@
+"""The contract between fxlocal and an aux method: what a head is built from (:class:`HeadSpec`),
+what a method declares and may override (:class:`AuxMethod`), the hooks a head may have
+(:class:`AuxHead`), and the registry of methods by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UnknownAuxError
+from ..graph.cost import Cost, measure_module
+from .unit_copies import UnitLibrary
+
+__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "register_aux", "get_aux", "available_aux"]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head is built from: the real boundary tensor of one cut, and the graph around it."""
+
+    shape: tuple[int, ...]  # per-sample shape of the boundary tensor
+    layout: str  # "nchw", "nhwc", "nlc" or "nc"
+    num_classes: int
+    block: int  # index of the block the head trains
+    num_blocks: int = 0  # K
+    unit: int | None = None  # index of the unit this cut closes (methods that copy units)
+    units: "UnitLibrary | None" = None  # the graph's units, for methods that copy them
+    # (shape, layout) of a second tensor the cut carries beside it: only methods that copy units
+    # see one (their copies take both); the others get one head per tensor (``JointHead``)
+    carried: tuple[tuple[tuple[int, ...], str], ...] = ()
+
+    @property
+    def tensors(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """(shape, layout) of every tensor crossing the cut: its own, then the carried one."""
+        return ((self.shape, self.layout), *self.carried)
+
+
+class AuxMethod:
+    """Base class of every aux method: each hook is declared here with its default, and a method
+    overrides what it needs. A method is registered under a name with :func:`register_aux`.
+
+    A method must implement :meth:`build_head`. The class attributes tell ``convert`` and the
+    partition how the method's heads behave; the other hooks refine what they cost and how the
+    last block is trained.
+    """
+
+    name: str = ""
+    #: heads copy the graph's units, so cuts must be at unit boundaries
+    cuts_at_units: bool = False
+    #: the head at a cut depends on the block it trains (the partition prices each block's)
+    heads_vary_by_block: bool = False
+    #: heads backpropagate their block twice per step (MLAAN): ``backbone_recompute="cheap"``
+    #: (one backward per block) is refused, and ``balance="memory"`` prices
+    #: :meth:`first_part_cost`, what a head's first part holds through the first backward
+    backpropagates_blocks_twice: bool = False
+    #: how many blocks' inputs a block's loss runs from: above 1 it also trains the blocks before
+    #: it, which backward re-runs (MLAAN's cascade; ``balance="memory"`` prices the re-run)
+    input_window: int = 1
+
+    def build_head(self, spec: HeadSpec) -> nn.Module:
+        """The head that trains block ``spec.block`` from the tensor(s) at its cut.
+
+        Args:
+            spec: the cut's tensor shape and layout, the class count, the block, the units.
+
+        Returns:
+            A module mapping the cut's tensor(s) to (batch, classes) logits; an :class:`AuxHead`
+            to compute its block's loss itself or to act after each backward.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not build heads")
+
+    def describe(self, head: nn.Module) -> str:
+        """One line about a head this method built (``fxlocal convert`` prints it per block)."""
+        return type(head).__name__
+
+    def head_cost(self, spec: HeadSpec) -> Cost:
+        """What the head for ``spec`` costs to train, per sample (the partition adds it to its block).
+
+        Args:
+            spec: as for :meth:`build_head`.
+
+        Returns:
+            The default builds the head on the meta device and measures one training step of it,
+            once per head structure and input shape; a method overrides this when its cost is not
+            its module's alone (recomputation, EMA twins that take no gradient).
+        """
+        with torch.device("meta"):
+            head = self.build_head(spec)
+        key = (spec.shape, spec.layout, repr(head))
+        if key not in _MEASURED:
+            _MEASURED[key] = measure_module(head, spec.shape)
+        return _MEASURED[key]
+
+    def first_part_cost(self, spec: HeadSpec) -> Cost:
+        """What a head's first part holds through its first backward (methods that
+        :attr:`backpropagates_blocks_twice`); nothing by default."""
+        return Cost()
+
+    def final_objective(self) -> nn.Module | None:
+        """The last block's objective, when it is not cross-entropy on the model's output (an
+        :class:`AuxHead` whose ``local_loss`` runs on the last block's output); None by default."""
+        return None
+
+
+# head structure and input shape -> measured cost: heads of one structure at cuts of one shape
+# (every block of a ConvMixer, a ViT; DGL's heads of one stage) are the same computation
+_MEASURED: dict[tuple, Cost] = {}
+
+
+class AuxHead(nn.Module):
+    """Base class of heads with hooks beyond ``forward`` (plain ``nn.Module`` heads need none:
+    their block's loss is the criterion on their logits).
+
+    Attributes:
+        owns_loss: :meth:`local_loss` computes the block's loss (cascades, blocks without a loss).
+        input_window: how many blocks' inputs :meth:`local_loss` re-runs (1: its own block only).
+        backpropagates_block_twice: :meth:`local_loss` backpropagates its block in two parts.
+    """
+
+    owns_loss: bool = False
+    input_window: int = 1
+    backpropagates_block_twice: bool = False
+
+    def local_loss(self, ctx, b: int, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``b``'s loss and logits from its output ``out`` (``ctx``: the step's
+        :class:`~fxlocal.local_model.StepContext`: target, criterion, cascaded re-runs, early
+        backward). Used when :attr:`owns_loss`."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute its own loss")
+
+    def after_backward(self) -> None:
+        """Called once block ``b``'s loss is backpropagated (EMA twins follow the backbone here)."""
+
+
+_REGISTRY: dict[str, Callable[[], AuxMethod]] = {}
+
+
+def register_aux(name: str):
+    """Class decorator: make an aux method available under ``name``."""
+
+    def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, AuxMethod)):
+            raise TypeError(f"register_aux({name!r}) decorates a subclass of fxlocal.aux.AuxMethod, not {cls!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_aux() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_aux(name: str, **options) -> AuxMethod:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownAuxError(f"unknown aux method {name!r}{hint}; choose one of {', '.join(available_aux())}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
+        raise UnknownAuxError(
+            f"aux {name!r} does not take {sorted(options)}; its options are: {', '.join(accepted) or 'none'}"
+        ) from exc
+
+

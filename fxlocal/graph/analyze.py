@@ -1,0 +1,54 @@
+"""``analyze``: a traced graph's cut candidates, its units and what each segment between two
+candidates costs to train (per sample), as one :class:`GraphAnalysis`.
+
+A *segment* is the run of nodes after one candidate up to and including the next; with ``C``
+candidates there are ``C + 1`` segments, the last one ending at the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch.fx as fx
+
+from .candidates import CutCandidate, find_cut_candidates
+from .cost import Cost, measure_nodes, time_nodes
+from .units import Unit, find_units
+
+__all__ = ["GraphAnalysis", "analyze"]
+
+
+@dataclass
+class GraphAnalysis:
+    """Cut candidates and the cost of each segment between them (``len(candidates) + 1``)."""
+
+    candidates: list[CutCandidate]
+    segment_costs: list[Cost]
+    segment_nodes: list[list[str]]
+    input_size: tuple[int, ...]
+    units: list[Unit]
+
+    @property
+    def max_k(self) -> int:
+        return len(self.candidates) + 1
+
+
+def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False) -> GraphAnalysis:
+    """Cut candidates of ``gm`` and the per-sample training cost of every segment; ``timed``
+    also measures wall time (``Cost.seconds``, for ``balance="time"``) by running it for real."""
+    candidates = find_cut_candidates(gm)
+    node_costs = measure_nodes(gm, input_size)
+    if timed:
+        seconds = time_nodes(gm, input_size)
+        node_costs = {name: replace(cost, seconds=seconds.get(name, 0.0)) for name, cost in node_costs.items()}
+    cut_at = {c.index for c in candidates}
+    segments: list[list[str]] = [[]]
+    costs: list[Cost] = [Cost()]
+    for i, node in enumerate(gm.graph.nodes):
+        if node.op not in ("placeholder", "output"):
+            segments[-1].append(node.name)
+            costs[-1] = costs[-1] + node_costs[node.name]
+        if i in cut_at:
+            segments.append([])
+            costs.append(Cost())
+    return GraphAnalysis(candidates, costs, segments, tuple(input_size), find_units(gm, candidates))

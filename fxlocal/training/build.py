@@ -1,0 +1,85 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from ..convert import convert
+from .data import dataset_info
+from .checkpoint import load_weights
+from ..local_model import LocalModel
+from ..graph.plan import Plan
+from .recipe import Recipe
+from .runtime import Distributed
+
+
+def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
+    """The converted model a recipe describes (random init, seeded), or cut by ``plan`` (a
+    checkpoint's, or another rank's: ``balance="time"`` measures, and two measurements differ).
+
+    With ``convert.max_memory`` set, K is the smallest whose predicted step peak fits it at the
+    recipe's batch size and optimizer (``convert.k`` is then ignored).
+    """
+    from ..convert import AnalyzedModel, analyze_model
+    from ..graph.cost import MemoryModel
+    from ..memory import fit_to_memory
+
+    info = dataset_info(recipe.data.dataset)
+    size = tuple(recipe.data.input_size)
+    states = 2 if recipe.optimizer.name.startswith(("adam", "lamb")) else 1
+    per_block = recipe.optimizer.per_block
+    priced = MemoryModel(
+        batch=recipe.batch_size, optimizer_states=states, per_block=per_block, pipeline=recipe.pipeline.enabled
+    )
+    classes = recipe.model.num_classes or info.num_classes or None
+
+    def build(k: int, model: AnalyzedModel | None = None) -> LocalModel:
+        torch.manual_seed(recipe.seed)
+        return convert(
+            model if model is not None else recipe.model.name,
+            k=k,
+            plan=plan,
+            aux=recipe.convert.aux,
+            input_size=size,
+            balance=recipe.convert.balance,
+            num_classes=classes,
+            model_kwargs=recipe.model.kwargs,
+            memory=priced,
+            backbone_recompute=recipe.convert.backbone_recompute,
+            cuts=recipe.convert.cuts if plan is None else None,
+            **recipe.convert.aux_options,
+        )
+
+    if plan is not None:
+        return build(plan.k)
+    if recipe.convert.max_memory is None:
+        return build(recipe.convert.k)
+    torch.manual_seed(recipe.seed)
+    # traced and analysed once for every K the search tries; the chosen K is then built afresh
+    # (seeded), as a recipe that names that K would build it
+    analyzed = analyze_model(recipe.model.name, size, classes, recipe.model.kwargs, timed=recipe.convert.balance == "time")
+    optimizer = "adamw" if states == 2 else "sgd"
+    k, _, _ = fit_to_memory(analyzed, recipe.convert.aux, recipe.convert.max_memory, lambda k: build(k, analyzed),
+                            recipe.batch_size, optimizer, per_block=per_block)
+    return build(k)
+
+
+def model_from_checkpoint(state: dict) -> LocalModel:
+    """The trained LocalModel of a loaded training checkpoint (rebuilt from its recipe and plan)."""
+    from .recipe import load_recipe
+
+    local = build_model(load_recipe(data=state["recipe"]), Plan.from_dict(state["plan"]))
+    load_weights(local, state["model"], "the checkpoint")
+    return local
+
+
+def build_agreed_model(recipe: Recipe, dist_: Distributed, checkpoint: dict | None = None) -> LocalModel:
+    """:func:`build_model` on every rank, cut where rank 0 cuts (or where the checkpoint did)."""
+    if checkpoint is not None:
+        return build_model(recipe, Plan.from_dict(checkpoint["plan"]))
+    if not dist_.enabled:
+        return build_model(recipe)
+    local = build_model(recipe) if dist_.main else None
+    shared = [local.plan.to_dict() if local is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    return local if local is not None else build_model(recipe, Plan.from_dict(shared[0]))

@@ -1,0 +1,45 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import torch
+from ..local_model import LocalModel
+from .runtime import autocast_context, batch_to
+
+
+@torch.no_grad()
+def evaluate(local: LocalModel, loader, device: torch.device, amp: bool | str = False, channels_last: bool = False) -> dict:
+    """Top-1/top-5 of the whole model and top-1 of every aux head on its block's output."""
+    was_training = local.training
+    local.eval()
+    correct1 = correct5 = total = 0
+    local_correct = [0] * len(local.heads)
+    autocast = autocast_context(device, amp)
+    for x, y in loader:
+        x, y = batch_to(x, device, channels_last), y.to(device)
+        with autocast:
+            carried: tuple = (x,)
+            for b, block in enumerate(local.blocks):
+                carried = block(*carried)
+                if b < len(local.heads):
+                    local_correct[b] += (local.head_logits(b, carried).argmax(-1) == y).sum().item()
+            logits = carried
+        c1, c5 = top_correct(logits, y)
+        correct1, correct5, total = correct1 + c1, correct5 + c5, total + y.numel()
+    local.train(was_training)
+    return evaluation_record(correct1, correct5, local_correct, total)
+
+
+def top_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """How many of a batch's predictions are right at top-1 and at top-5."""
+    top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+    return int((top[:, 0] == y).sum().item()), int((top == y[:, None]).any(-1).sum().item())
+
+
+def evaluation_record(correct1: int, correct5: int, local_correct: list[int], total: int) -> dict:
+    return {
+        "top1": correct1 / max(total, 1),
+        "top5": correct5 / max(total, 1),
+        "local_top1": [c / max(total, 1) for c in local_correct],
+        "images": total,
+    }

@@ -1,0 +1,68 @@
+"""TODO"""
+
+from __future__ import annotations
+
+from typing import Any
+import torch
+from torch import nn
+from ..local_model import LocalModel
+from .recipe import Recipe
+
+
+
+def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """timm's optimizer for ``module`` (no weight decay on biases and norms), over ``only`` of its
+    parameters when given."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    o = recipe.optimizer
+
+    def groups(m: nn.Module) -> list[dict]:
+        if o.decay_norm_and_bias:
+            return [{"params": [p for p in m.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
+        return param_groups_weight_decay(m, o.weight_decay)
+
+    def only_those(m: nn.Module) -> list[dict]:
+        keep = set(map(id, only)) if only is not None else {id(p) for p in m.parameters()}
+        chosen = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups(m)]
+        return [g for g in chosen if g["params"]]
+
+    timm_groups = only is None and not o.decay_norm_and_bias  # timm's own grouping (it honours no_weight_decay())
+    return create_optimizer_v2(
+        module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+        param_group_fn=None if timm_groups else only_those,
+    )
+
+
+def block_stage(local: LocalModel, b: int) -> nn.ModuleList:
+    """Block ``b`` and its head: what its local loss trains."""
+    return nn.ModuleList([local.blocks[b], *([local.heads[b]] if b < len(local.heads) else [])])
+
+
+def make_optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
+    if not recipe.optimizer.per_block:
+        return [make_optimizer(recipe, local)]
+    # a tied parameter is stepped by one block's optimizer only (LocalModel.block_parameters)
+    return [make_optimizer(recipe, block_stage(local, b), list(local.block_parameters(b))) for b in range(local.k)]
+
+
+def make_schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.scheduler
+    if s.name == "none":
+        return []
+    return [
+        create_scheduler_v2(
+            opt,
+            sched=s.name,
+            num_epochs=recipe.epochs,
+            decay_epochs=s.decay_epochs,
+            decay_milestones=s.decay_milestones,
+            decay_rate=s.decay_rate,
+            min_lr=s.min_lr,
+            warmup_lr=s.warmup_lr,
+            warmup_epochs=s.warmup_epochs,
+        )[0]
+        for opt in optimizers
+    ]

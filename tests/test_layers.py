@@ -1,0 +1,86 @@
+"""The import contract: each layer imports only those below it, no package has an import cycle
+(import-linter, configured in pyproject.toml), and nothing reaches into another module's private
+names: not the package, not the tests, not the benchmarks."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter on the fxlocal package under ``root``, with the repository's contracts."""
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))"
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_layers_hold_and_no_package_has_an_import_cycle():
+    run = lint_imports(ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "layers KEPT" in run.stdout and "no import cycles KEPT" in run.stdout
+
+
+@pytest.mark.parametrize("module,line,broken", [
+    ("graph/plan.py", "from ..aux import get_aux", "layers BROKEN"),  # a pass importing a method
+    ("graph/trace.py", "from . import analyze", "no import cycles BROKEN"),  # analyze -> candidates -> trace
+])
+def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path, module, line, broken):
+    shutil.copytree(ROOT / "fxlocal", tmp_path / "fxlocal", ignore=shutil.ignore_patterns("__pycache__", "datasets"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    path = tmp_path / "fxlocal" / module
+    path.write_text(path.read_text().replace("\nfrom ", f"\n{line}\nfrom ", 1))
+    run = lint_imports(tmp_path)
+    assert run.returncode != 0 and broken in run.stdout, run.stdout[-3000:]
+
+
+def _fxlocal_module(node: ast.ImportFrom, path: Path) -> str | None:
+    """The fxlocal module an import names (relative imports resolved against ``path``), or None."""
+    if node.level:
+        package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+        base = list(package[: len(package) - node.level + 1])
+        return ".".join(base + ([node.module] if node.module else []))
+    return node.module if node.module and node.module.split(".")[0] == "fxlocal" else None
+
+
+def private_reaches(path: Path) -> list[str]:
+    """``from <fxlocal module> import _name`` and ``<fxlocal module>._name`` in one file."""
+    tree = ast.parse(path.read_text())
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (module := _fxlocal_module(node, path)) is not None:
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}.{alias.name}")
+                modules.add(alias.asname or alias.name)  # may be a module: its attributes are checked
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "fxlocal":
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, (ast.Name, ast.Attribute)) and ast.unparse(node.value).split(".")[0] in modules):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_reaches_into_another_modules_private_names():
+    files = [p for folder in ("fxlocal", "tests", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(files) > 60
+    reaches = [r for p in files for r in private_reaches(p)]
+    assert not reaches, "\n".join(reaches)
+
+
+def test_the_private_name_check_sees_both_forms(tmp_path):
+    probe = ROOT / "tests" / "_probe_private_reach.py"
+    probe.write_text("import fxlocal.local_model as lm\nfrom fxlocal.convert import _num_classes\nlm._isolated(())\n")
+    try:
+        found = private_reaches(probe)
+    finally:
+        probe.unlink()
+    assert len(found) == 2 and "fxlocal.convert._num_classes" in found[0] and "lm._isolated" in found[1]
