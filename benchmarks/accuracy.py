@@ -86,9 +86,9 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
     import torch
 
     from fxlocal.memory import local_step, step_peak_bytes
-    from fxlocal.training.recipe import apply_overrides, load_recipe
     from fxlocal.training.build import build_model
     from fxlocal.training.loop import fit
+    from fxlocal.training.recipe import apply_overrides, load_recipe
 
     key = run_key(args.label, aux, k, seed, args.tag, args.validation)
     data = base_recipe(args.protocol, args.device, args.data_root, args.workers)

@@ -17,10 +17,17 @@ import sys
 import time
 import warnings
 
+from record import append_rows, provenance
+
 import fxlocal
 from fxlocal.graph.cost import MemoryModel
-from fxlocal.memory import OPTIMIZERS, e2e_step, local_step, block_step_peaks, step_peak_bytes
-from record import append_rows, provenance
+from fxlocal.memory import (
+    OPTIMIZERS,
+    block_step_peaks,
+    e2e_step,
+    local_step,
+    step_peak_bytes,
+)
 
 # The split the local-learning papers hand-write for torchvision ResNet-101 at K=4.
 HAND_SPLIT = ("layer2.2", "layer3.8", "layer3.16")

@@ -27,15 +27,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from memory import hand_split
+from record import ROOT, append_rows, provenance
+from speed import HandSplit
 from torch import nn
 
 import fxlocal
 from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import step_flops
 from fxlocal.training.runtime import compile_blocks
-from memory import hand_split
-from record import ROOT, append_rows, provenance
-from speed import HandSplit
 
 
 def _end_to_end_stepper(model: nn.Module, x, y, autocast):

@@ -1,7 +1,7 @@
 """Pipeline efficiency: K processes with one thread each vs sequential local learning on one thread.
 
 Both train the same converted model on the same batches (the same recipe, seed and data
-order; the pipeline computes the same updates, see tests/test_pipeline.py): sequentially with
+order; the pipeline computes the same updates, see tests/training/test_pipeline.py): sequentially with
 ``fxlocal train`` in one single-threaded process, and pipelined with ``torchrun
 --nproc-per-node K ... --pipeline`` (torchrun gives each process one thread). Throughput is the
 ``images_per_s`` of the training loop (``metrics.jsonl``; evaluation excluded), the median over
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path

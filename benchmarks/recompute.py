@@ -21,11 +21,11 @@ import sys
 import warnings
 
 import torch
+from overhead import time_steps, timing_turn
 
 import fxlocal
 from fxlocal.graph.cost import MemoryModel
 from fxlocal.memory import local_step, step_peak_bytes
-from overhead import time_steps, timing_turn
 
 
 def variants(what: str, aux: str) -> list[tuple[str, dict]]:

@@ -21,10 +21,10 @@ import warnings
 
 import torch
 import torchvision
+from memory import HAND_SPLIT, hand_split
 from torch import nn
 
 import fxlocal
-from memory import HAND_SPLIT, hand_split
 
 
 class HandSplit(nn.Module):

@@ -14,7 +14,7 @@ allocated, so the whole zoo fits on a 2-core CPU machine.
     python benchmarks/zoo.py --models 'resnet*' 'torchvision:vgg*' --aux dgl
 
 The sample is the smallest model of each family, computed once into
-``benchmarks/results/zoo_sample.txt`` (delete it to recompute); ``tests/test_zoo_sample.py``
+``benchmarks/results/zoo_sample.txt`` (delete it to recompute); ``tests/tools/test_zoo_sample.py``
 runs the same families in CI, one aux method each.
 
 Every model runs in its own process (a crash or a hang costs one row; ``--timeout``). Rows are

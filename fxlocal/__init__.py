@@ -5,19 +5,18 @@
     >>> losses = local.train_step(x, y, optimizer)
 """
 
+from .aux import available_aux, get_aux, register_aux
+from .convert import AnalyzedModel, analyze_model, convert
+from .errors import FxLocalError
 from .graph.analyze import GraphAnalysis, analyze
 from .graph.candidates import CutCandidate, find_cut_candidates, recomputable_values
-from .aux import available_aux, get_aux, register_aux
-
-from .convert import AnalyzedModel, analyze_model, convert
 from .graph.cost import Cost
-from .errors import FxLocalError
-from .local_model import LocalModel
-from .models import create_model
 from .graph.partition import min_max_partition, partition
 from .graph.plan import BlockPlan, Plan
 from .graph.split import split_graph
 from .graph.trace import TraceReport, trace
+from .local_model import LocalModel
+from .models import create_model
 
 __version__ = "0.1.0"
 

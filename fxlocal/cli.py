@@ -168,9 +168,9 @@ def convert(
 ):
     """Cut MODEL into K balanced gradient-isolated blocks with aux heads and print the plan."""
     import fxlocal
-    from .training.checkpoint import save_converted
 
     from .graph.cost import MemoryModel
+    from .training.checkpoint import save_converted
 
     _check_writable(save_plan, "plan")
     _check_writable(output, "converted model")
@@ -280,7 +280,13 @@ class _RichReporter:
     """Progress bars per epoch (loss, images/s) and a line per epoch with local accuracies."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
@@ -342,8 +348,8 @@ def train(
     """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir).
 
     Under torchrun the processes train data-parallel, or with --pipeline one block each."""
-    from .training.recipe import load_recipe
     from .training.loop import fit
+    from .training.recipe import load_recipe
 
     overrides = [*set_, *(["pipeline.enabled=true"] if pipeline else []), *([f"output_dir={json.dumps(str(output))}"] if output else [])]  # quoted: a YAML string whatever the name
     parsed = load_recipe(recipe, overrides)
@@ -380,11 +386,11 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the recipe's"),
 ):
     """Report top-1 / top-5 of CHECKPOINT on its dataset's test split."""
-    from .training.recipe import load_recipe
+    from .training.build import model_from_checkpoint
+    from .training.checkpoint import load_training_checkpoint
     from .training.evaluate import evaluate as run_eval
     from .training.loaders import evaluation_loader
-    from .training.checkpoint import load_training_checkpoint
-    from .training.build import model_from_checkpoint
+    from .training.recipe import load_recipe
 
     state = load_training_checkpoint(checkpoint)
     local = model_from_checkpoint(state)
@@ -407,7 +413,8 @@ def export(
     with_aux: bool = typer.Option(False, "--with-aux", help="also write the aux heads beside it"),
 ):
     """Write the trained backbone under the original model's parameter names (heads and twins gone)."""
-    from .tools.export import EXPORT_FORMATS, ExportError, export as run_export, load_local_model
+    from .tools.export import EXPORT_FORMATS, ExportError, load_local_model
+    from .tools.export import export as run_export
 
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")

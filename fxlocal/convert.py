@@ -14,11 +14,9 @@ from functools import lru_cache
 import torch
 from torch import fx, nn
 
-from .graph.analyze import GraphAnalysis, analyze
 from .aux import AuxMethod, HeadSpec, UnitLibrary, get_aux
 from .aux.joint import JointHead, one_per_tensor
 from .backbone import map_backbone
-from .graph.cost import Cost, MemoryModel, checked_balance, model_device
 from .errors import (
     FxLocalError,
     IncompatibleOptionsError,
@@ -27,13 +25,15 @@ from .errors import (
     PartitionError,
     PlanMismatchError,
 )
-from .local_model import LocalModel
-from .models import create_model, native_input_sizes
+from .graph.analyze import GraphAnalysis, analyze
+from .graph.cost import Cost, MemoryModel, checked_balance, model_device
 from .graph.partition import partition, plan_from_cuts
 from .graph.plan import Plan
 from .graph.recompute import checked_policy
 from .graph.split import split_graph
 from .graph.trace import trace
+from .local_model import LocalModel
+from .models import create_model, native_input_sizes
 
 __all__ = ["AnalyzedModel", "analyze_model", "convert"]
 
@@ -71,9 +71,19 @@ def analyze_model(
     timed: bool = False,
     name: str | None = None,
 ) -> AnalyzedModel:
-    """Build (from a name: timm, then torchvision, random init), trace and analyse a model:
-    its cut candidates, units and per-segment costs (``timed``: also wall time, measured here).
-    ``name`` names a module in messages and plans (default: the name it was built from, or its class)."""
+    """Build, trace and analyse a model once, to convert it several times.
+
+    Args:
+        model_or_name: a module, or a name (timm, then torchvision; random init).
+        input_size: per-sample input shape.
+        num_classes: the classes (default: the model's own).
+        model_kwargs: passed to the model's constructor.
+        timed: also measure each segment's wall time (for ``balance="time"``).
+        name: names the model in messages and plans (default: its name, or its class).
+
+    Returns:
+        The :class:`AnalyzedModel`: model, graph and analysis; ``convert`` works on a copy of it.
+    """
     input_size = tuple(int(s) for s in input_size)
     try:
         if isinstance(model_or_name, str):

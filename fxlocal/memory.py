@@ -197,7 +197,8 @@ def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, 
 def step_tracker_class() -> type:
     """A MemTracker that tracks the step's peak without module hooks (see ``NoModules``), and per
     block when given a phase; made on first use (the import is slow)."""
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL, MemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY as _TOTAL
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     class NoModules:
         """Stands in for MemTracker's module tracker, whose gradient hooks on every module input

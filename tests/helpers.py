@@ -6,6 +6,19 @@ from pathlib import Path
 import torch
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]  # the repository
+SHARED = REPO.parent / "shared"  # ../shared: the design reference and the full datasets
+
+
+def run_cli(args, env: dict | None = None, **kwargs):
+    """fxlocal's CLI in this process (typer's CliRunner), on a terminal of 80 columns unless
+    ``env`` sets COLUMNS; arguments are turned into strings."""
+    from typer.testing import CliRunner
+
+    from fxlocal.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80", **(env or {})}, **kwargs)
+
 
 def assert_gradient_isolation(local, x, y, blocks=None, window=1):
     """Block j's loss reaches exactly the parameters of blocks j-window+1..j and head j.
@@ -51,7 +64,7 @@ def tiny(tmp_path, **changes):
     """The quickstart recipe, shrunk to a few seconds (K=2). ``section__field=value`` changes a field."""
     from fxlocal.training.recipe import load_recipe
 
-    data = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
+    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     data.update(epochs=2, batch_size=32, output_dir=str(tmp_path / "run"))
     data["data"].update(train_subset=128, test_subset=64)
     data["convert"]["k"] = 2

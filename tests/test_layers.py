@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+ROOT = REPO
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -84,3 +86,20 @@ def test_the_private_name_check_sees_both_forms(tmp_path):
     finally:
         probe.unlink()
     assert len(found) == 2 and "fxlocal.convert._num_classes" in found[0] and "lm._isolated" in found[1]
+
+
+def test_the_public_api_keeps_its_names():
+    """What ``fxlocal`` exported before the packages were layered is still there, and each name
+    is the object its layer defines."""
+    import fxlocal
+    from fxlocal.convert import convert
+    from fxlocal.graph.partition import partition
+    from fxlocal.graph.trace import trace
+    from fxlocal.local_model import LocalModel
+
+    before = ["AnalyzedModel", "BlockPlan", "Cost", "CutCandidate", "FxLocalError", "GraphAnalysis", "LocalModel",
+              "Plan", "TraceReport", "analyze", "analyze_model", "available_aux", "convert", "create_model",
+              "find_cut_candidates", "recomputable_values", "get_aux", "min_max_partition", "partition",
+              "register_aux", "split_graph", "trace"]
+    assert set(before) <= set(fxlocal.__all__) and all(callable(getattr(fxlocal, n)) for n in before)
+    assert (fxlocal.convert, fxlocal.partition, fxlocal.trace, fxlocal.LocalModel) == (convert, partition, trace, LocalModel)

@@ -16,10 +16,10 @@ import math
 
 from torch import nn
 
-from ..graph.cost import Cost
 from ..errors import FxLocalError
-from .base import AuxMethod, HeadSpec, register_aux
+from ..graph.cost import Cost
 from .adapters import make_tensors_adapter
+from .base import AuxMethod, HeadSpec, register_aux
 from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain
 

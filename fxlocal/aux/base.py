@@ -141,7 +141,14 @@ _REGISTRY: dict[str, Callable[[], AuxMethod]] = {}
 
 
 def register_aux(name: str):
-    """Class decorator: make an aux method available under ``name``."""
+    """Class decorator: make an :class:`AuxMethod` subclass available under ``name``.
+
+    Args:
+        name: what ``--aux`` and recipes call it.
+
+    Returns:
+        The decorator; it refuses anything but an :class:`AuxMethod` subclass.
+    """
 
     def wrap(cls):
         if not (isinstance(cls, type) and issubclass(cls, AuxMethod)):
@@ -154,10 +161,23 @@ def register_aux(name: str):
 
 
 def available_aux() -> list[str]:
+    """The names of the registered aux methods, sorted."""
     return sorted(_REGISTRY)
 
 
 def get_aux(name: str, **options) -> AuxMethod:
+    """An aux method by name, made with its options.
+
+    Args:
+        name: a registered name (:func:`available_aux`).
+        **options: the method's constructor arguments (``aux_depth=3`` for ``auglocal``).
+
+    Returns:
+        The :class:`AuxMethod`.
+
+    Raises:
+        UnknownAuxError: an unknown name (with the closest one), or options it does not take.
+    """
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

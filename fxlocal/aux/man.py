@@ -11,8 +11,8 @@ import copy
 
 from torch import nn
 
-from ..graph.cost import Cost
 from ..errors import FxLocalError
+from ..graph.cost import Cost
 from ..graph.units import Unit
 from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .dgl import DGLHead, dgl_head_cost

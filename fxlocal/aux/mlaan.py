@@ -5,11 +5,8 @@ For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)
 * *independent*: pool + Linear on the block's own output (a small conv1×1 stem first when the
   map is narrow);
 * every pool + Linear (the independent head and the chain's end) has a BatchNorm1d between the
-  two (``pool_norm``, default on; the reference has none, ``pool_norm=False``). Without it, in
-  the last stage, where a chain holds only identity-shortcut units and the EMA twin's output
-  adds to the first copy's, the pooled features are large enough that plain SGD at lr 0.1
-  without warm-up makes the Linear diverge within a few steps, and its gradient kills the
-  block's output (ResNet-32 K=16 on Fashion-MNIST: blocks 11-15 at chance after an epoch);
+  two (``pool_norm``, default on; the reference has none, ``pool_norm=False``: without it the
+  last stage's chains diverge at lr 0.1 without warm-up, measured in ``docs/accuracy.md``);
 * *cascade*: the same output (the reference's second stream re-runs the blocks to the same
   values), with a loss that also trains the previous ``span - 1`` blocks
   (``StepContext.run_cascaded``: their share of the gradient comes from recomputing them one
@@ -36,11 +33,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..graph.cost import Cost, measure_module
 from ..errors import FxLocalError
-from .base import AuxHead, AuxMethod, HeadSpec, register_aux
+from ..graph.cost import Cost, measure_module
 from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
+from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import one_per_tensor
 from .recompute import checked_flag, forward_flops, recomputed_cost

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..graph.cost import Cost
 from ..errors import IncompatibleOptionsError
+from ..graph.cost import Cost
 from ..graph.recompute import checkpointed
 
 __all__ = ["run", "recomputed_cost", "forward_flops", "checked_flag"]

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..graph.cost import Cost
 from ..errors import FxLocalError
+from ..graph.analyze import GraphAnalysis
+from ..graph.cost import Cost
 from ..graph.split import split_graph
 from ..graph.trace import SHAPE_BATCH, values_at_batch
-from ..graph.analyze import GraphAnalysis
 from ..graph.units import Unit
 from . import recompute as recompute_
 from .adapters import Tensors, make_tensors_adapter

@@ -34,8 +34,16 @@ class GraphAnalysis:
 
 
 def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False) -> GraphAnalysis:
-    """Cut candidates of ``gm`` and the per-sample training cost of every segment; ``timed``
-    also measures wall time (``Cost.seconds``, for ``balance="time"``) by running it for real."""
+    """Cut candidates of ``gm``, its units and the per-sample training cost of every segment.
+
+    Args:
+        gm: a graph from :func:`fxlocal.trace` (nodes carry ``meta["val"]``).
+        input_size: the per-sample input shape it was traced at.
+        timed: also measure wall time (``Cost.seconds``, for ``balance="time"``) by running it for real.
+
+    Returns:
+        The :class:`GraphAnalysis`: candidates, units, and ``len(candidates) + 1`` segment costs.
+    """
     candidates = find_cut_candidates(gm)
     node_costs = measure_nodes(gm, input_size)
     if timed:

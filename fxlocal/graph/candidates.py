@@ -36,9 +36,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .cost import node_parameters
 from ..errors import FxLocalError
 from .atoms import has_parameterised_children
+from .cost import node_parameters
 from .trace import values_at_batch
 
 __all__ = [
@@ -92,13 +92,16 @@ def recomputable_values(gm: fx.GraphModule) -> set[fx.Node]:
     """Tensor values computed from parameters, buffers, constants and plain values (shapes) alone.
 
     None of their inputs depends on the graph input's values, so any block can recompute one from
-    what it fetches and the plain values it is handed; that keeps them from being live at a cut.
-    DeepSeek's and Qwen3's ViTs build one rotary table from the patch grid and use it in every
-    block; timm's ``rope_mixed`` ViTs build theirs from learned frequencies and ``vit_srelpos`` its
-    shared position bias with an MLP. Made from parameters, a recomputed table ties them between
-    the blocks that use it (split_graph allows exactly that sharing). Nothing random is
-    recomputed, nothing written in place (``mask[i] = v``: a recomputed copy would miss the
-    write), and no module that updates state when called (BatchNorm's running statistics).
+    what it fetches and the plain values it is handed; that keeps them from being live at a cut
+    (a ViT's rotary table built from the patch grid, a position bias made by a small MLP). Made
+    from parameters, a recomputed table ties them between the blocks that use it. Nothing random
+    is recomputed, nothing written in place, and no module that updates state when called.
+
+    Args:
+        gm: a traced graph.
+
+    Returns:
+        The nodes whose values every block may recompute.
     """
     recomputable: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -200,10 +203,14 @@ def _consumer_says_channels_last(node: fx.Node) -> bool | None:
 
 
 def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
-    """Nodes after which exactly one tensor is live, with their module path, shape and layout,
-    and unit ends after which two are (the other one carried; see the module docstring).
+    """Where ``gm`` can be cut: nodes after which exactly one tensor is live, and unit ends after
+    which two are (the other one carried; see the module docstring).
 
-    ``gm`` must come from :func:`fxlocal.trace` (nodes need ``meta["val"]``).
+    Args:
+        gm: a graph from :func:`fxlocal.trace` (nodes need ``meta["val"]``).
+
+    Returns:
+        The :class:`CutCandidate` list in graph order, each with its module path, shape and layout.
     """
     order = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(order)}

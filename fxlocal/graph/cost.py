@@ -9,25 +9,23 @@ the same counts sooner.
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import contextlib
 import copy
 import statistics
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import PartitionError
-
 from .recompute import KEPT_OPS
 
 __all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes", "traced_activation_bytes"]

@@ -17,10 +17,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch.fx as fx
 
+from ..errors import KOutOfRangeError, PartitionError
 from .analyze import GraphAnalysis, analyze
 from .candidates import covered_module_paths
 from .cost import Cost, MemoryModel, checked_balance
-from ..errors import KOutOfRangeError, PartitionError
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
 
@@ -37,10 +37,18 @@ def min_max_partition(
     segment_peaks: Sequence[float] | None = None,
     **prices,
 ) -> list[int]:
-    """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks: the ``k - 1``
-    segment indices cut after, ascending (see :class:`BlockPrices` for the prices and the
-    keyword arguments). ``segment_peaks`` are backward's transient peaks per segment when
-    nothing is recomputed (``BackwardRegions.one_per_segment``)."""
+    """Exact min-max split of ``segment_costs`` into ``k`` contiguous blocks.
+
+    Args:
+        segment_costs: each segment's cost, in graph order.
+        k: the number of blocks.
+        cut_costs, cut_penalties, **prices: what a cut and a block add (see :class:`BlockPrices`).
+        segment_peaks: backward's transient peak per segment when nothing is recomputed
+            (``BackwardRegions.one_per_segment``).
+
+    Returns:
+        The ``k - 1`` segment indices to cut after, ascending.
+    """
     if segment_peaks is not None:
         if prices.get("regions") is not None:
             raise ValueError("pass the transient peaks in regions, not beside them")
@@ -337,15 +345,25 @@ def partition(
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
-    ``head_cost(i)`` is the cost of the aux head placed after candidate ``i`` (defaults to zero);
-    with ``heads_vary_by_block``, ``head_cost(i, j)`` that of the head training block ``j``
-    there (AugLocal's depth shrinks block by block), and the DP prices each block's own.
-    ``allowed`` restricts the cuts to those candidate indices (e.g. unit boundaries); the
-    segments between allowed cuts are merged. ``input_size`` defaults to the traced size.
-    ``memory`` prices ``balance="memory"`` (batch, optimizer state, pipeline mode), with the aux
-    method's ``first_part_cost`` (laid out as ``head_cost``: its heads backpropagate a block
-    twice, the first time keeping the graph, and this is what the first part holds through it;
-    see :class:`BlockPrices`) and ``input_window`` (above 1: its loss re-runs the block before).
+    Args:
+        gm: the traced graph.
+        k: the number of blocks.
+        balance: ``flops``, ``params``, ``activations``, ``memory`` or ``time`` (a timed analysis).
+        input_size: default: the traced size.
+        head_cost: ``head_cost(i)``, the cost of the aux head after candidate ``i`` (default zero);
+            with ``heads_vary_by_block``, ``head_cost(i, j)`` that of the head training block ``j``
+            there (AugLocal's depth shrinks block by block), and the DP prices each block's own.
+        analysis: the graph's analysis (default: analysed here).
+        model_name, aux: recorded in the plan.
+        allowed: the candidate indices cuts may use (unit boundaries); segments between are merged.
+        memory: prices ``balance="memory"`` (batch, optimizer state, pipeline mode).
+        heads_vary_by_block: see ``head_cost``.
+        first_part_cost: laid out as ``head_cost``: what a head that backpropagates its block twice
+            holds through the first backward (see :class:`BlockPrices`).
+        input_window: above 1, a block's loss re-runs the blocks before it.
+
+    Returns:
+        The :class:`Plan`, each block priced with the head that will train it.
     """
     checked_balance(balance)
     if analysis is None:

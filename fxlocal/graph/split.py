@@ -23,19 +23,18 @@ Contract of :func:`split_graph`:
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import copy
 import inspect
 import operator
+from operator import attrgetter
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from ..errors import PlanMismatchError, SharedParameterError
 from .candidates import holds_tensor, recomputable_values
 from .cost import node_parameters
-from ..errors import PlanMismatchError, SharedParameterError
 
 __all__ = ["make_out_of_place", "split_graph"]
 
@@ -99,8 +98,16 @@ def make_out_of_place(node: fx.Node, modules: dict[str, Any]) -> None:
 
 
 def split_graph(gm: fx.GraphModule, cuts: list[str], carries: dict[str, str] | None = None) -> list[fx.GraphModule]:
-    """Split ``gm`` after each node named in ``cuts`` (graph order); ``carries`` names the second
-    tensor a cut may carry across (cut node -> carried node). See the module docstring."""
+    """Split ``gm`` into one GraphModule per block (see the module docstring).
+
+    Args:
+        gm: the traced graph.
+        cuts: the nodes to cut after, in graph order.
+        carries: cut node -> the second tensor that cut carries across, where it carries one.
+
+    Returns:
+        The K blocks; each takes what the one before hands on (detached by the LocalModel).
+    """
     carries = carries or {}
     order = list(gm.graph.nodes)
     recomputed = recomputable_values(gm)

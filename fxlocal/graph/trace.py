@@ -33,14 +33,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._pytree import tree_flatten
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .cost import model_device
 from ..errors import InputSizeError, TraceError
 from .atoms import unit_atoms
+from .cost import model_device
 
 __all__ = ["TraceReport", "propagate_shapes", "trace", "traced_input_size", "values_at_batch"]
 
@@ -227,8 +231,17 @@ def _trace_once(model: nn.Module, tracer: LocalTracer, concrete: dict[str, Any])
 def trace(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule with module paths and fake-tensor shapes on every node.
 
-    See the module docstring for the contract. Raises :class:`TraceError` when the model cannot
-    be traced even with leaves, :class:`InputSizeError` when it rejects ``input_size``.
+    Args:
+        model: the model (any device, the meta device included).
+        input_size: per-sample input shape.
+
+    Returns:
+        The GraphModule; ``gm.meta["fxlocal_trace"]`` (a :class:`TraceReport`) says which modules
+        became leaves and why. See the module docstring for the contract.
+
+    Raises:
+        TraceError: the model cannot be traced even with leaves.
+        InputSizeError: it rejects ``input_size``.
     """
     leaf_types, autowrap = _timm_notrace()
     concrete = _concrete_args(model)

@@ -2,6 +2,12 @@
 (registered with timm on import). Imports nothing else from fxlocal but its errors."""
 
 from . import cifar_resnet  # noqa: F401  (registers resnet32_cifar, resnet110_cifar with timm)
-from .factory import ModelSource, create_model, list_model_names, native_input_sizes, register_model_source
+from .factory import (
+    ModelSource,
+    create_model,
+    list_model_names,
+    native_input_sizes,
+    register_model_source,
+)
 
 __all__ = ["ModelSource", "create_model", "list_model_names", "native_input_sizes", "register_model_source"]

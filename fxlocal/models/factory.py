@@ -147,10 +147,18 @@ def native_input_sizes(name: str) -> list[tuple[int, ...]]:
 def create_model(
     name: str, num_classes: int | None = None, input_size: tuple[int, ...] = (3, 224, 224), **kwargs
 ) -> nn.Module:
-    """Create ``name`` with random weights.
+    """Create a model by name, with random weights.
 
-    ``source:name`` (``torchvision:resnet50``) picks a source; ``package.module:factory`` calls
-    that function. ``kwargs`` go to the model's constructor.
+    Args:
+        name: a timm name, then a torchvision one; ``source:name`` (``torchvision:resnet50``) picks a
+            source, ``package.module:factory`` calls that function.
+        num_classes: the classifier's width (default: the model's).
+        input_size: per-sample input shape: timm's ``in_chans`` and, for fixed-size models, the
+            image size they are built for.
+        **kwargs: passed to the model's constructor.
+
+    Returns:
+        The model, in training mode.
     """
     source_name, _, model_name = name.rpartition(":")
     if source_name and source_name not in {s.name for s in _SOURCES}:

@@ -31,9 +31,14 @@ class ExportError(FxLocalError, ValueError):
 
 def load_local_model(path: str | os.PathLike) -> LocalModel:
     """A LocalModel from either a training checkpoint or a converted-model file."""
-    from ..training.checkpoint import FORMAT as CONVERTED, CheckpointError, converted_from, read_checkpoint_file
     from ..training.build import model_from_checkpoint
-    from ..training.checkpoint import training_checkpoint_from
+    from ..training.checkpoint import FORMAT as CONVERTED
+    from ..training.checkpoint import (
+        CheckpointError,
+        converted_from,
+        read_checkpoint_file,
+        training_checkpoint_from,
+    )
 
     try:  # read once, then built by whichever format it is
         payload = read_checkpoint_file(path, allow_numpy_arrays=True)

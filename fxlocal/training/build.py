@@ -1,24 +1,31 @@
-"""TODO"""
+"""The LocalModel a recipe describes (random init, seeded; with ``convert.max_memory`` the
+smallest K that fits), the one a training checkpoint holds, and the one every rank agrees on."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from ..convert import convert
-from .data import dataset_info
-from .checkpoint import load_weights
-from ..local_model import LocalModel
 from ..graph.plan import Plan
+from ..local_model import LocalModel
+from .checkpoint import load_weights
+from .data import dataset_info
 from .recipe import Recipe
 from .runtime import Distributed
 
 
 def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
-    """The converted model a recipe describes (random init, seeded), or cut by ``plan`` (a
-    checkpoint's, or another rank's: ``balance="time"`` measures, and two measurements differ).
+    """The converted model a recipe describes (random init, seeded).
 
-    With ``convert.max_memory`` set, K is the smallest whose predicted step peak fits it at the
-    recipe's batch size and optimizer (``convert.k`` is then ignored).
+    Args:
+        recipe: the recipe; with ``convert.max_memory`` set, K is the smallest whose predicted step
+            peak fits it at the recipe's batch size and optimizer (``convert.k`` is then ignored).
+        plan: cut by this plan instead (a checkpoint's, or another rank's: ``balance="time"``
+            measures, and two measurements differ).
+
+    Returns:
+        The :class:`~fxlocal.LocalModel`.
     """
     from ..convert import AnalyzedModel, analyze_model
     from ..graph.cost import MemoryModel
@@ -65,7 +72,14 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
 
 
 def model_from_checkpoint(state: dict) -> LocalModel:
-    """The trained LocalModel of a loaded training checkpoint (rebuilt from its recipe and plan)."""
+    """The trained LocalModel of a loaded training checkpoint.
+
+    Args:
+        state: what :func:`load_training_checkpoint` returned.
+
+    Returns:
+        The model, rebuilt from the checkpoint's recipe and plan, with its weights.
+    """
     from .recipe import load_recipe
 
     local = build_model(load_recipe(data=state["recipe"]), Plan.from_dict(state["plan"]))

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..convert import convert
 from ..errors import FxLocalError
-from ..local_model import LocalModel
 from ..graph.plan import Plan, atomic_write_bytes
+from ..local_model import LocalModel
 from .recipe import Recipe
 
 __all__ = ["save_converted", "load_converted", "converted_from", "read_checkpoint_file", "invalid_fields", "load_weights", "CheckpointError"]
@@ -72,6 +72,13 @@ def read_checkpoint_file(path: str | os.PathLike, allow_numpy_arrays: bool = Fal
 
 
 def save_converted(local: LocalModel, path: str | os.PathLike) -> None:
+    """Write a converted model (``fxlocal convert --output``): its config, plan and weights, plain
+    data and tensors only, atomically.
+
+    Args:
+        local: the converted model.
+        path: the file to write.
+    """
     payload = {
         "format": FORMAT,
         "config": local.config,
@@ -92,7 +99,12 @@ def save_converted(local: LocalModel, path: str | os.PathLike) -> None:
 def load_converted(path: str | os.PathLike, model: nn.Module | None = None) -> LocalModel:
     """Rebuild a converted model saved by :func:`save_converted`.
 
-    ``model`` is needed only when the original was converted from a module, not a name.
+    Args:
+        path: the file.
+        model: the original module, needed only when it was converted from a module, not a name.
+
+    Returns:
+        The :class:`~fxlocal.LocalModel` with the saved weights.
     """
     return converted_from(read_checkpoint_file(path), path, model)
 
@@ -138,6 +150,7 @@ TRAINING_FORMAT = "fxlocal.training/1"
 
 
 def rng_state() -> dict:
+    """The torch, Python and numpy RNG states, as plain data and tensors (a checkpoint loads them with ``weights_only``)."""
     # numpy's key as a tensor: a checkpoint holds tensors and plain data only (weights_only loads)
     name, keys, *rest = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest)}
@@ -147,6 +160,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (numpy's key as a tensor, or as an array from older checkpoints)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]  # keys: a tensor, or an array in checkpoints before it was one
@@ -156,6 +170,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, recipe: Recipe, local: LocalModel, optimizers, schedulers, scaler, epoch: int, history) -> None:
+    """Write a resumable training checkpoint: weights, optimizers, schedulers, scaler, RNG, history."""
     write_checkpoint(
         path, recipe, local, epoch, history,
         model=local.state_dict(),
@@ -186,6 +201,12 @@ def write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int, 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by :func:`fit` (tensors and plain data only: it cannot run code).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its payload: recipe, plan, weights, optimizer and scheduler states, RNG, history.
 
     Raises:
         CheckpointError: a missing, truncated or incomplete file, one that is not a training

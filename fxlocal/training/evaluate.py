@@ -1,15 +1,28 @@
-"""TODO"""
+"""Evaluation of a LocalModel: top-1 and top-5 of the whole model, and each aux head's top-1
+on its block's output."""
 
 from __future__ import annotations
 
 import torch
+
 from ..local_model import LocalModel
 from .runtime import autocast_context, batch_to
 
 
 @torch.no_grad()
 def evaluate(local: LocalModel, loader, device: torch.device, amp: bool | str = False, channels_last: bool = False) -> dict:
-    """Top-1/top-5 of the whole model and top-1 of every aux head on its block's output."""
+    """Evaluate ``local`` on every batch of ``loader`` (in eval mode; its mode is restored).
+
+    Args:
+        local: the model.
+        loader: (images, labels) batches.
+        device: where to run.
+        amp, channels_last: as the recipe's.
+
+    Returns:
+        ``top1``, ``top5`` of the whole model and ``local_top1``, each aux head's top-1 on its
+        block's output.
+    """
     was_training = local.training
     local.eval()
     correct1 = correct5 = total = 0
@@ -37,6 +50,7 @@ def top_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
 
 
 def evaluation_record(correct1: int, correct5: int, local_correct: list[int], total: int) -> dict:
+    """Counts of correct predictions -> the accuracies :func:`evaluate` reports."""
     return {
         "top1": correct1 / max(total, 1),
         "top5": correct5 / max(total, 1),

@@ -1,11 +1,13 @@
-"""TODO"""
+"""The data a run trains and evaluates on: the recipe's dataset split into training and
+evaluation sets (the test split, or a validation split held out of the training images), and
+their loaders (seeded per epoch; sharded across data-parallel ranks)."""
 
 from __future__ import annotations
 
 import torch
 
-from .data import build_dataset
 from ..errors import FxLocalError
+from .data import build_dataset
 from .recipe import Recipe
 from .runtime import Distributed
 
@@ -30,6 +32,16 @@ def train_and_evaluation_sets(d) -> tuple[torch.utils.data.Dataset, torch.utils.
 
 
 def make_loaders(recipe: Recipe, dist_: Distributed, device: torch.device):
+    """The training and evaluation loaders of a recipe.
+
+    Args:
+        recipe: the recipe (data, batch size, workers, seed).
+        dist_: this process's place in the job (data-parallel ranks each get a shard).
+        device: where batches go (pinned memory on CUDA).
+
+    Returns:
+        (training loader, its sampler, the generator that orders its epochs, evaluation loader).
+    """
     train, test = train_and_evaluation_sets(recipe.data)
     common = dict(batch_size=recipe.batch_size, num_workers=recipe.workers, pin_memory=device.type == "cuda")
     # Epoch e's order depends on (seed, e) only, so a resumed run sees the same batches.
@@ -44,11 +56,19 @@ def make_loaders(recipe: Recipe, dist_: Distributed, device: torch.device):
 
 
 def reseed_epoch(sampler, order: torch.Generator, seed: int, epoch: int) -> None:
+    """Order epoch ``epoch`` by (seed, epoch) alone, so a resumed run sees the same batches."""
     order.manual_seed(seed * 1000 + epoch)
     if isinstance(sampler, torch.utils.data.DistributedSampler):
         sampler.set_epoch(epoch)
 
 
 def evaluation_loader(recipe: Recipe):
-    """The recipe's test split, as evaluation sees it."""
+    """The loader of what a recipe evaluates on (its test split, or its validation split).
+
+    Args:
+        recipe: the recipe.
+
+    Returns:
+        A DataLoader over the evaluation images, in order.
+    """
     return make_loaders(recipe, Distributed(), torch.device("cpu"))[3]

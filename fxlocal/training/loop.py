@@ -1,32 +1,69 @@
-"""TODO"""
+"""``fit``: train a recipe in one process or data-parallel under torchrun; a recipe with
+``pipeline.enabled`` goes to :func:`~fxlocal.training.pipeline.fit_pipeline` (one block per
+process). Both are built from the same public helpers of this package."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
+
 import numpy as np
 import torch
 import torch.distributed as dist
-from .checkpoint import load_weights
+
 from ..errors import FxLocalError, TrainingDiverged
-from .recipe import Recipe
 from .build import build_agreed_model
-from .checkpoint import check_resumable, load_training_checkpoint, save_checkpoint, set_rng_state
-from .loaders import make_loaders, reseed_epoch
+from .checkpoint import (
+    check_resumable,
+    load_training_checkpoint,
+    load_weights,
+    save_checkpoint,
+    set_rng_state,
+)
 from .evaluate import evaluate
+from .loaders import make_loaders, reseed_epoch
 from .optim import make_optimizers, make_schedulers
-from .report import Reporter, TrainResult, check_output_dir, log_metrics, make_output_dir, plot_curves, tensorboard
-from .runtime import amp_scaler, autocast_context, batch_to, compile_blocks, device_kind, grad_allreduce, init_distributed, leave_distributed, peak_memory_mib, replicas_in_sync, training_device
-
-
+from .recipe import Recipe
+from .report import (
+    Reporter,
+    TrainResult,
+    check_output_dir,
+    log_metrics,
+    make_output_dir,
+    plot_curves,
+    tensorboard,
+)
+from .runtime import (
+    amp_scaler,
+    autocast_context,
+    batch_to,
+    compile_blocks,
+    device_kind,
+    grad_allreduce,
+    init_distributed,
+    leave_distributed,
+    peak_memory_mib,
+    replicas_in_sync,
+    training_device,
+)
 
 
 def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``recipe``; with ``resume`` continue from ``<output_dir>/last.pt``.
+    """Train ``recipe``: in this process, data-parallel under torchrun, or with
+    ``pipeline.enabled`` one block per process (:func:`fxlocal.training.pipeline.fit_pipeline`).
 
-    Under torchrun, ranks train data-parallel, or with ``pipeline.enabled`` one block each
-    (:func:`fxlocal.training.pipeline.fit_pipeline`). Only the reporting rank calls ``reporter``.
+    Args:
+        recipe: the recipe (:func:`load_recipe`).
+        resume: continue from ``<output_dir>/last.pt``.
+        reporter: receives progress (only the reporting rank calls it).
+
+    Returns:
+        The :class:`TrainResult`; checkpoints, ``metrics.jsonl`` and ``curves.png`` are in
+        ``output_dir``.
+
+    Raises:
+        TrainingDiverged: a loss became NaN or infinite (the last good checkpoint is kept).
     """
     if recipe.pipeline.enabled:
         from .pipeline import fit_pipeline

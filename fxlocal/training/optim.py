@@ -1,13 +1,15 @@
-"""TODO"""
+"""Optimizers and schedules from timm, as a recipe asks: one over the model, or one per block
+(each block's parameters and its head's, stepped right after its backward)."""
 
 from __future__ import annotations
 
 from typing import Any
+
 import torch
 from torch import nn
+
 from ..local_model import LocalModel
 from .recipe import Recipe
-
 
 
 def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
@@ -40,6 +42,15 @@ def block_stage(local: LocalModel, b: int) -> nn.ModuleList:
 
 
 def make_optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optimizer]:
+    """The optimizers a recipe trains ``local`` with.
+
+    Args:
+        recipe: its ``optimizer`` section (``per_block``: one optimizer per block).
+        local: the converted model.
+
+    Returns:
+        One optimizer over the whole model, or one per block over :meth:`LocalModel.block_parameters`.
+    """
     if not recipe.optimizer.per_block:
         return [make_optimizer(recipe, local)]
     # a tied parameter is stepped by one block's optimizer only (LocalModel.block_parameters)
@@ -47,6 +58,7 @@ def make_optimizers(recipe: Recipe, local: LocalModel) -> list[torch.optim.Optim
 
 
 def make_schedulers(recipe: Recipe, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
+    """timm's scheduler of the recipe for each optimizer (stepped per epoch)."""
     from timm.scheduler import create_scheduler_v2
 
     s = recipe.scheduler

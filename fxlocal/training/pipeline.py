@@ -35,14 +35,36 @@ from torch.utils._pytree import tree_map
 from ..aux.ema import EMATwin
 from ..errors import FxLocalError, TrainingDiverged
 from ..local_model import LocalModel
-from .recipe import Recipe
 from .build import build_agreed_model
-from .checkpoint import load_training_checkpoint, rng_state, set_rng_state, write_checkpoint
-from .loaders import make_loaders, reseed_epoch
+from .checkpoint import (
+    load_training_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from .evaluate import evaluation_record, top_correct
+from .loaders import make_loaders, reseed_epoch
 from .optim import block_stage, make_optimizer, make_schedulers
-from .report import Reporter, TrainResult, check_output_dir, log_metrics, make_output_dir, plot_curves, tensorboard
-from .runtime import Distributed, amp_scaler, autocast_context, device_kind, init_distributed, leave_distributed, peak_memory_mib, training_device
+from .recipe import Recipe
+from .report import (
+    Reporter,
+    TrainResult,
+    check_output_dir,
+    log_metrics,
+    make_output_dir,
+    plot_curves,
+    tensorboard,
+)
+from .runtime import (
+    Distributed,
+    amp_scaler,
+    autocast_context,
+    device_kind,
+    init_distributed,
+    leave_distributed,
+    peak_memory_mib,
+    training_device,
+)
 
 __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 

@@ -145,7 +145,19 @@ def _one_line(exc: ValidationError) -> str:
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Recipe:
-    """Read, override and validate a recipe (from ``path`` or an already-parsed ``data`` dict)."""
+    """Read, override and validate a recipe.
+
+    Args:
+        path: a YAML file.
+        overrides: ``key.sub=value`` strings (``--set``), applied in order.
+        data: an already-parsed recipe instead of ``path``.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: a missing or malformed file, an unknown key, or an invalid value.
+    """
     if data is None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -1,4 +1,6 @@
-"""TODO"""
+"""What a training run reports and writes besides checkpoints: progress to a :class:`Reporter`
+(the CLI draws it; library code prints nothing), ``metrics.jsonl`` (and TensorBoard when it is
+installed), ``curves.png``, and the output folder, checked before anything is written."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from ..errors import FxLocalError
-from ..local_model import LocalModel
-from ..graph.plan import atomic_write_bytes
-from .recipe import Recipe
 
+from ..errors import FxLocalError
+from ..graph.plan import atomic_write_bytes
+from ..local_model import LocalModel
+from .recipe import Recipe
 
 
 class OutputDirError(FxLocalError, OSError):
@@ -66,6 +68,7 @@ class Reporter:
 
 @dataclass
 class TrainResult:
+    """What :func:`~fxlocal.training.fit` returns: the output folder, the epochs done, each epoch's record."""
     output_dir: Path
     epochs_done: int
     history: list[dict] = field(default_factory=list)
@@ -74,6 +77,7 @@ class TrainResult:
 
 
 def log_metrics(out_dir: Path, writer, record: dict) -> None:
+    """Append an epoch's record to ``metrics.jsonl`` (and TensorBoard when ``writer`` is one)."""
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is not None:
@@ -81,6 +85,7 @@ def log_metrics(out_dir: Path, writer, record: dict) -> None:
 
 
 def tensorboard(out_dir: Path):
+    """A TensorBoard writer in ``out_dir/tensorboard``, or None when TensorBoard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
@@ -98,6 +103,7 @@ def _log_tensorboard(writer, record: dict) -> None:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
+    """Draw each block's training loss and the test accuracy per epoch to ``path`` (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,6 @@
-"""TODO"""
+"""Where and how a training step runs: the device, mixed precision (autocast, the fp16 loss
+scaler), ``torch.compile`` of the blocks, and torch.distributed (the process group under
+torchrun, the gradient all-reduce of data-parallel training, the replicas' agreement)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
 from ..errors import FxLocalError
 from ..local_model import LocalModel
 from .recipe import Recipe
@@ -16,6 +20,7 @@ from .recipe import Recipe
 
 @dataclass
 class Distributed:
+    """This process's place in a torchrun job (one process, rank 0 of 1, without torchrun)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -31,6 +36,15 @@ class Distributed:
 
 
 def init_distributed(device_kind: str, timeout_s: float | None = None) -> Distributed:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1.
+
+    Args:
+        device_kind: ``"cuda"`` or ``"cpu"`` (:func:`device_kind`).
+        timeout_s: the group's collective timeout (None: torch's default).
+
+    Returns:
+        This process's :class:`Distributed`; ``owned`` when this call created the group.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
@@ -42,6 +56,7 @@ def init_distributed(device_kind: str, timeout_s: float | None = None) -> Distri
 
 
 def leave_distributed(dist_: Distributed) -> None:
+    """Wait for every rank, then destroy the process group if this process created it."""
     if dist_.enabled:
         # No rank may exit while another still evaluates or writes the checkpoint: a process
         # leaving a live gloo group behind can abort, and torchrun then kills the others.
@@ -51,6 +66,7 @@ def leave_distributed(dist_: Distributed) -> None:
 
 
 def training_device(recipe: Recipe, local_rank: int) -> torch.device:
+    """The device a recipe trains on: ``auto`` is this rank's GPU when there is one, else the CPU."""
     if recipe.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if recipe.device.startswith("cuda") and not torch.cuda.is_available():
@@ -59,6 +75,7 @@ def training_device(recipe: Recipe, local_rank: int) -> torch.device:
 
 
 def device_kind(recipe: Recipe) -> str:
+    """``"cuda"`` or ``"cpu"``: what the recipe's device is, before a device is picked."""
     auto_cuda = recipe.device == "auto" and torch.cuda.is_available()
     return "cuda" if recipe.device.startswith("cuda") or auto_cuda else "cpu"
 
@@ -83,6 +100,7 @@ def amp_scaler(recipe: Recipe, device: torch.device) -> torch.amp.GradScaler | N
 
 
 def autocast_context(device: torch.device, amp: bool | str):
+    """``torch.autocast`` at the recipe's ``amp`` dtype on ``device``, or a context that does nothing."""
     dtype = amp_dtype(amp, device)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
@@ -102,6 +120,7 @@ def compile_blocks(local: LocalModel, backend: bool | str) -> None:
 
 
 def grad_allreduce(world: int):
+    """A LocalModel ``grad_hook`` that averages each block's gradients over ``world`` data-parallel ranks."""
     def hook(params: list[nn.Parameter]) -> None:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
@@ -118,6 +137,7 @@ def grad_allreduce(world: int):
 
 
 def replicas_in_sync(local: LocalModel) -> bool:
+    """Whether every rank holds the same parameters (a checksum compared across ranks)."""
     checksum = torch.stack([p.detach().double().sum() for p in local.parameters()]).sum().reshape(1)
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -126,6 +146,7 @@ def replicas_in_sync(local: LocalModel) -> bool:
 
 
 def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak memory so far: CUDA's allocator peak, or the CPU's maximum resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource

@@ -10,16 +10,14 @@ import time
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.cli import app
 from fxlocal.tools.export import load_local_model
-from fxlocal.training.pipeline import PipelineError, pipeline_obstacle
-from fxlocal.training.loop import fit
-from fxlocal.training.checkpoint import load_training_checkpoint
 from fxlocal.tools.verify import export_mismatch
-from helpers import assert_one_line_error, tiny
+from fxlocal.training.checkpoint import load_training_checkpoint
+from fxlocal.training.loop import fit
+from fxlocal.training.pipeline import PipelineError, pipeline_obstacle
+from helpers import assert_one_line_error, run_cli, tiny
 
 
 def _recipe_file(recipe, path):
@@ -152,7 +150,7 @@ def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
         fit(tiny(tmp_path, pipeline={"enabled": True}, optimizer__per_block=False))
     with pytest.raises(PipelineError, match="re-runs 1 earlier block"):
         fit(tiny(tmp_path, pipeline={"enabled": True}, convert__aux="mlaan"))
-    done = CliRunner().invoke(app, ["train", str(_recipe_file(tiny(tmp_path), tmp_path / "r.yaml")), "--pipeline"])
+    done = run_cli(["train", str(_recipe_file(tiny(tmp_path), tmp_path / "r.yaml")), "--pipeline"])
     assert_one_line_error(done, "torchrun --nproc-per-node 2")
 
 

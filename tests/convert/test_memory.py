@@ -1,11 +1,9 @@
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
-from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.cli import app
 from fxlocal.memory import e2e_step, predict_memory, step_peak_bytes
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, run_cli
 
 
 def test_fake_prediction_equals_a_real_cpu_step():
@@ -33,18 +31,25 @@ def test_local_step_needs_less_memory_than_end_to_end():
 
 
 def test_memory_cli():
-    result = CliRunner().invoke(
-        app, ["memory", "resnet32_cifar", "--k", "4", "--batch", "32", "--input-size", "3", "32", "32"],
+    result = run_cli(["memory", "resnet32_cifar", "--k", "4", "--batch", "32", "--input-size", "3", "32", "32"],
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
     assert "peak: end-to-end" in result.output and "× end-to-end" in result.output
-    assert_one_line_error(CliRunner().invoke(app, ["memory", "resnet32_cifar", "--optimizer", "lion"]), "choose one of sgd, adamw")
+    assert_one_line_error(run_cli(["memory", "resnet32_cifar", "--optimizer", "lion"]), "choose one of sgd, adamw")
 
 
 def test_max_memory_picks_the_smallest_k_that_fits():
-    from fxlocal.memory import MemoryLimitError, local_step, max_blocks, parse_bytes, smallest_k_that_fits, step_peak_bytes
     import pytest
+
+    from fxlocal.memory import (
+        MemoryLimitError,
+        local_step,
+        max_blocks,
+        parse_bytes,
+        smallest_k_that_fits,
+        step_peak_bytes,
+    )
 
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("1.5 MiB") == 3 * 2**19 and parse_bytes("2GB") == 2 * 10**9
     analyzed = fxlocal.analyze_model("resnet32_cifar", (3, 32, 32), num_classes=10)
@@ -59,7 +64,7 @@ def test_max_memory_picks_the_smallest_k_that_fits():
     assert k == 2 and local.k == 2 and peak_mib * 2**20 == peaks[2]
     with pytest.raises(MemoryLimitError, match="no K fits 1 MiB: the smallest predicted peak is"):
         smallest_k_that_fits(convert, 2**20, 64, 3)
-    result = CliRunner().invoke(app, ["convert", "resnet32_cifar", "--input-size", "3", "32", "32", "--batch", "64",
+    result = run_cli(["convert", "resnet32_cifar", "--input-size", "3", "32", "32", "--batch", "64",
                                       "--balance", "memory", "--max-memory", f"{limit}B"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "K=2 is the smallest that fits" in result.output
@@ -105,7 +110,7 @@ def test_step_tracker_counts_a_module_input_only_while_it_lives():
 def test_block_step_peaks_say_which_block_binds():
     """Each block's part of the step peaks on its own; the largest is the step's peak. Cutting
     right after the stem leaves block 1 the rest of the stages, so it binds."""
-    from fxlocal.memory import local_step, block_step_peaks
+    from fxlocal.memory import block_step_peaks, local_step
 
     size = (3, 32, 32)
     original = fxlocal.create_model("resnet32_cifar", 10, size)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import fxlocal
+from fxlocal.training.checkpoint import load_training_checkpoint
+from fxlocal.training.loop import fit
 from fxlocal.training.recipe import RecipeError, load_recipe
 from fxlocal.training.report import Reporter
 from fxlocal.training.runtime import amp_dtype, amp_scaler
-from fxlocal.training.loop import fit
-from fxlocal.training.checkpoint import load_training_checkpoint
 from helpers import tiny
 
 

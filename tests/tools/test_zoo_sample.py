@@ -17,14 +17,14 @@ selected case of the module, so a split would run them all twice.
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
 from fxlocal.tools import zoo
+from helpers import REPO
 
-SAMPLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo_sample.txt"
+SAMPLE = REPO / "benchmarks" / "results" / "zoo_sample.txt"
 MODELS = zoo.representatives(SAMPLE.read_text().split())
 
 # Outside the target: timm's own FX tests exclude gemma4_vit (its forward branches on tensor

@@ -1,15 +1,12 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.training.checkpoint import save_converted
-from fxlocal.cli import app
 from fxlocal.tools.export import ExportError, export, plain_model
-from helpers import assert_one_line_error
+from fxlocal.training.checkpoint import save_converted
+from helpers import assert_one_line_error, run_cli
 
-runner = CliRunner()
 AUX = ["dgl", "auglocal", "mlaan", "man", "none"]
 MODELS = [
     ("resnet32_cifar", (3, 32, 32)),
@@ -106,7 +103,7 @@ def test_cli_state_dict_and_safetensors(converted, tmp_path):
     expected = local(x)
     for fmt, load in (("state_dict", lambda p: torch.load(p, weights_only=True)), ("safetensors", load_file)):
         out = tmp_path / f"backbone.{fmt}"
-        result = runner.invoke(app, ["export", str(path), "--format", fmt, "--output", str(out), "--with-aux"])
+        result = run_cli(["export", str(path), "--format", fmt, "--output", str(out), "--with-aux"])
         assert result.exit_code == 0, result.output
         model = fxlocal.create_model("resnet32_cifar", 10, (3, 32, 32))
         model.load_state_dict(load(out), strict=True)
@@ -119,7 +116,7 @@ def test_cli_state_dict_and_safetensors(converted, tmp_path):
 def test_cli_pt2_is_the_plain_model(converted, tmp_path):
     path, local = converted
     out = tmp_path / "backbone.pt2"
-    result = runner.invoke(app, ["export", str(path), "--format", "pt2", "--output", str(out)])
+    result = run_cli(["export", str(path), "--format", "pt2", "--output", str(out)])
     assert result.exit_code == 0, result.output
     program = torch.export.load(out)
     x = torch.randn(3, 3, 32, 32)
@@ -128,12 +125,12 @@ def test_cli_pt2_is_the_plain_model(converted, tmp_path):
 
 
 def test_training_checkpoint_exports(tmp_path):
-    from helpers import tiny
     from fxlocal.training.loop import fit
+    from helpers import tiny
 
     fit(tiny(tmp_path, epochs=1))
     out = tmp_path / "b.safetensors"
-    result = runner.invoke(app, ["export", str(tmp_path / "run/last.pt"), "--format", "safetensors", "-o", str(out)])
+    result = run_cli(["export", str(tmp_path / "run/last.pt"), "--format", "safetensors", "-o", str(out)])
     assert result.exit_code == 0, result.output
     model = fxlocal.create_model("resnet32_cifar", 10, (1, 28, 28))
     model.load_state_dict(load_file(out), strict=True)
@@ -149,7 +146,7 @@ def test_training_checkpoint_exports(tmp_path):
 def test_bad_export_requests_are_one_line(converted, tmp_path, args, message):
     path, _ = converted
     base = ["export", str(path), "--output", str(tmp_path / "x.pt")]
-    assert_one_line_error(runner.invoke(app, base + args), message)
+    assert_one_line_error(run_cli(base + args), message)
     assert not list(tmp_path.iterdir())
 
 
@@ -157,7 +154,7 @@ def test_not_our_checkpoint(tmp_path):
     (tmp_path / "other.pt").write_bytes(b"\x80\x04junk")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pt")
     for name in ("other.pt", "dict.pt"):
-        assert_one_line_error(runner.invoke(app, ["export", str(tmp_path / name), "-o", str(tmp_path / "x.pt")]), "not an fxlocal")
+        assert_one_line_error(run_cli(["export", str(tmp_path / name), "-o", str(tmp_path / "x.pt")]), "not an fxlocal")
     assert not (tmp_path / "x.pt").exists()
 
 

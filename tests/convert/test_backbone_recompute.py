@@ -5,14 +5,12 @@ import copy
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.cli import app
 from fxlocal.graph.cost import MemoryModel
-from fxlocal.memory import block_step_peaks
 from fxlocal.graph.regions import RecomputedRegion
-from helpers import assert_one_line_error, assert_trains_alike
+from fxlocal.memory import block_step_peaks
+from helpers import assert_one_line_error, assert_trains_alike, run_cli
 
 CIFAR = (3, 32, 32)
 
@@ -193,19 +191,17 @@ def test_checkpoints_keep_the_recompute(tmp_path):
 
 
 def test_cli_memory_with_recompute_and_a_bad_policy():
-    runner = CliRunner()
     args = ["memory", "resnet32_cifar", "--k", "2", "--batch", "8", "--input-size", "3", "32", "32"]
-    ok = runner.invoke(app, [*args, "--backbone-recompute", "cheap"])
+    ok = run_cli([*args, "--backbone-recompute", "cheap"])
     assert ok.exit_code == 0, ok.output
     assert "backbone recompute cheap" in ok.output
-    bad = runner.invoke(app, [*args, "--backbone-recompute", "some"])
+    bad = run_cli([*args, "--backbone-recompute", "some"])
     assert_one_line_error(bad, "unknown backbone recompute 'some': choose one of none, cheap, all")
 
 
 def test_a_recipe_sets_the_recompute(tmp_path):
-    from helpers import tiny
-
     from fxlocal.training.build import build_model
+    from helpers import tiny
 
     recipe = tiny(tmp_path, convert__backbone_recompute="cheap")
     assert build_model(recipe).backbone_recompute == "cheap"

@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from fxlocal.training.checkpoint import CheckpointError, read_checkpoint_file
-from fxlocal.cli import app
+from fxlocal.training.checkpoint import (
+    CheckpointError,
+    load_training_checkpoint,
+    read_checkpoint_file,
+)
 from fxlocal.training.loop import fit
-from fxlocal.training.checkpoint import load_training_checkpoint
-from helpers import assert_one_line_error, tiny
-
+from helpers import assert_one_line_error, run_cli, tiny
 
 
 def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80"})
+    return run_cli(args)
 
 
 def files_under(path: Path) -> set[Path]:

@@ -5,9 +5,9 @@ import torchvision
 from torch import nn
 
 import fxlocal
-from fxlocal.training.checkpoint import load_converted, save_converted
 from fxlocal.errors import PlanMismatchError, SharedParameterError
 from fxlocal.tools.verify import export_mismatch
+from fxlocal.training.checkpoint import load_converted, save_converted
 from helpers import assert_gradient_isolation, assert_trains, convert_named
 
 
@@ -250,7 +250,7 @@ def test_a_feature_encoder_is_refused_as_not_a_classifier():
 
 @pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan"])
 def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
-    from test_analyze import RotaryTokens
+    from nets import RotaryTokens
 
     torch.manual_seed(0)
     model = RotaryTokens().eval()
@@ -273,9 +273,8 @@ def test_blocks_recompute_a_table_built_from_buffers_and_shapes(aux):
 
 @pytest.mark.parametrize("aux", ["dgl", "auglocal", "mlaan", "man"])
 def test_a_table_made_from_a_parameter_ties_it_between_the_blocks_that_recompute_it(aux):
-    from test_analyze import RotaryTokens
-
     from fxlocal.training.pipeline import pipeline_obstacle
+    from nets import RotaryTokens
 
     torch.manual_seed(0)
     model = RotaryTokens("parameter").eval()
@@ -311,7 +310,7 @@ def test_a_cut_carrying_a_second_branch_detaches_both_and_trains_through_both(au
     units after the cut, which take both (TwoBranches' units are its blocks)."""
     import copy
 
-    from test_analyze import TwoBranches
+    from nets import TwoBranches
 
     torch.manual_seed(0)
     model = TwoBranches().eval()

@@ -1,7 +1,6 @@
 """Where fxlocal differs from the papers' reference code, the reference's behaviour is an option:
 each is checked against its definition here (their accuracy effect: benchmarks/accuracy.py)."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +10,15 @@ import fxlocal
 from fxlocal.aux.ema import EMATwin
 from fxlocal.aux.mlaan import MLAANHead, PoolLinear, WithoutOwnLoss
 from fxlocal.errors import FxLocalError
-from fxlocal.training.recipe import RecipeError, load_recipe
-from fxlocal.training.optim import make_optimizer
-from fxlocal.training.loaders import train_and_evaluation_sets
 from fxlocal.training.build import build_model
-from helpers import tiny
+from fxlocal.training.loaders import train_and_evaluation_sets
+from fxlocal.training.optim import make_optimizer
+from fxlocal.training.recipe import RecipeError, load_recipe
+from helpers import REPO, tiny
 
 CIFAR = (3, 32, 32)
-ROOT = Path(__file__).parents[1]
-REFERENCE = yaml.safe_load((Path(__file__).parent / "data" / "mlaan_reference_chains.yaml").read_text())
+ROOT = REPO
+REFERENCE = yaml.safe_load((REPO / "tests" / "data" / "mlaan_reference_chains.yaml").read_text())
 
 
 def twins(module):

@@ -1,13 +1,17 @@
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import fxlocal
 from fxlocal.aux.ema import EMATwin
 from fxlocal.aux.mlaan import leap_chain
 from fxlocal.training.checkpoint import load_converted, save_converted
-from fxlocal.cli import app
-from helpers import assert_gradient_isolation, assert_trains, convert_named, saved_activation_bytes
+from helpers import (
+    assert_gradient_isolation,
+    assert_trains,
+    convert_named,
+    run_cli,
+    saved_activation_bytes,
+)
 
 CIFAR = (3, 32, 32)
 RESNET32_STAGES = [0] * 6 + [1] * 5 + [2] * 5  # stem + layer1 | layer2 | layer3
@@ -156,17 +160,14 @@ def test_checkpoint_keeps_ema_twins(tmp_path):
 
 @pytest.mark.parametrize("aux,marker", [("mlaan", "EMA twin on unit"), ("man", "MAN: LB(unit")])
 def test_cli_prints_each_heads_structure(aux, marker):
-    result = CliRunner().invoke(
-        app, ["convert", "resnet32_cifar", "--k", "4", "--aux", aux, "--input-size", "3", "32", "32"], env={"COLUMNS": "250"}
+    result = run_cli(["convert", "resnet32_cifar", "--k", "4", "--aux", aux, "--input-size", "3", "32", "32"], env={"COLUMNS": "250"}
     )
     assert result.exit_code == 0, result.output
     assert result.output.count(marker) == 3
 
 
 def test_cli_aux_options_reach_mlaan():
-    result = CliRunner().invoke(
-        app,
-        ["convert", "resnet32_cifar", "--k", "4", "--aux", "mlaan", "--input-size", "3", "32", "32",
+    result = run_cli(["convert", "resnet32_cifar", "--k", "4", "--aux", "mlaan", "--input-size", "3", "32", "32",
          "--aux-option", "span=3", "--aux-option", "momentum=0.9", "--aux-option", "fill=true"],
         env={"COLUMNS": "250"},
     )
@@ -218,10 +219,9 @@ def test_mlaan_cascade_shares_the_blocks_forward():
 def test_ema_twins_are_priced_as_what_they_save(unit):
     # the twin runs on the block's output, which needs a gradient: backward goes through it, so
     # it saves what the unit saves; its averaged weights are resident buffers (balance="memory")
-    from fxlocal.graph.analyze import analyze
-    from fxlocal.aux import HeadSpec, get_aux
+    from fxlocal.aux import HeadSpec, UnitLibrary, get_aux
     from fxlocal.aux.ema import twin_cost
-    from fxlocal.aux import UnitLibrary
+    from fxlocal.graph.analyze import analyze
     from fxlocal.graph.trace import trace
 
     size = (3, 32, 32)
@@ -243,9 +243,8 @@ def test_ema_twins_are_priced_as_what_they_save(unit):
 def test_man_head_is_priced_as_what_it_keeps(unit, recompute):
     """Stored: LB's and the twin's activations, their sum (kept by DGL's head) and DGL's own;
     recomputed: the sum and DGL's, plus one unit's activations while it is recomputed."""
+    from fxlocal.aux import HeadSpec, UnitLibrary, get_aux
     from fxlocal.graph.analyze import analyze
-    from fxlocal.aux import HeadSpec, get_aux
-    from fxlocal.aux import UnitLibrary
     from fxlocal.graph.trace import trace
 
     size = (3, 32, 32)
@@ -304,9 +303,8 @@ def test_mlaan_heads_are_priced_with_every_part_they_train(k):
 def test_mlaan_heads_hold_their_independent_part_and_their_chain_one_at_a_time():
     """On ResNet-32's 16-channel maps the independent head (two conv1×1 to 64 channels at 32²)
     saves more than the chain: the head is priced at the larger of the two, as measured."""
+    from fxlocal.aux import HeadSpec, UnitLibrary, get_aux
     from fxlocal.graph.analyze import analyze
-    from fxlocal.aux import HeadSpec, get_aux
-    from fxlocal.aux import UnitLibrary
     from fxlocal.graph.trace import trace
 
     size = (3, 32, 32)

@@ -39,7 +39,7 @@ def test_recomputed_heads_train_exactly_as_stored_ones(aux):
 def test_recomputed_copies_take_a_carried_second_branch(aux):
     """Copies of units that hand two tensors on (TwoBranches' blocks), recomputed; priced for
     balance="memory" with both tensors as the copies' inputs."""
-    from test_analyze import TwoBranches
+    from nets import TwoBranches
 
     torch.manual_seed(0)
     size = (12, 4, 4)
@@ -53,9 +53,8 @@ def test_recomputed_copies_take_a_carried_second_branch(aux):
 # adapters between them (each its own recomputed stage, whose output is kept too)
 @pytest.mark.parametrize("aux,unit", [("mlaan", 2), ("auglocal", 0), ("auglocal", 5)])
 def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so(aux, unit):
+    from fxlocal.aux import HeadSpec, UnitLibrary, get_aux
     from fxlocal.graph.analyze import analyze
-    from fxlocal.aux import HeadSpec, get_aux
-    from fxlocal.aux import UnitLibrary
     from fxlocal.graph.trace import trace
 
     gm = trace(fxlocal.create_model("resnet32_cifar", 10, CIFAR), CIFAR)

@@ -1,13 +1,10 @@
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import fxlocal
 from fxlocal.aux.adapters import make_adapter, make_tensors_adapter
 from fxlocal.aux.auglocal import pyramid_depths, sampled_units
-from fxlocal.cli import app
-from helpers import assert_gradient_isolation, assert_trains, convert_named
-
+from helpers import assert_gradient_isolation, assert_trains, convert_named, run_cli
 
 # --- sampling: the reference values ---------------------------------------------------------
 
@@ -169,9 +166,7 @@ def test_resnet110_k55_trains():
 
 
 def test_cli_prints_which_units_each_head_copies():
-    result = CliRunner().invoke(
-        app,
-        ["convert", "resnet32_cifar", "--k", "16", "--aux", "auglocal", "--input-size", "3", "32", "32", "--aux-depth", "3"],
+    result = run_cli(["convert", "resnet32_cifar", "--k", "16", "--aux", "auglocal", "--input-size", "3", "32", "32", "--aux-depth", "3"],
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output

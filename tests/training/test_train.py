@@ -2,25 +2,22 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 import fxlocal
-from fxlocal.cli import app
-from fxlocal.training.data import DatasetError, build_dataset
-from fxlocal.training.recipe import RecipeError, load_recipe
-from fxlocal.training.report import Reporter
 from fxlocal.errors import TrainingDiverged
 from fxlocal.training.build import build_model
-from fxlocal.training.loop import fit
 from fxlocal.training.checkpoint import load_training_checkpoint
-from helpers import assert_one_line_error, tiny
+from fxlocal.training.data import DatasetError, build_dataset
+from fxlocal.training.loop import fit
+from fxlocal.training.recipe import RecipeError, load_recipe
+from fxlocal.training.report import Reporter
+from helpers import REPO, SHARED, assert_one_line_error, run_cli, tiny
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 # --- recipes ------------------------------------------------------------------------------------
@@ -77,7 +74,7 @@ def test_shared_fashion_mnist_reads_straight_from_gz():
     """The full-size files a user's data.root points at (the shipped sample has 1000 images, so
     it cannot show that all 10 000 test images are read): ../shared/datasets, beside the
     repository in CI, holds them."""
-    data = build_dataset("fashion_mnist", str(Path(__file__).parents[2] / "shared/datasets/fashion-mnist"), False, (1, 28, 28))
+    data = build_dataset("fashion_mnist", str(SHARED / "datasets" / "fashion-mnist"), False, (1, 28, 28))
     assert len(data) == 10000
     x, y = data[0]
     assert x.shape == (1, 28, 28) and 0 <= y < 10
@@ -139,13 +136,12 @@ def test_one_optimizer_for_all_blocks(tmp_path):
 def test_cli_train_and_evaluate(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny(tmp_path).model_dump(mode="json")))
-    runner = CliRunner()
-    result = runner.invoke(app, ["train", str(recipe), "--set", "epochs=1"], env={"COLUMNS": "200"})
+    result = run_cli(["train", str(recipe), "--set", "epochs=1"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "test top-1" in result.output and "summary" in result.output
     assert (tmp_path / "run/curves.png").read_bytes()[:4] == b"\x89PNG"
     top1 = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
-    result = runner.invoke(app, ["evaluate", str(tmp_path / "run/last.pt")], env={"COLUMNS": "200"})
+    result = run_cli(["evaluate", str(tmp_path / "run/last.pt")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert f"top-1 {top1:.4f}" in result.output
 
@@ -153,9 +149,9 @@ def test_cli_train_and_evaluate(tmp_path):
 def test_cli_bad_recipe_and_checkpoint_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: resnet32_cifar}\nconvert: {balance: speed}\n")
-    assert_one_line_error(CliRunner().invoke(app, ["train", str(bad)]), "convert.balance")
+    assert_one_line_error(run_cli(["train", str(bad)]), "convert.balance")
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(CliRunner().invoke(app, ["evaluate", str(tmp_path / "x.pt")]), "not an fxlocal checkpoint")
+    assert_one_line_error(run_cli(["evaluate", str(tmp_path / "x.pt")]), "not an fxlocal checkpoint")
 
 
 def test_data_parallel_with_two_processes(tmp_path):
@@ -185,9 +181,8 @@ def test_recipe_max_memory_chooses_k(tmp_path):
 
 
 def test_per_block_optimizers_step_a_tied_parameter_once(tmp_path):
-    from test_analyze import RotaryTokens
-
     from fxlocal.training.optim import make_optimizers
+    from nets import RotaryTokens
 
     local = fxlocal.convert(RotaryTokens("parameter"), k=3, input_size=(3, 16, 16), num_classes=5)
     tied = local.blocks[1].get_parameter("frequencies")

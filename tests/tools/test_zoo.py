@@ -80,8 +80,8 @@ def test_zoo_check_lists_what_a_step_cannot_move(analyzed_resnet18):
 
 
 def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_resnet18, monkeypatch):
-    from fxlocal.tools import zoo
     from fxlocal.local_model import LocalModel
+    from fxlocal.tools import zoo
 
     original = LocalModel.block_parameters
     monkeypatch.setattr(LocalModel, "block_parameters", lambda self, b: list(original(self, b))[1:] if b == 1 else original(self, b))
@@ -108,7 +108,8 @@ def test_zoo_rows_say_fake_apart():
 def test_a_fake_row_still_catches_a_gradient_leak(monkeypatch):
     """A model checked without computing (built on the meta device) still fails isolation when
     the boundaries stop detaching: meta tensors carry the autograd graph a leak goes through."""
-    from fxlocal import local_model; from fxlocal.tools import zoo
+    from fxlocal import local_model
+    from fxlocal.tools import zoo
 
     monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
     monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # (a step then fails first)

@@ -2,17 +2,13 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from fxlocal.training.checkpoint import load_converted
-from fxlocal.cli import app
-from helpers import assert_one_line_error
-
-runner = CliRunner()
+from helpers import assert_one_line_error, run_cli
 
 
 def run(*args):
-    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
+    return run_cli(list(args), env={"COLUMNS": "200"})
 
 
 def test_convert_prints_plan_and_saves(tmp_path):
@@ -33,7 +29,7 @@ def test_convert_prints_plan_and_saves(tmp_path):
 def test_convert_names_tied_parameters_and_saves_them_once(tmp_path):
     out = tmp_path / "local.pt"
     result = run(
-        "convert", "test_analyze:rotary_tokens_with_learned_frequencies", "--k", "3",
+        "convert", "nets:rotary_tokens_with_learned_frequencies", "--k", "3",
         "--input-size", "3", "16", "16", "--output", str(out),
     )
     assert result.exit_code == 0, result.output
