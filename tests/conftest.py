@@ -15,7 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # second intra-op thread per process would only contend (the suite is mostly dispatch-bound).
     torch.set_num_threads(1)
 
-# the Fashion-MNIST sample fxlocal ships (1000 training images; the quickstart trains on it)
+# the Fashion-MNIST sample fxlocal ships (4000 training and 1000 test images; the quickstart trains on it)
 FASHION_MNIST = SHIPPED / "fashion_mnist_mini"
 
 
