@@ -428,8 +428,9 @@ def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, de
     """The smallest K whose predicted step peak fits ``max_memory``, and its converted model."""
     import fxlocal
 
-    from .memory import fit_to_memory
+    from .memory import fit_to_memory, parse_bytes
 
+    parse_bytes(max_memory)  # a malformed size is refused before the model is traced
     analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time")  # once for every K tried
     k, local, peak = fit_to_memory(
         analyzed, aux, max_memory,

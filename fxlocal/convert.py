@@ -21,6 +21,7 @@ from .errors import (
     FxLocalError,
     IncompatibleOptionsError,
     InputSizeError,
+    KOutOfRangeError,
     NotAClassifierError,
     PartitionError,
     PlanMismatchError,
@@ -183,8 +184,16 @@ class _Heads:
 
     def __post_init__(self) -> None:
         self.unit_at = {u.cut_position: u.index for u in self.analysis.units}
-        self.cost = lru_cache(maxsize=None)(self._cost)
-        self.first_part_cost = lru_cache(maxsize=None)(self._first_part_cost)
+        self._costs = lru_cache(maxsize=None)(self._cost)
+        self._first_parts = lru_cache(maxsize=None)(self._first_part_cost)
+
+    def cost(self, position: int, block: int = 0) -> Cost:
+        """What the head at candidate ``position`` training block ``block`` costs (nothing for
+        ``aux="none"``, which has no heads)."""
+        return self._costs(position, block) if self.method.name != "none" else Cost()
+
+    def first_part_cost(self, position: int, block: int = 0) -> Cost:
+        return self._first_parts(position, block)
 
     def specs(self, position: int, block: int) -> list[HeadSpec]:
         """A method that copies units gets the cut's tensor and the one it carries if any (its
@@ -235,7 +244,8 @@ def convert(
         balance: what the partition balances: ``flops``, ``params``, ``activations``,
             ``memory`` (a training step's peak) or ``time`` (measured here).
         num_classes: the classes (default: the model's own).
-        plan: a saved :class:`Plan` to cut by instead of partitioning.
+        plan: a saved :class:`Plan` to cut by instead of partitioning (its K is used; ``k`` is
+            ignored).
         model_kwargs: passed to the model's constructor.
         memory: prices ``balance="memory"`` (batch, optimizer state, pipeline mode; default
             batch 64, SGD momentum, one process).
@@ -271,10 +281,18 @@ def convert(
     heads = _Heads(method, analysis, _num_classes(gm, analyzed.num_classes, analyzed.model_name),
                    UnitLibrary.from_analysis(gm, analysis), k)
     allowed = [u.cut_position for u in analysis.units[:-1]] if method.cuts_at_units else None
+    if allowed == [] and k > 1:
+        units = len(analysis.units)
+        raise KOutOfRangeError(
+            f"k={k} is out of range: aux={aux!r} cuts only between units and {analyzed.model_name} has "
+            f"{units} unit{'' if units == 1 else 's'}, so k can be 1 to 1"
+            + (f"; aux='dgl' can cut at its {len(analysis.candidates)} cut candidates" if analysis.candidates else ""),
+            max_k=1,
+        )
     priced = dict(model_name=analyzed.model_name, aux=aux, memory=memory, input_window=method.input_window)
     if plan is None and cuts is None:
         plan = partition(
-            gm, k, balance, analysis=analysis, head_cost=heads.cost if aux != "none" else None, allowed=allowed,
+            gm, k, balance, analysis=analysis, head_cost=heads.cost, allowed=allowed,
             heads_vary_by_block=method.heads_vary_by_block,
             first_part_cost=heads.first_part_cost if method.backpropagates_blocks_twice else None, **priced,
         )
@@ -306,7 +324,7 @@ def _plan_at(cut_nodes: list[str], gm, analyzed: AnalyzedModel, heads: _Heads, a
     head_costs = [Cost()] * len(analysis.candidates)
     first_parts = [Cost()] * len(analysis.candidates)
     for b, i in enumerate(cut_idx):
-        head_costs[i] = heads.cost(i, b) if heads.method.name != "none" else Cost()
+        head_costs[i] = heads.cost(i, b)
         first_parts[i] = heads.first_part_cost(i, b)
     twice = heads.method.backpropagates_blocks_twice
     return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, first_parts=first_parts if twice else None, **priced)

@@ -27,7 +27,7 @@ def _tensors(values: tuple) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _isolated(carried: tuple) -> tuple:
+def isolated(carried: tuple) -> tuple:
     """What crosses a boundary: the tensors detached (no gradient flows back), plain values as is."""
     return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in carried)
 
@@ -184,10 +184,11 @@ class LocalModel(nn.Module):
     loss, backward at once, hand the detached output on, so autograd only ever holds one
     block's graph (or the few blocks a cascaded objective re-runs).
 
-    A head's local loss is ``criterion(head(output), target)`` unless the head defines
-    ``local_loss(ctx, block, output) -> (loss, logits)``; heads may define ``after_backward()``
-    (EMA updates) and ``input_window`` (how many block inputs their loss re-runs).
-    ``final_objective``, when set, is the last block's ``local_loss``.
+    A head's local loss is ``criterion(head(output), target)``. A head that computes its block's
+    loss itself, acts after each backward (EMA updates) or re-runs earlier blocks subclasses
+    :class:`fxlocal.aux.AuxHead` (``owns_loss`` and ``local_loss(ctx, block, output) -> (loss,
+    logits)``, ``after_backward()``, ``input_window``); any other module is a plain head.
+    ``final_objective``, when set, is an ``AuxHead`` whose ``local_loss`` is the last block's.
 
     ``backbone_recompute`` (``"none"``, ``"cheap"``, ``"all"``: :mod:`fxlocal.graph.recompute`) has
     training recompute the blocks' activations in backward, region by region, a region ending
@@ -257,7 +258,7 @@ class LocalModel(nn.Module):
     def forward(self, x: torch.Tensor):
         carried: tuple = (x,)
         for b, block in enumerate(self.blocks):
-            carried = block(*(_isolated(carried) if b else carried))
+            carried = block(*(isolated(carried) if b else carried))
         return carried
 
     def training_block(self, b: int) -> nn.Module:
@@ -350,7 +351,7 @@ class LocalModel(nn.Module):
         for b in range(self.k):
             if self.block_started is not None:
                 self.block_started(b)
-            inputs = list(_isolated(carried) if b else carried)
+            inputs = list(isolated(carried) if b else carried)
             carried = ()
             ctx.input_leaves = []
             if window > 1:  # a cascade may re-run this block from its input
@@ -481,7 +482,7 @@ class LocalModel(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # the block's own scaler (fp16): its scale follows its own steps
             scaler.update()
-        handed_on = _isolated(out) if b < len(self.heads) else ()
+        handed_on = isolated(out) if b < len(self.heads) else ()
         return handed_on, loss.detach(), logits.detach()
 
     def extra_repr(self) -> str:

@@ -53,7 +53,9 @@ class AuxMethod:
     name: str = ""
     #: heads copy the graph's units, so cuts must be at unit boundaries
     cuts_at_units: bool = False
-    #: the head at a cut depends on the block it trains (the partition prices each block's)
+    #: the head at a cut depends on the block it trains: the partition then prices each block's
+    #: own head; a method whose head (or its cost) depends on ``spec.block`` or
+    #: ``spec.num_blocks`` must say so, or every block is priced as block 0
     heads_vary_by_block: bool = False
     #: heads backpropagate their block twice per step (MLAAN): ``backbone_recompute="cheap"``
     #: (one backward per block) is refused, and ``balance="memory"`` prices
@@ -92,7 +94,7 @@ class AuxMethod:
         """
         with torch.device("meta"):
             head = self.build_head(spec)
-        key = (spec.shape, spec.layout, repr(head))
+        key = (spec.shape, spec.layout, repr(head), torch.get_default_dtype())
         if key not in _MEASURED:
             _MEASURED[key] = measure_module(head, spec.shape)
         return _MEASURED[key]
@@ -108,7 +110,7 @@ class AuxMethod:
         return None
 
 
-# head structure and input shape -> measured cost: heads of one structure at cuts of one shape
+# head structure, input shape and dtype -> measured cost: heads of one structure at cuts of one shape
 # (every block of a ConvMixer, a ViT; DGL's heads of one stage) are the same computation
 _MEASURED: dict[tuple, Cost] = {}
 

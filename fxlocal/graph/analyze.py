@@ -7,7 +7,7 @@ candidates there are ``C + 1`` segments, the last one ending at the output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
@@ -26,7 +26,7 @@ class GraphAnalysis:
     segment_costs: list[Cost]
     segment_nodes: list[list[str]]
     input_size: tuple[int, ...]
-    units: list[Unit]
+    units: list[Unit] = field(default_factory=list)
 
     @property
     def max_k(self) -> int:

@@ -21,8 +21,6 @@ is a candidate that *carries* the one other live tensor across the cut as well
 other tensor is a skip that the enclosing block itself still uses (a residual block's identity,
 an inception block's input): that would cut the block in two.
 
-A *segment* is the run of nodes after one candidate up to and including the next; with ``C``
-candidates there are ``C + 1`` segments, the last one ending at the output.
 """
 
 from __future__ import annotations

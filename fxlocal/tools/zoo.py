@@ -3,7 +3,7 @@ round trip, stage by stage, with the first failing stage and its reason as plain
 
 ``benchmarks/zoo.py`` sweeps :func:`check_model` over every timm and torchvision
 classification model (one process per model) and renders ``docs/zoo.md``;
-``tests/test_zoo_sample.py`` runs :func:`check_model` on one model per family.
+``tests/tools/test_zoo_sample.py`` runs :func:`check_model` on one model per family.
 
 Models are built for a small input (:data:`SIZE`); a model that rejects it is built for the
 sizes its source gives for it (:func:`fxlocal.models.native_input_sizes`: fixed-resolution
@@ -237,7 +237,7 @@ def check(analyzed: AnalyzedModel, aux: str, fake: bool = False, k: int = K) -> 
     x = torch.randn(BATCH, *size, device=device)
     y = torch.randint(0, CLASSES, (BATCH,), device=device)
     if fake:
-        _step(local, x, y, fake)
+        train_one_step(local, x, y, fake)
     else:
         details["unchanged"] = _trained_step(analyzed, local, x, y)
     with _stage("isolation"):
@@ -272,7 +272,8 @@ def _convert(analyzed: AnalyzedModel, aux: str, k: int) -> tuple[LocalModel, dic
     return local, details
 
 
-def _step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> None:
+def train_one_step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> None:
+    """One SGD-momentum step of every block (the zoo check's ``step`` stage); real losses must be finite."""
     with _stage("step"):
         optimizers = [torch.optim.SGD(list(local.block_parameters(b)), lr=LR, momentum=0.9) for b in range(local.k)]
         losses = local.train_step(x, y, optimizers, as_tensors=True)
@@ -281,7 +282,7 @@ def _step(local: LocalModel, x: torch.Tensor, y: torch.Tensor, fake: bool) -> No
 
 
 def _trained_step(analyzed: AnalyzedModel, local: LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, str]:
-    """:func:`_step` on real tensors, then every trainable parameter must have changed.
+    """:func:`train_one_step` on real tensors, then every trainable parameter must have changed.
 
     Returns:
         The parameters that did not, each with the reason it cannot: no gradient, a zero one, or
@@ -311,7 +312,7 @@ def _trained_step(analyzed: AnalyzedModel, local: LocalModel, x: torch.Tensor, y
     handles = [p.register_post_accumulate_grad_hook(recorder(n)) for n, p in trainable.items()]
     try:
         backbone_before = {k: v.detach().clone() for k, v in local.backbone_state_dict().items()}
-        _step(local, x, y, fake=False)
+        train_one_step(local, x, y, fake=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -29,7 +29,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     """
     from ..convert import AnalyzedModel, analyze_model
     from ..graph.cost import MemoryModel
-    from ..memory import fit_to_memory
+    from ..memory import fit_to_memory, parse_bytes
 
     info = dataset_info(recipe.data.dataset)
     size = tuple(recipe.data.input_size)
@@ -61,6 +61,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
         return build(plan.k)
     if recipe.convert.max_memory is None:
         return build(recipe.convert.k)
+    parse_bytes(recipe.convert.max_memory)  # a malformed size is refused before the model is traced
     torch.manual_seed(recipe.seed)
     # traced and analysed once for every K the search tries; the chosen K is then built afresh
     # (seeded), as a recipe that names that K would build it
@@ -75,7 +76,7 @@ def model_from_checkpoint(state: dict) -> LocalModel:
     """The trained LocalModel of a loaded training checkpoint.
 
     Args:
-        state: what :func:`load_training_checkpoint` returned.
+        state: what :func:`~fxlocal.training.checkpoint.load_training_checkpoint` returned.
 
     Returns:
         The model, rebuilt from the checkpoint's recipe and plan, with its weights.

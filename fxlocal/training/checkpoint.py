@@ -1,8 +1,10 @@
-"""Save and load converted models: the convert() arguments, the Plan and the weights.
+"""Checkpoints, the one module that writes and reads them: converted models (``fxlocal convert
+--output``: the convert() arguments, the Plan and the weights) and training checkpoints (the
+recipe, the plan, weights, optimizer and scheduler states, RNG, history; resumable).
 
 A file holds no pickled code, only plain data and tensors, so it loads with
-``torch.load(weights_only=True)``; the model is rebuilt by re-applying the Plan. Writes are atomic
-(temp file + rename): an interrupted save never leaves a half-written file behind.
+``torch.load(weights_only=True)``; a model is rebuilt by re-applying its Plan. Writes are atomic
+(temp file, fsync, rename): a writer killed at any moment leaves the previous file loadable.
 """
 
 from __future__ import annotations
@@ -22,7 +24,23 @@ from ..graph.plan import Plan, atomic_write_bytes
 from ..local_model import LocalModel
 from .recipe import Recipe
 
-__all__ = ["save_converted", "load_converted", "converted_from", "read_checkpoint_file", "invalid_fields", "load_weights", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "TRAINING_FORMAT",
+    "check_resumable",
+    "converted_from",
+    "invalid_fields",
+    "load_converted",
+    "load_training_checkpoint",
+    "load_weights",
+    "read_checkpoint_file",
+    "rng_state",
+    "save_checkpoint",
+    "save_converted",
+    "set_rng_state",
+    "training_checkpoint_from",
+    "write_checkpoint",
+]
 
 FORMAT = "fxlocal.converted/1"
 
@@ -49,8 +67,6 @@ def read_checkpoint_file(path: str | os.PathLike, allow_numpy_arrays: bool = Fal
             torch file.
     """
     import pickle
-
-    import numpy as np
 
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]] if allow_numpy_arrays else []
     try:
@@ -200,7 +216,7 @@ def write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int, 
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`fit` (tensors and plain data only: it cannot run code).
+    """Read a checkpoint written by :func:`~fxlocal.training.fit` (tensors and plain data only: it cannot run code).
 
     Args:
         path: the file.

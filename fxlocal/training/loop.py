@@ -54,7 +54,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     ``pipeline.enabled`` one block per process (:func:`fxlocal.training.pipeline.fit_pipeline`).
 
     Args:
-        recipe: the recipe (:func:`load_recipe`).
+        recipe: the recipe (:func:`~fxlocal.training.recipe.load_recipe`).
         resume: continue from ``<output_dir>/last.pt``.
         reporter: receives progress (only the reporting rank calls it).
 

@@ -35,11 +35,11 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str, timeout_s: float | None = None) -> Distributed:
+def init_distributed(kind: str, timeout_s: float | None = None) -> Distributed:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE`` > 1.
 
     Args:
-        device_kind: ``"cuda"`` or ``"cpu"`` (:func:`device_kind`).
+        kind: ``"cuda"`` or ``"cpu"`` (:func:`device_kind`).
         timeout_s: the group's collective timeout (None: torch's default).
 
     Returns:
@@ -51,7 +51,7 @@ def init_distributed(device_kind: str, timeout_s: float | None = None) -> Distri
     owned = not dist.is_initialized()
     if owned:
         timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", timeout=timeout)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
 
 

@@ -27,7 +27,7 @@ def test_isolation_check_reports_a_boundary_that_lets_gradients_through(monkeypa
     from fxlocal.tools.verify import isolation_violations
 
     local = fxlocal.convert("resnet18", k=3, input_size=(3, 32, 32), num_classes=5)
-    monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
+    monkeypatch.setattr(local_model, "isolated", lambda carried: carried)
     problems = isolation_violations(local, torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,)))
     assert [p.split(" parameters:")[0] for p in problems] == ["loss 1 reaches foreign", "loss 2 reaches foreign"]
     assert all("blocks.0.conv1.weight" in p for p in problems)  # block 0's first weight, for both

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_exports_bit_identically, assert_trains, convert_named
 
 SMALL = (3, 64, 64)
-# Beside tests/test_zoo_sample.py, which checks the smallest model of every family (real tensors
+# Beside tests/tools/test_zoo_sample.py, which checks the smallest model of every family (real tensors
 # up to 15M parameters, fake above), the larger models of the main families, for real: deeper
 # stacks, wider stages, the 96×96 Inception stems. Not repeated here: the models the sample checks
 # for real (timm's deit_tiny, regnetx_002, densenet121; torchvision's efficientnet_b0,
@@ -42,7 +42,7 @@ def test_converts_and_trains(name, size):
 
 
 # Every aux method on one model of each main layout (maps, channels-last maps, tokens;
-# residual, inverted-residual and ConvNeXt blocks): tests/test_zoo_sample.py runs one model of
+# residual, inverted-residual and ConvNeXt blocks): tests/tools/test_zoo_sample.py runs one model of
 # every family, each with one aux method in rotation.
 EVERY_AUX = [z for z in ZOO if z[0] in (
     "resnet50", "convnext_atto", "vit_tiny_patch16_224", "efficientnet_b0", "torchvision:resnet18", "torchvision:swin_t",
@@ -92,13 +92,13 @@ def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_re
 def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, monkeypatch):
     from fxlocal.tools import zoo
 
-    monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # a step that trains nothing
+    monkeypatch.setattr(zoo, "train_one_step", lambda *args, **kwargs: None)  # a step that trains nothing
     with pytest.raises(zoo.ZooFailure, match="parameters that end-to-end training moves get no gradient: conv1.weight"):
         zoo.check(analyzed_resnet18, "dgl")
 
 
 def test_zoo_rows_say_fake_apart():
-    """(A degraded row, TNT's, is checked by the CI sample, tests/test_zoo_sample.py.)"""
+    """(A degraded row, TNT's, is checked by the CI sample, tests/tools/test_zoo_sample.py.)"""
     from fxlocal.tools import zoo
 
     (fake,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
@@ -111,8 +111,8 @@ def test_a_fake_row_still_catches_a_gradient_leak(monkeypatch):
     from fxlocal import local_model
     from fxlocal.tools import zoo
 
-    monkeypatch.setattr(local_model, "_isolated", lambda carried: carried)
-    monkeypatch.setattr(zoo, "_step", lambda *args, **kwargs: None)  # (a step then fails first)
+    monkeypatch.setattr(local_model, "isolated", lambda carried: carried)
+    monkeypatch.setattr(zoo, "train_one_step", lambda *args, **kwargs: None)  # (a step then fails first)
     (row,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
     assert row["status"] == "fail" and row["stage"] == "isolation", row
     assert "reaches foreign parameters" in row["reason"]
