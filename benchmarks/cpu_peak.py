@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import ROOT, append_rows, provenance  # noqa: E402
+
 import fxlocal  # noqa: E402
 from fxlocal.graph.cost import MemoryModel  # noqa: E402
 from fxlocal.memory import e2e_step, local_step, make_step_optimizers, predict_memory  # noqa: E402
-from record import ROOT, append_rows, provenance  # noqa: E402
 
 MIB = 2**20
 # glibc reads it at start: a fixed threshold stops freed blocks below it staying resident

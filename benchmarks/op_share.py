@@ -15,8 +15,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxlocal  # noqa: E402
 from record import ROOT, append_rows, provenance  # noqa: E402
+
+import fxlocal  # noqa: E402
 
 COUNTED = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::convolution_overrideable",
            "aten::cudnn_convolution", "aten::addmm", "aten::mm", "aten::bmm")
