@@ -34,6 +34,7 @@ __all__ = [
     "load_training_checkpoint",
     "load_weights",
     "read_checkpoint_file",
+    "resume_state",
     "rng_state",
     "save_checkpoint",
     "save_converted",
@@ -213,6 +214,21 @@ def write_checkpoint(path: Path, recipe: Recipe, local: LocalModel, epoch: int, 
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def resume_state(out_dir: Path, resume: bool) -> dict | None:
+    """The training state to resume from: ``out_dir/last.pt`` read with :func:`load_training_checkpoint`
+    when ``resume``, else None.
+
+    Raises:
+        FxLocalError: ``resume`` and there is no checkpoint there.
+    """
+    if not resume:
+        return None
+    last = out_dir / "last.pt"
+    if not last.exists():
+        raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
+    return load_training_checkpoint(last)
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:

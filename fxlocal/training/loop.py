@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import FxLocalError, TrainingDiverged
+from ..errors import TrainingDiverged
 from .build import build_agreed_model
 from .checkpoint import (
     check_resumable,
-    load_training_checkpoint,
     load_weights,
+    resume_state,
     save_checkpoint,
     set_rng_state,
 )
@@ -75,11 +75,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     out_dir = check_output_dir(recipe.output_dir)
     last = out_dir / "last.pt"
 
-    state = None
-    if resume:
-        if not last.exists():
-            raise FxLocalError(f"nothing to resume: no checkpoint at {last}")
-        state = load_training_checkpoint(last)
+    state = resume_state(out_dir, resume)
     local = build_agreed_model(recipe, dist_, state).to(device)
     if recipe.channels_last:
         local.to(memory_format=torch.channels_last)

@@ -37,7 +37,7 @@ from ..errors import FxLocalError, TrainingDiverged
 from ..local_model import LocalModel
 from .build import build_agreed_model
 from .checkpoint import (
-    load_training_checkpoint,
+    resume_state,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -296,11 +296,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     dist_ = init_distributed(device_kind(recipe), recipe.pipeline.timeout_s)
     out_dir = check_output_dir(recipe.output_dir)
     checkpoint = out_dir / "last.pt"
-    state = None
-    if resume:
-        if not checkpoint.exists():
-            raise FxLocalError(f"nothing to resume: no checkpoint at {checkpoint}")
-        state = load_training_checkpoint(checkpoint)
+    state = resume_state(out_dir, resume)
     if dist_.main:  # builds the model and sends its plan: its errors are its own
         local = build_agreed_model(recipe, dist_, state)
     else:
