@@ -323,3 +323,12 @@ def test_a_writer_killed_at_random_moments_leaves_a_loadable_checkpoint(tmp_path
         writer.join()
         payload = read_checkpoint_file(path)
         assert payload["step"] >= 1 and torch.equal(payload["weights"], torch.full((2048, 512), float(payload["step"])))
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_resuming_with_no_checkpoint_is_one_line(tmp_path, trained, pipeline):
+    recipe, _ = trained
+    out = tmp_path / "empty"
+    args = ["train", recipe, "--resume", "--output", out, *(["--pipeline"] if pipeline else [])]
+    assert_one_line_error(run(*args), "nothing to resume: no checkpoint at", str(out / "last.pt"))
+    assert not out.exists()
