@@ -123,6 +123,12 @@ def _print_tied(local) -> None:
         )
 
 
+AUX_HELP = (
+    "aux head method: dgl, auglocal, infopro, mlaan, man, none; or a plug-in on a base, "
+    "BASE+PLUGIN: dgl+man, infopro+man, dgl+mlaan, infopro+mlaan"
+)
+
+
 def _parse_aux_options(pairs: list[str]) -> dict:
     """``["span=3", "momentum=0.99"]`` -> ``{"span": 3, "momentum": 0.99}`` (YAML scalars)."""
     import yaml
@@ -150,7 +156,7 @@ def _print_trace_report(report) -> None:
 def convert(
     model: str = typer.Argument(..., help="timm or torchvision model name, e.g. resnet101"),
     k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
-    aux: str = typer.Option("dgl", "--aux", help="aux head method: dgl, auglocal, mlaan, man, none"),
+    aux: str = typer.Option("dgl", "--aux", help=AUX_HELP),
     aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
@@ -446,7 +452,7 @@ def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, de
 def memory(
     model: str = typer.Argument(..., help="timm or torchvision model name"),
     k: int = typer.Option(4, "--k", help="number of gradient-isolated blocks"),
-    aux: str = typer.Option("dgl", "--aux", help="aux head method"),
+    aux: str = typer.Option("dgl", "--aux", help=AUX_HELP),
     batch: int = typer.Option(64, "--batch", min=1, help="batch size of the step"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) or adamw"),

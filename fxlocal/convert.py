@@ -184,6 +184,7 @@ class _Heads:
 
     def __post_init__(self) -> None:
         self.unit_at = {u.cut_position: u.index for u in self.analysis.units}
+        self.input_shape = tuple(self.analysis.input_size)
         self._costs = lru_cache(maxsize=None)(self._cost)
         self._first_parts = lru_cache(maxsize=None)(self._first_part_cost)
 
@@ -202,8 +203,8 @@ class _Heads:
         carried = tuple((t.shape, t.layout) for t in c.carried)
         unit = self.unit_at.get(position)
         if self.method.cuts_at_units:
-            return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried)]
-        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units)
+            return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried, self.input_shape)]
+        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape)
                 for shape, layout in [(c.shape, c.layout), *carried]]
 
     def build(self, position: int, block: int) -> nn.Module:

@@ -91,6 +91,9 @@ class StepContext:
     model: "LocalModel"
     target: torch.Tensor
     criterion: Criterion
+    # the step's model input (the first block's), for objectives that reconstruct it (InfoPro);
+    # None where a step trains one block on its own input (a pipeline stage past the first)
+    input: torch.Tensor | None = None
     inputs: dict[int, tuple] = field(default_factory=dict)
     backward: Callable[..., None] | None = None  # set by train_step: backward(loss, retain_graph=False)
     # Training with a cascade: the current block's input tensors (the cut's, and the one it
@@ -251,6 +254,12 @@ class LocalModel(nn.Module):
         return int(out.meta["val"].shape[-1])
 
     @property
+    def needs_model_input(self) -> list[int]:
+        """The blocks whose objective reads the step's model input (InfoPro's decoder)."""
+        objectives = [*self.heads, self.final_objective]
+        return [b for b, o in enumerate(objectives) if isinstance(o, AuxHead) and o.needs_model_input]
+
+    @property
     def input_window(self) -> int:
         objectives = [*self.heads, self.final_objective]
         return max((o.input_window for o in objectives if isinstance(o, AuxHead)), default=1) if self.k > 1 else 1
@@ -345,7 +354,7 @@ class LocalModel(nn.Module):
         Backpropagating each loss before asking for the next is what keeps only one block's
         graph alive (:meth:`train_step` does exactly that).
         """
-        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
+        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, input=x, backward=backward)
         window = self.input_window
         carried: tuple = (x,)
         for b in range(self.k):
@@ -473,7 +482,8 @@ class LocalModel(nn.Module):
         backward = _scaled_backward(scaler)
 
         optimizer.zero_grad(set_to_none=True)
-        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, backward=backward)
+        model_input = inputs[0] if b == 0 else None
+        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, input=model_input, backward=backward)
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)

@@ -135,3 +135,20 @@ def convert_named(name: str, size, num_classes=None, **options):
     import fxlocal
 
     return fxlocal.convert(_analyzed(name, tuple(size), num_classes), **options)
+
+
+def block_price_errors(local, batch, size, classes):
+    """(price - measured) / measured for each block of a ``balance="memory"`` conversion: the
+    plan's price of the block against its measured part of a (fake) step at ``batch``, both less
+    what is held whatever the cuts (every weight and its momentum; a price counts its own head's)."""
+    from fxlocal.memory import block_step_peaks
+
+    def weights_and_momentum(module):
+        return 2 * sum(p.numel() * p.element_size() for p in module.parameters())
+
+    errors = []
+    for b, (plan, peak) in enumerate(zip(local.plan.blocks, block_step_peaks(local, batch, size, classes))):
+        own_head = weights_and_momentum(local.heads[b]) if b < len(local.heads) else 0
+        price, held = plan.cost - own_head, peak - weights_and_momentum(local)
+        errors.append((price - held) / held)
+    return errors

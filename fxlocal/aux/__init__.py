@@ -4,8 +4,17 @@ its cut (:class:`HeadSpec`). The last block keeps the model's own head, so metho
 The contract is :mod:`fxlocal.aux.base`; each method is one module that registers itself.
 """
 
-from . import auglocal, dgl, man, mlaan, none  # noqa: F401  (methods register on import)
-from .base import AuxHead, AuxMethod, HeadSpec, available_aux, get_aux, register_aux
+from . import auglocal, dgl, infopro, man, mlaan, none  # noqa: F401  (methods register on import)
+from .base import (
+    AuxHead,
+    AuxMethod,
+    HeadSpec,
+    available_aux,
+    combinations,
+    get_aux,
+    head_loss,
+    register_aux,
+)
 from .unit_copies import UnitLibrary
 
-__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "UnitLibrary", "register_aux", "get_aux", "available_aux"]
+__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "UnitLibrary", "register_aux", "get_aux", "available_aux", "combinations", "head_loss"]

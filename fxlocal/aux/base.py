@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,7 +17,7 @@ from ..errors import UnknownAuxError
 from ..graph.cost import Cost, measure_module
 from .unit_copies import UnitLibrary
 
-__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "register_aux", "get_aux", "available_aux"]
+__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "head_loss", "register_aux", "get_aux", "available_aux", "combinations"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,12 @@ class HeadSpec:
     # (shape, layout) of a second tensor the cut carries beside it: only methods that copy units
     # see one (their copies take both); the others get one head per tensor (``JointHead``)
     carried: tuple[tuple[tuple[int, ...], str], ...] = ()
+    input_shape: tuple[int, ...] = ()  # per-sample shape of the model's input (heads that reconstruct it)
+
+    def on(self, shape: tuple[int, ...], layout: str) -> "HeadSpec":
+        """The spec of a base head on a tensor a plug-in's path hands on, not the cut's own: same
+        block, classes and model input; no units to copy, nothing carried."""
+        return replace(self, shape=tuple(shape), layout=layout, carried=(), unit=None, units=None)
 
     @property
     def tensors(self) -> tuple[tuple[tuple[int, ...], str], ...]:
@@ -64,6 +70,14 @@ class AuxMethod:
     #: how many blocks' inputs a block's loss runs from: above 1 it also trains the blocks before
     #: it, which backward re-runs (MLAAN's cascade; ``balance="memory"`` prices the re-run)
     input_window: int = 1
+    #: its heads can end a plug-in's aux path (``--aux dgl+man``): ``build_head`` makes a head for
+    #: any tensor, not only a cut's
+    can_be_base: bool = False
+    #: a plug-in: it takes ``base=`` (a method that :attr:`can_be_base`) for the head its path ends in
+    takes_base: bool = False
+    #: its heads reconstruct the model's input (InfoPro): they take ``input_mean`` / ``input_std``,
+    #: the normalisation the data applied, which training fills in from the dataset
+    reconstructs_input: bool = False
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         """The head that trains block ``spec.block`` from the tensor(s) at its cut.
@@ -128,6 +142,9 @@ class AuxHead(nn.Module):
     owns_loss: bool = False
     input_window: int = 1
     backpropagates_block_twice: bool = False
+    #: :meth:`local_loss` reads the step's model input (``ctx.input``): a pipeline stage past the
+    #: first does not receive it
+    needs_model_input: bool = False
 
     def local_loss(self, ctx, b: int, out) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``b``'s loss and logits from its output ``out`` (``ctx``: the step's
@@ -137,6 +154,27 @@ class AuxHead(nn.Module):
 
     def after_backward(self) -> None:
         """Called once block ``b``'s loss is backpropagated (EMA twins follow the backbone here)."""
+
+
+def head_loss(head: nn.Module, ctx, b: int, features) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's loss and logits on ``features`` (a tensor, or the tuple a unit hands on): its own
+    :meth:`AuxHead.local_loss` where it owns its loss, else the criterion on its logits. How a
+    plug-in's path ends in its base head, whichever the base is.
+
+    Args:
+        head: the head.
+        ctx: the step's :class:`~fxlocal.local_model.StepContext`.
+        b: the block being trained.
+        features: what the head takes.
+
+    Returns:
+        ``(loss, logits)``.
+    """
+    if isinstance(head, AuxHead) and head.owns_loss:
+        return head.local_loss(ctx, b, features)
+    tensors = (features,) if isinstance(features, torch.Tensor) else tuple(t for t in features if isinstance(t, torch.Tensor))
+    logits = head(*tensors)
+    return ctx.criterion(logits, ctx.target), logits
 
 
 _REGISTRY: dict[str, Callable[[], AuxMethod]] = {}
@@ -167,29 +205,93 @@ def available_aux() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def combinations() -> list[str]:
+    """Every ``base+plugin`` name (``dgl+man``, ``infopro+mlaan``, ...), sorted."""
+    bases = [name for name, cls in _REGISTRY.items() if cls.can_be_base]
+    return sorted(f"{base}+{name}" for name, cls in _REGISTRY.items() if cls.takes_base for base in bases)
+
+
+def _registered(name: str) -> Callable[..., AuxMethod]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, [*_REGISTRY, *combinations()], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownAuxError(
+            f"unknown aux method {name!r}{hint}; choose one of {', '.join(available_aux())} "
+            f"or a combination {', '.join(combinations())}"
+        )
+    return _REGISTRY[name]
+
+
 def get_aux(name: str, **options) -> AuxMethod:
     """An aux method by name, made with its options.
 
     Args:
-        name: a registered name (:func:`available_aux`).
-        **options: the method's constructor arguments (``aux_depth=3`` for ``auglocal``).
+        name: a registered name (:func:`available_aux`), or ``base+plugin`` (:func:`combinations`),
+            the same as ``plugin`` with ``base=base``.
+        **options: the method's constructor arguments (``aux_depth=3`` for ``auglocal``); a
+            plug-in passes the ones it does not take to its base.
 
     Returns:
         The :class:`AuxMethod`.
 
     Raises:
-        UnknownAuxError: an unknown name (with the closest one), or options it does not take.
+        UnknownAuxError: an unknown name (with the closest one), a base that cannot be combined,
+            or options it does not take.
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownAuxError(f"unknown aux method {name!r}{hint}; choose one of {', '.join(available_aux())}")
+    base, plus, plugin = name.rpartition("+")
+    if plus:
+        if not base or "base" in options:
+            raise UnknownAuxError(f"aux {name!r}: give the base once, as BASE+PLUGIN (e.g. dgl+man) or base=BASE")
+        if not _registered(plugin).takes_base:
+            plugins = sorted(n for n, cls in _REGISTRY.items() if cls.takes_base)
+            raise UnknownAuxError(f"aux {plugin!r} is not a plug-in and takes no base: the plug-ins are {', '.join(plugins)}")
+        return get_aux(plugin, base=base, **options)
+    cls = _registered(name)
     try:
-        return _REGISTRY[name](**options)
+        return cls(**options)
     except TypeError as exc:
-        accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
         raise UnknownAuxError(
-            f"aux {name!r} does not take {sorted(options)}; its options are: {', '.join(accepted) or 'none'}"
+            f"aux {name!r} does not take {sorted(options)}; its options are: {', '.join(_option_names(cls)) or 'none'}"
         ) from exc
 
 
+def _option_names(cls: type) -> list[str]:
+    return [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def get_base(plugin: str, base: "str | AuxMethod", **options) -> AuxMethod:
+    """The base method a plug-in's aux path ends in.
+
+    Args:
+        plugin: the plug-in's name (for the error).
+        base: a method name (with ``options``) or a method.
+        **options: the base's options.
+
+    Returns:
+        The base :class:`AuxMethod`.
+
+    Raises:
+        UnknownAuxError: an unknown base, one that cannot be a base, or options it does not take.
+    """
+    bases = sorted(n for n, cls in _REGISTRY.items() if cls.can_be_base)
+    if isinstance(base, AuxMethod):
+        method = base
+    elif not isinstance(base, str) or "+" in base:
+        raise UnknownAuxError(f"{plugin} base is the name of one method: {', '.join(bases)}; got {base!r}")
+    else:
+        if base not in _REGISTRY:
+            raise UnknownAuxError(f"unknown base {base!r} for {plugin}; choose one of {', '.join(bases)}")
+        if not _REGISTRY[base].can_be_base:
+            raise UnknownAuxError(f"aux {base!r} cannot be a base for {plugin}; choose one of {', '.join(bases)}")
+        unknown = sorted(set(options) - set(_option_names(_REGISTRY[base])))
+        if unknown:
+            raise UnknownAuxError(
+                f"{plugin} with base {base} does not take {unknown}; its options are: "
+                f"{', '.join(_option_names(_REGISTRY[plugin]) + _option_names(_REGISTRY[base]))}"
+            )
+        method = get_aux(base, **options)
+    if not method.can_be_base:
+        raise UnknownAuxError(f"aux {method.name!r} cannot be a base for {plugin}; choose one of {', '.join(bases)}")
+    if options and isinstance(base, AuxMethod):
+        raise UnknownAuxError(f"{plugin} does not take {sorted(options)}")
+    return method

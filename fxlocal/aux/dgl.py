@@ -10,12 +10,9 @@ The MLP is capped at ``max_mlp_width`` so that a 2048-channel cut does not get a
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
-import torch
 from torch import nn
 
-from ..graph.cost import Cost, measure_module
 from .base import AuxMethod, HeadSpec, register_aux
 
 _SPATIAL = {"nchw": 2, "nhwc": 2, "nlc": 1, "nc": 0}
@@ -68,26 +65,9 @@ class DGLHead(nn.Module):
         return self.layers(x)
 
 
-@lru_cache(maxsize=None)
-def dgl_head_cost(
-    shape: tuple[int, ...], layout: str, num_classes: int, conv_layers: int = 3, mlp_layers: int = 3, max_mlp_width: int = 1024
-) -> Cost:
-    """What training DGL's head on a boundary of ``shape`` and ``layout`` costs, per sample.
-
-    Built on the meta device and measured once per structure: the heads of a stage's cuts are
-    all alike (ResNet-110's 54 MAN heads are three structures).
-
-    Returns:
-        Its :class:`~fxlocal.graph.cost.Cost` (:func:`~fxlocal.graph.cost.measure_module`).
-    """
-    spec = HeadSpec(shape, layout, num_classes, 0)
-    with torch.device("meta"):
-        head = DGLHead(spec, conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
-    return measure_module(head, shape)
-
-
 @register_aux("dgl")
 class DGL(AuxMethod):
+    can_be_base = True
     def __init__(self, conv_layers: int = 3, mlp_layers: int = 3, max_mlp_width: int = 1024):
         self.options = dict(conv_layers=conv_layers, mlp_layers=mlp_layers, max_mlp_width=max_mlp_width)
 

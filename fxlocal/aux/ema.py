@@ -76,16 +76,21 @@ def twin_cost(unit: Cost) -> Cost:
 
 class ParallelSum(nn.Module):
     """``a(x) + b(x)``: a trainable unit copy and its EMA twin side by side; with ``recompute``
-    each recomputed in backward on its own (see :mod:`.recompute`)."""
+    each recomputed in backward on its own (see :mod:`.recompute`). With ``learnable_scale``
+    (MAN++), ``s·a(x) + (2 - s)·b(x)`` with a trainable scalar ``s`` that starts at 1."""
 
-    def __init__(self, a: nn.Module, b: nn.Module, recompute: bool = False):
+    def __init__(self, a: nn.Module, b: nn.Module, recompute: bool = False, learnable_scale: bool = False):
         super().__init__()
         self.a, self.b = a, b
         self.recompute = recompute
+        self.scale = nn.Parameter(torch.ones(())) if learnable_scale else None
+
+    def _add(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return p + q if self.scale is None else self.scale * p + (2 - self.scale) * q
 
     def forward(self, *x):
         ya = recompute_.run(self.a, *x, recompute=self.recompute)
         yb = recompute_.run(self.b, *x, recompute=self.recompute)
         if isinstance(ya, tuple):  # unit pieces return (tensor, [carried,] *values): tensors add
-            return tuple(p + q if isinstance(p, torch.Tensor) else p for p, q in zip(ya, yb))
-        return ya + yb
+            return tuple(self._add(p, q) if isinstance(p, torch.Tensor) else p for p, q in zip(ya, yb))
+        return self._add(ya, yb)

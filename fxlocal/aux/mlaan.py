@@ -19,6 +19,10 @@ For block ``b`` the local loss is ``w_x·CE(independent(x_b)) + w_y·CE(cascade)
 * *LAM*: a frozen EMA twin of the live backbone unit that the chain's first copy mirrors runs
   beside that copy (their outputs add) and is updated after the block's backward.
 
+MLAAN is a plug-in: its paper reports DGL+MLAAN and InfoPro+MLAAN, where both paths end in the
+base method's head instead of pool + Linear (``--aux dgl+mlaan``, ``--aux infopro+mlaan``, or
+``base=``; the options MLAAN does not take are the base's).
+
 The last block's loss is the model's own, cascaded the same way (the reference computes the
 x-path loss there and overwrites it with the y-path loss, a bug we do not copy: both count;
 on one output they are one loss, backpropagated once).
@@ -33,13 +37,13 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..errors import FxLocalError
+from ..errors import FxLocalError, UnknownAuxError
 from ..graph.cost import Cost, measure_module
 from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
-from .base import AuxHead, AuxMethod, HeadSpec, register_aux
+from .base import AuxHead, AuxMethod, HeadSpec, get_base, head_loss, register_aux
 from .ema import EMATwin, ParallelSum, twin_cost
-from .joint import one_per_tensor
+from .joint import JointHead, one_per_tensor
 from .recompute import checked_flag, forward_flops, recomputed_cost
 from .unit_copies import UnitChain, handed_on
 
@@ -105,12 +109,14 @@ class MLAANHead(AuxHead):
     # then the cascade's, which must not reach the earlier blocks
     backpropagates_block_twice = True
 
-    def __init__(self, independent: nn.Module, cascade: nn.Module, span: int, wx: float, wy: float, summary: str,
-                 update_twins: bool = True, chain_units: tuple[str, ...] = ()):
+    def __init__(self, independent: nn.Module, cascade: nn.Module, cascade_head: nn.Module, span: int, wx: float,
+                 wy: float, summary: str, update_twins: bool = True, chain_units: tuple[str, ...] = ()):
         super().__init__()
         self.chain_units = chain_units  # names of the units the cascade's chain copies, in order
         self.independent = independent
-        self.cascade = cascade
+        self.cascade = cascade  # the chain of unit copies
+        self.cascade_head = cascade_head  # the head it ends in
+        self.needs_model_input = any(isinstance(h, AuxHead) and h.needs_model_input for h in (independent, cascade_head))
         self.input_window = span
         self.wx, self.wy = wx, wy
         self.summary = summary
@@ -118,14 +124,14 @@ class MLAANHead(AuxHead):
 
     def forward(self, *tensors):
         """The cascaded path's logits for a block output (evaluation)."""
-        return self.cascade(*tensors)
+        return self.cascade_head(*handed_on(self.cascade(*tensors)))
 
     def local_loss(self, ctx, b: int, out):
         # the x path is backpropagated before the cascade's chain runs on the same output
-        weighted_x = ctx.backward_now(self.wx * ctx.criterion(self.independent(*handed_on(out)), ctx.target))
+        weighted_x = ctx.backward_now(self.wx * head_loss(self.independent, ctx, b, out)[0])
         z = ctx.run_cascaded(max(0, b - self.input_window + 1), b, out)
-        logits = self.cascade(*handed_on(z))
-        return weighted_x + ctx.backward_cascaded(self.wy * ctx.criterion(logits, ctx.target)), logits
+        loss_y, logits = head_loss(self.cascade_head, ctx, b, self.cascade(*handed_on(z)))
+        return weighted_x + ctx.backward_cascaded(self.wy * loss_y), logits
 
     def after_backward(self) -> None:
         if not self.update_twins:
@@ -175,6 +181,7 @@ class CascadedFinalLoss(AuxHead):
 @register_aux("mlaan")
 class MLAAN(AuxMethod):
     cuts_at_units = True
+    takes_base = True
     backpropagates_blocks_twice = MLAANHead.backpropagates_block_twice
 
     def __init__(
@@ -192,6 +199,8 @@ class MLAAN(AuxMethod):
         copy_init: str = "fresh",
         blocks_without_own_loss: int = 0,
         chains: dict[str, list[str]] | None = None,
+        base: str | AuxMethod | None = None,
+        **base_options,
     ):
         if span < 1 or chain_length < 1:
             raise FxLocalError(f"span and chain_length must be at least 1, got {span} and {chain_length}")
@@ -205,6 +214,10 @@ class MLAAN(AuxMethod):
             raise FxLocalError("mlaan chains maps the unit a block ends at to the list of units its chain copies")
         if blocks_without_own_loss and span < 2:
             raise FxLocalError("mlaan blocks_without_own_loss needs span >= 2: only the next block's cascade trains them")
+        if base is None and base_options:
+            raise UnknownAuxError(f"aux 'mlaan' does not take {sorted(base_options)}: give a base (dgl+mlaan, infopro+mlaan) for its options")
+        # the head both paths end in: pool + Linear (None, the paper's MLAAN alone) or a base method's
+        self.base = None if base is None else get_base("mlaan", base, **base_options)
         self.span, self.wx, self.wy = span, wx, wy
         self.momentum, self.chain_length, self.narrow_width = momentum, chain_length, narrow_width
         self.fill = fill  # chains made up to chain_length, as the reference's CIFAR ones (see leap_chain)
@@ -229,7 +242,11 @@ class MLAAN(AuxMethod):
     @property
     def heads_vary_by_block(self) -> bool:
         # the first blocks' heads (no loss of their own) cost almost nothing
-        return self.blocks_without_own_loss > 0
+        return self.blocks_without_own_loss > 0 or (self.base is not None and self.base.heads_vary_by_block)
+
+    @property
+    def reconstructs_input(self) -> bool:
+        return self.base is not None and self.base.reconstructs_input
 
     def chain(self, spec: HeadSpec) -> list[int]:
         if spec.units is None or spec.unit is None:
@@ -275,26 +292,37 @@ class MLAAN(AuxMethod):
                 stage = ParallelSum(stage, EMATwin(library.pieces[u], self.momentum), recompute=self.recompute)
             stages.append(stage)
             tensors = library.units[u].tensors
-        stages.append(self._pool_linear(tensors, spec.num_classes))
+        end = self._end_head(spec, tensors)
         names = ", ".join(library.units[u].name for u in picks)
         first = max(0, spec.block - self.span + 1)
         summary = (
             f"MLAAN: independent pool→fc + cascade re-running blocks {first}..{spec.block} → units {picks} "
-            f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → pool→fc; "
+            f"({names}), EMA twin on unit {picks[0]} (m={self.momentum}) → {self._end_name(end)}; "
             f"loss {self.wx}·x + {self.wy}·y" + ("; chain recomputed in backward" if self.recompute else "")
         )
         update_twins = self.ema_twins == "all" or spec.block == spec.num_blocks - 2
         if not update_twins:
             summary += "; twin not updated (ema_twins=last)"
-        independent = self._pool_linear(spec.tensors, spec.num_classes)
+        independent = self._end_head(spec, spec.tensors)
+        if self.base is not None:
+            summary = summary.replace("independent pool→fc", f"independent {self._end_name(independent)}")
         cascade = UnitChain(stages, recompute=self.recompute)
         chain_units = tuple(library.units[u].name for u in picks)
-        return MLAANHead(independent, cascade, self.span, self.wx, self.wy, summary, update_twins, chain_units)
+        return MLAANHead(independent, cascade, end, self.span, self.wx, self.wy, summary, update_twins, chain_units)
 
-    def _pool_linear(self, tensors, num_classes: int) -> nn.Module:
-        """Pool + Linear on each tensor handed on (their logits averaged where there are two)."""
-        heads = [PoolLinear(shape, layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors]
+    def _end_head(self, spec: HeadSpec, tensors) -> nn.Module:
+        """The head a path ends in, on each tensor handed on (their logits averaged where there
+        are two): pool + Linear, or the base method's."""
+        if self.base is None:
+            heads = [PoolLinear(shape, layout, spec.num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors]
+        else:
+            heads = [self.base.build_head(spec.on(shape, layout)) for shape, layout in tensors]
         return one_per_tensor(heads)
+
+    def _end_name(self, head: nn.Module) -> str:
+        if self.base is None:
+            return "pool→fc"
+        return head.describe(self.base.describe) if isinstance(head, JointHead) else self.base.describe(head)
 
     def final_objective(self) -> nn.Module:
         return CascadedFinalLoss(self.span, self.wx, self.wy)
@@ -318,10 +346,13 @@ class MLAAN(AuxMethod):
         if self.recompute:
             # the twin's forward is the first copy's again
             forward = forward_flops([*copies, copies[0]])
-            chain = recomputed_cost([*copies, twin], forward, spec.units.chain_kept_bytes(spec.tensors, picks))
+            # the last copy's output goes to the end head, outside the recomputed chain: what that
+            # head keeps of it is in its own measured cost
+            kept = spec.units.chain_kept_bytes(spec.tensors, picks) - spec.units.handed_bytes(picks[-1])
+            chain = recomputed_cost([*copies, twin], forward, kept)
         else:
             chain = sum(copies, twin)
-        return chain + self._pool_linear_cost(spec.units.units[picks[-1]].tensors, spec.num_classes)
+        return chain + self._end_cost(spec, spec.units.units[picks[-1]].tensors)
 
     def first_part_cost(self, spec: HeadSpec) -> Cost:
         """The independent head, whose backward keeps the block's graph for the cascade's. On a
@@ -330,10 +361,13 @@ class MLAAN(AuxMethod):
         cascade's chain does)."""
         if spec.block < self.blocks_without_own_loss:
             return Cost()
-        return self._pool_linear_cost(spec.tensors, spec.num_classes)
+        return self._end_cost(spec, spec.tensors)
 
-    def _pool_linear_cost(self, tensors, num_classes: int) -> Cost:
-        return sum((pool_linear_cost(tuple(shape), layout, num_classes, self.narrow_width, self.pool_norm) for shape, layout in tensors), Cost())
+    def _end_cost(self, spec: HeadSpec, tensors) -> Cost:
+        if self.base is None:
+            return sum((pool_linear_cost(tuple(shape), layout, spec.num_classes, self.narrow_width, self.pool_norm)
+                        for shape, layout in tensors), Cost())
+        return sum((self.base.head_cost(spec.on(shape, layout)) for shape, layout in tensors), Cost())
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..aux import get_aux
 from ..convert import convert
 from ..graph.plan import Plan
 from ..local_model import LocalModel
 from .checkpoint import load_weights
-from .data import dataset_info
+from .data import dataset_info, normalisation
 from .recipe import Recipe
 from .runtime import Distributed
 
@@ -39,6 +40,12 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
         batch=recipe.batch_size, optimizer_states=states, per_block=per_block, pipeline=recipe.pipeline.enabled
     )
     classes = recipe.model.num_classes or info.num_classes or None
+    aux_options = dict(recipe.convert.aux_options)
+    if get_aux(recipe.convert.aux, **aux_options).reconstructs_input:
+        # the heads undo the data's normalisation to reconstruct the images (InfoPro's target)
+        mean, std = normalisation(info, size[0])
+        aux_options.setdefault("input_mean", list(mean))
+        aux_options.setdefault("input_std", list(std))
 
     def build(k: int, model: AnalyzedModel | None = None) -> LocalModel:
         torch.manual_seed(recipe.seed)
@@ -54,7 +61,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             memory=priced,
             backbone_recompute=recipe.convert.backbone_recompute,
             cuts=recipe.convert.cuts if plan is None else None,
-            **recipe.convert.aux_options,
+            **aux_options,
         )
 
     if plan is not None:

@@ -112,13 +112,20 @@ register_dataset(DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0
                              lambda r, t, tf, d: torchvision.datasets.ImageFolder(os.path.join(r, "train" if t else "val"), transform=tf)))
 
 
+def normalisation(info: DatasetInfo, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) the transforms normalise ``channels``-channel inputs with: the
+    dataset's, cycled where the model takes more channels than the images have."""
+    if channels == info.channels:
+        return info.mean, info.std
+    return tuple(float(v) for v in np.resize(np.array(info.mean), channels)), tuple(float(v) for v in np.resize(np.array(info.std), channels))
+
+
 def build_transform(info: DatasetInfo, input_size: tuple[int, int, int], train: bool, augment: str,
                     pad_mode: str = "constant") -> Callable:
     """Image -> normalised tensor of ``input_size``; training adds the recipe's augmentation
     (``crop_flip`` pads with zeros, or by reflection with ``pad_mode="reflect"``)."""
     channels, h, w = input_size
-    mean = info.mean if channels == info.channels else tuple(np.resize(np.array(info.mean), channels))
-    std = info.std if channels == info.channels else tuple(np.resize(np.array(info.std), channels))
+    mean, std = normalisation(info, channels)
     if augment == "timm":
         from timm.data import create_transform
 

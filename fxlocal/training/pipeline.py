@@ -89,6 +89,9 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    readers = [b for b in local.needs_model_input if b > 0]
+    if readers:
+        return f"the {local.plan.aux} objective of block {readers[0]} reconstructs the model's input, which only the first stage receives"
     tied = local.tied_parameters()
     if tied:
         name, holders = next(iter(tied.items()))

@@ -191,11 +191,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError("recipe fields 'channels_last' and 'compile' are not supported with pipeline.enabled yet: turn them off")
     if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:
         raise RecipeError("recipe fields 'convert.cuts' and 'convert.max_memory' both choose the blocks: keep one")
-    from ..aux import available_aux
+    from ..aux import available_aux, combinations
 
-    if recipe.convert.aux not in available_aux():
+    if recipe.convert.aux not in [*available_aux(), *combinations()]:
         raise RecipeError(
-            f"recipe field 'convert.aux': unknown method {recipe.convert.aux!r}; choose one of {', '.join(available_aux())}"
+            f"recipe field 'convert.aux': unknown method {recipe.convert.aux!r}; choose one of {', '.join(available_aux())} "
+            f"or a combination {', '.join(combinations())}"
         )
     from .data import available_datasets
 

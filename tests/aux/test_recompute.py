@@ -68,8 +68,8 @@ def test_a_recomputed_chain_keeps_only_its_stages_inputs_and_is_priced_so(aux, u
     for recompute in (False, True):
         method = get_aux(aux, recompute=recompute)
         head = method.build_head(spec).train()
-        chain = head.cascade if aux == "mlaan" else head
-        kept[recompute] = saved_activation_bytes(chain, x) / batch
+        # MLAAN's head's forward is its cascade path: the chain and the head it ends in
+        kept[recompute] = saved_activation_bytes(head, x) / batch
         # MLAAN's independent head is not part of the chain (it holds its activations before)
         priced[recompute] = (method.chain_cost if aux == "mlaan" else method.head_cost)(spec).activation_bytes
     # priced: what the recomputed chain keeps (its stages' inputs), measured, plus the largest

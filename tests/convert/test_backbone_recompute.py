@@ -10,7 +10,12 @@ import fxlocal
 from fxlocal.graph.cost import MemoryModel
 from fxlocal.graph.regions import RecomputedRegion
 from fxlocal.memory import block_step_peaks
-from helpers import assert_one_line_error, assert_trains_alike, run_cli
+from helpers import (
+    assert_one_line_error,
+    assert_trains_alike,
+    block_price_errors,
+    run_cli,
+)
 
 CIFAR = (3, 32, 32)
 
@@ -153,15 +158,8 @@ def test_memory_balance_prices_blocks_as_they_are_recomputed(aux, policy):
         "resnet32_cifar", k=4, aux=aux, input_size=CIFAR, balance="memory", memory=MemoryModel(batch=64),
         backbone_recompute=policy,
     )
-
-    def weights_and_momentum(module):
-        return 2 * sum(p.numel() * p.element_size() for p in module.parameters())
-
-    measured = block_step_peaks(local, 64, CIFAR, 10)
-    for b, (plan, peak) in enumerate(zip(local.plan.blocks, measured)):
-        own_head = weights_and_momentum(local.heads[b]) if b < len(local.heads) else 0
-        price, held = plan.cost - own_head, peak - weights_and_momentum(local)
-        assert -0.05 <= (price - held) / held <= 0.15, (aux, policy, b, price, held)
+    for b, error in enumerate(block_price_errors(local, 64, CIFAR, 10)):
+        assert -0.05 <= error <= 0.15, (aux, policy, b, error)
 
 
 def test_cheap_keeps_convolution_outputs_only():
