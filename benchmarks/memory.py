@@ -8,6 +8,7 @@ bytes.
 
     python benchmarks/memory.py                         # resnet101, K=4, batch 64, 224², SGD momentum
     python benchmarks/memory.py --model resnet32_cifar --k 16 --batch 128 --input-size 3 32 32 --no-hand-split
+    python benchmarks/memory.py --aux infopro infopro+man --backbone-recompute all   # InfoPro, InfoPro*, InfoPro*+MAN
 """
 
 from __future__ import annotations
@@ -108,13 +109,15 @@ def main(argv=None) -> None:
         local = hand_split(original, size)
         row("hand-written split " + "/".join(HAND_SPLIT), local.k, "dgl", "-", local, True)
     configs = [("dgl", "flops", {}), ("dgl", "activations", {}), ("dgl", "memory", {})]
+    # heads that copy no units (InfoPro's): on the paper's compute-balanced cuts and memory-balanced ("InfoPro*")
+    copying = [aux for aux in args.aux if fxlocal.get_aux(aux).cuts_at_units]
+    configs += [(aux, balance, {}) for aux in args.aux if aux != "dgl" and aux not in copying for balance in ("flops", "memory")]
     # the methods that copy units, as the reference runs them and with the copies recomputed
-    copying = [aux for aux in args.aux if aux != "dgl"]
     configs += [(aux, "memory", options) for options in ({}, {"recompute": True}) for aux in copying]
     # the blocks recomputed unit by unit too (MLAAN backpropagates blocks twice: "all" only)
     for policy in args.backbone_recompute:
         configs += [
-            (aux, "memory", {**({} if aux == "dgl" else {"recompute": True}), "backbone_recompute": policy})
+            (aux, "memory", {**({"recompute": True} if aux in copying else {}), "backbone_recompute": policy})
             for aux in args.aux
             if not (policy == "cheap" and fxlocal.get_aux(aux).backpropagates_blocks_twice)
         ]
