@@ -187,6 +187,8 @@ def print_table(args, rows: list[dict]) -> None:
     order = {parse_row(t): i for i, t in enumerate(DEFAULT_ROWS)}
     keys = sorted(stats, key=lambda key: (order.get(key[:2], 99), key[2]))
     e2e = next((stats[key] for key in keys if key[1] == 1 and not key[2]), None)
+    # step times compare only on one machine: each row's against an end-to-end run on its device
+    e2e_on = {stats[key]["device"]: stats[key] for key in keys if key[1] == 1 and not key[2]}
     split = stats[keys[0]]["evaluated_on"]
     devices = sorted({s["device"] for s in stats.values()})
     flags = "".join(a for a in (f" --{args.protocol}" if args.protocol != "full" else "", f" --epochs {args.epochs}" if args.epochs else "",
@@ -200,7 +202,7 @@ def print_table(args, rows: list[dict]) -> None:
         name = ("end-to-end" if key[1] == 1 else key[0]) + (f" ({key[2]})" if key[2] else "")
         acc = f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "")
         delta = f"{100 * (s['mean'] - e2e['mean']):+.2f}" if e2e else "-"
-        speed = f"{e2e['ips'] / s['ips']:.2f}" if e2e else "-"
+        speed = f"{e2e_on[s['device']]['ips'] / s['ips']:.2f}" if s["device"] in e2e_on else "-"
         peak = f"{s['peak'] / e2e['peak']:.2f}" if e2e else "-"
         print(f"| {name} | {key[1]} | {acc} | {delta} | {speed} | {peak} | {s['epochs']} | {s['seeds']} | {s['wall_s'] / 60:.0f} |")
     if e2e:

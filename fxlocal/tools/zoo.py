@@ -49,7 +49,7 @@ __all__ = [
     "stratified_sample",
 ]
 
-AUX = ("dgl", "auglocal", "mlaan", "man")
+AUX = ("dgl", "auglocal", "mlaan", "man", "infopro", "infopro+man")
 # What timm's own FX tests leave out (timm tests/test_models.py, EXCLUDE_FX_FILTERS).
 TIMM_FX_EXCLUDED = ("vit_gi*", "hiera*", "gemma4_vit*")
 SIZE = (3, 64, 64)  # small enough to run every model on a CPU

@@ -225,3 +225,17 @@ def test_bad_aux_is_one_line(aux, options, fragment):
 def test_get_aux_refuses_a_base_given_twice():
     with pytest.raises(UnknownAuxError, match="give the base once"):
         get_aux("dgl+man", base="infopro")
+
+
+def test_the_man_imagenet_recipe_is_infopro_star_plus_man_and_takes_the_references_cuts():
+    from fxlocal.training.build import build_model
+    from fxlocal.training.recipe import load_recipe
+    from helpers import REPO
+
+    path = REPO / "recipes/imagenet_resnet101_k4_man.yaml"
+    changes = ["convert.cuts=[layer3.0, layer3.9, layer3.17]", "convert.balance=flops", "data.input_size=[3, 64, 64]"]
+    local = build_model(load_recipe(path, changes))
+    assert [b.module_paths[-1] for b in local.plan.blocks[:-1]] == ["layer3.0", "layer3.9", "layer3.17"]
+    for head in local.heads:  # 5·BCE + 0.75·CE in every head, after LB + EMA
+        assert (head.head.reconstruction_weight, head.head.task_weight) == (5, 0.75)
+    assert load_recipe(path).convert.balance == "memory"  # InfoPro*: memory-balanced cuts

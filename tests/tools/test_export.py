@@ -7,7 +7,7 @@ from fxlocal.tools.export import ExportError, export, plain_model
 from fxlocal.training.checkpoint import save_converted
 from helpers import assert_one_line_error, run_cli
 
-AUX = ["dgl", "auglocal", "mlaan", "man", "none"]
+AUX = ["dgl", "auglocal", "mlaan", "man", "infopro", "none"]
 MODELS = [
     ("resnet32_cifar", (3, 32, 32)),
     ("vit_tiny_patch16_224", (3, 32, 32)),

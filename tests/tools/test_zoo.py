@@ -49,7 +49,7 @@ EVERY_AUX = [z for z in ZOO if z[0] in (
 )]
 
 
-@pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man", "none"])
+@pytest.mark.parametrize("aux", ["auglocal", "mlaan", "man", "infopro", "infopro+mlaan", "none"])
 @pytest.mark.parametrize("name,size", EVERY_AUX, ids=[n for n, _ in EVERY_AUX])
 def test_every_aux_method_round_trips(name, size, aux):
     """Convert with every other aux method (dgl is above), train a step, export: bit-identical."""

@@ -6,7 +6,7 @@ passes only at a lower K (``degraded``) fails unless its family is in ``DEGRADED
 
 The full sweep (every model with every aux method) is a benchmark, ``benchmarks/zoo.py``; its
 sample run reads the same list. Here each family runs once, with one aux method, rotating over
-dgl, auglocal, mlaan and man so that each meets a quarter of the families. Models above
+dgl, auglocal, mlaan, man, infopro and infopro+man so that each meets a sixth of the families. Models above
 ``FAKE_ABOVE`` parameters, or slow at their input size, are built on the meta device and checked
 there, computing nothing (shapes, graphs, gradient flow, state-dict keys); the others on real tensors,
 with a bit-identical export. The checks run two at a time in worker processes: most of the work
