@@ -239,3 +239,23 @@ def test_the_man_imagenet_recipe_is_infopro_star_plus_man_and_takes_the_referenc
     for head in local.heads:  # 5·BCE + 0.75·CE in every head, after LB + EMA
         assert (head.head.reconstruction_weight, head.head.task_weight) == (5, 0.75)
     assert load_recipe(path).convert.balance == "memory"  # InfoPro*: memory-balanced cuts
+
+
+@pytest.mark.parametrize("aux", ["infopro", "infopro+man"])
+def test_trains_from_a_recipe(tmp_path, aux):
+    """Through fxlocal.training.fit, as `fxlocal train` runs it: the heads reconstruct the real
+    images (Fashion-MNIST's normalisation undone) and every block's loss falls."""
+    from fxlocal.training.loop import fit
+    from helpers import tiny
+
+    result = fit(tiny(tmp_path, convert__aux=aux, convert__k=3, epochs=4))
+    first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
+    assert all(torch.isfinite(torch.tensor(last))) and all(b < a for a, b in zip(first, last)), (first, last)
+
+
+def test_the_contrastive_task_loss_trains():
+    torch.manual_seed(0)
+    local = convert_named("resnet32_cifar", CIFAR, 10, k=3, aux="infopro", task_loss="contrast", ixy_1=1.0)
+    head = local.heads[0]
+    assert head.classifier[-1].out_features == 128 and "SupCon(τ=0.07)" in head.summary
+    assert_trains(local, CIFAR, batch=8)
