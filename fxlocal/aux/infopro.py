@@ -343,10 +343,10 @@ class InfoPro(AuxMethod):
         channels = spec.input_shape[0]
         parts = []
         if decoder is not None:
-            parts.append(f"{lam_x:g}·BCE(decoder → {'×'.join(map(str, spec.input_shape))})")
+            parts.append(f"{lam_x:.3g}·BCE(decoder → {'×'.join(map(str, spec.input_shape))})")
         if classifier is not None:
             task = f"SupCon(τ={self.temperature:g})" if self.task_loss == "contrast" else "CE"
-            parts.append(f"{lam_y:g}·{task}(1c2f)")
+            parts.append(f"{lam_y:.3g}·{task}(1c2f)")
         return InfoProHead(
             decoder,
             classifier,

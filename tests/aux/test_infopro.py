@@ -259,3 +259,13 @@ def test_the_contrastive_task_loss_trains():
     head = local.heads[0]
     assert head.classifier[-1].out_features == 128 and "SupCon(τ=0.07)" in head.summary
     assert_trains(local, CIFAR, batch=8)
+
+
+def test_base_as_an_option_is_the_combination():
+    args = ["convert", "resnet32_cifar", "--k", "3", "--input-size", "3", "32", "32"]
+    named = run_cli([*args, "--aux", "infopro+man"], env={"COLUMNS": "300"})
+    option = run_cli([*args, "--aux", "man", "--aux-option", "base=infopro"], env={"COLUMNS": "300"})
+    assert named.exit_code == option.exit_code == 0, named.output + option.output
+    heads = [line for line in named.stdout.splitlines() if "head 0:" in line]
+    # K=3 lies between the table's K=2 and K=4: weights interpolated in log2 K
+    assert heads and "→ InfoPro: 5.58·BCE(decoder → 3×32×32) + 0.415·CE(1c2f)" in heads[0] and heads == [line for line in option.stdout.splitlines() if "head 0:" in line]
