@@ -23,6 +23,7 @@ resumes from its last epoch's checkpoint, so a long protocol can be run in piece
     python benchmarks/accuracy.py --quick                       # train what is missing, print the table
     python benchmarks/accuracy.py                               # the full protocol
     python benchmarks/accuracy.py --rows mlaan:16 --set convert.aux_options.ema_twins=last --tag ema-last --validation 10000
+    python benchmarks/accuracy.py --quick --rows man:4 --pipeline --set pipeline.weight_sync=4 --tag pipe-sync4 --workers 0
     python benchmarks/accuracy.py --table --plot docs/accuracy_full.png   # table and plot only, no training
 """
 
@@ -106,8 +107,7 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
     recipe = load_recipe(data=data)
     started = time.perf_counter()
     resume = (Path(recipe.output_dir) / "last.pt").exists()
-    result = fit(recipe, resume=resume)
-    history = result.history
+    history = train_pipelined(recipe, resume) if args.pipeline else fit(recipe, resume=resume).history
     if torch.device(recipe.device).type == "cuda":
         peak, peak_kind = max(r["peak_memory_mib"] for r in history), "measured (CUDA, max_memory_allocated)"
     else:  # a fake-tensor step is a real CPU step's peak (fxlocal.memory), without the process's own RSS
@@ -124,6 +124,23 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
         "step_peak_mib": peak, "step_peak_kind": peak_kind, "parallel_jobs": args.jobs,
         "wall_s": time.perf_counter() - started, "resumed": resume, "recipe": recipe.model_dump(mode="json"),
     }
+
+
+def train_pipelined(recipe, resume: bool) -> list[dict]:
+    """``fxlocal train --pipeline`` under torchrun, one process per block (one thread each, as
+    torchrun sets), and the run's history from its checkpoint."""
+    import yaml
+
+    from fxlocal.training.checkpoint import load_training_checkpoint
+
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(recipe.convert.k),
+           "-m", "fxlocal.cli", "train", str(recipe_file), "--pipeline", *(["--resume"] if resume else [])]
+    subprocess.run(cmd, check=True)
+    return load_training_checkpoint(out / "last.pt")["history"]
 
 
 def wanted_runs(args) -> list[tuple[str, int, int]]:
@@ -283,6 +300,7 @@ def main(argv=None) -> None:
     p.add_argument("--validation", type=int, help="evaluate on the last N training images, held out (choose options here)")
     p.add_argument("--set", action="append", default=[], help="recipe override key.sub=value for every run (a variant: give --tag)")
     p.add_argument("--tag", default="", help="names a variant (--set) in the results and the table")
+    p.add_argument("--pipeline", action="store_true", help="train each row pipelined, one process per block (torchrun); give --tag")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per run")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (GPU)")
@@ -295,8 +313,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     changed = [("epochs", args.epochs), ("train", args.train_subset), ("test", args.test_subset)]
     args.label = args.protocol + "".join(f"-{name}{value}" for name, value in changed if value)
-    if args.set and not args.tag:
-        raise SystemExit("accuracy.py: --set makes a variant: name it with --tag")
+    if (args.set or args.pipeline) and not args.tag:
+        raise SystemExit("accuracy.py: --set and --pipeline make a variant: name it with --tag")
     if not args.table:
         train_missing(args)
     if args.no_table:

@@ -465,13 +465,17 @@ class LocalModel(nn.Module):
         criterion: Criterion | None = None,
         *,
         scaler: torch.amp.GradScaler | None = None,
+        before_heads_follow: Callable[[], None] | None = None,
     ) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
         local loss, backward, step of the block's own ``optimizer``, gradients released.
 
         What one stage of a pipeline does (:mod:`fxlocal.training.pipeline`); it needs an objective that
-        re-runs no earlier block (``input_window == 1``). Returns what block ``b + 1`` takes
-        (detached; empty for the last block), the loss and the logits, both detached.
+        re-runs no earlier block (``input_window == 1``). ``before_heads_follow`` runs after the
+        backward and before the head's EMA twins follow the backbone (a pipeline stage receives
+        there the next stage's weights its twins follow, so that its forward and backward overlap
+        the next stage's step). Returns what block ``b + 1`` takes (detached; empty for the last
+        block), the loss and the logits, both detached.
         """
         if self.input_window > 1:
             raise IncompatibleOptionsError(
@@ -487,6 +491,8 @@ class LocalModel(nn.Module):
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)
+        if before_heads_follow is not None:
+            before_heads_follow()
         self._after_backward(b)
         self._step(optimizer, list(self.block_parameters(b)), scaler, None)
         optimizer.zero_grad(set_to_none=True)

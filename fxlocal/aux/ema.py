@@ -44,6 +44,17 @@ class EMATwin(nn.Module):
         """The live backbone parameters this twin follows (it reads them after every step)."""
         return list(self._live)
 
+    def follow(self, live: list[torch.Tensor]) -> None:
+        """Follow ``live`` instead: tensors standing for the live parameters, in their order (a
+        pipeline stage holds copies of the next stage's weights, refreshed by messages).
+
+        Raises:
+            ValueError: tensors that do not match the live parameters' shapes.
+        """
+        if [tuple(t.shape) for t in live] != [tuple(p.shape) for p in self._live]:
+            raise ValueError("an EMA twin follows tensors shaped as the live parameters it mirrors")
+        self._live = list(live)
+
     def averaged(self) -> list[torch.Tensor]:
         """The twin's copies of the live parameters, in the live unit's order."""
         buffers = dict(self.module.named_buffers())

@@ -83,9 +83,10 @@ class PipelineError(FxLocalError, RuntimeError):
 def pipeline_obstacle(local: LocalModel) -> str | None:
     """Why ``local``'s blocks cannot be trained one per process, or None when they can.
 
-    A stage holds one block's weights only, so an objective must not read another block's:
-    MLAAN's cascade re-runs earlier blocks, MAN's EMA twin follows the next block's first unit;
-    nor may two blocks hold one parameter (a tied table's).
+    A stage holds one block's weights only, so an objective must not read another block's,
+    except the next block's that its EMA twins follow (MAN: the next stage sends them back,
+    :class:`_FollowedWeights`): MLAAN's cascade re-runs earlier blocks; nor may two blocks hold
+    one parameter (a tied table's).
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
@@ -100,12 +101,86 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
             "from it), which one process per block cannot keep in step"
         )
     for b in range(local.k):
-        own = {id(p) for p in local.block_parameters(b)}
-        objective = local.heads[b] if b < len(local.heads) else local.final_objective
-        for twin in (m for m in (objective.modules() if objective is not None else ()) if isinstance(m, EMATwin)):
-            if any(id(p) not in own for p in twin.live_parameters):
-                return f"block {b}'s {local.plan.aux} head follows another block's weights (an EMA twin)"
+        following = _following_twins(local, b)
+        nxt = {id(p) for p in local.blocks[b + 1].parameters()} if b + 1 < local.k else set()
+        if any(id(p) not in nxt for twin in following for p in twin.live_parameters):
+            return f"block {b}'s {local.plan.aux} head follows the weights of a block other than the next (an EMA twin)"
     return None
+
+
+def _following_twins(local: LocalModel, b: int) -> list[EMATwin]:
+    """The EMA twins of block ``b``'s objective that follow another block's weights (MAN's
+    follow the next block's first unit), in module order."""
+    own = {id(p) for p in local.block_parameters(b)}
+    objective = local.heads[b] if b < len(local.heads) else local.final_objective
+    twins = [m for m in (objective.modules() if objective is not None else ()) if isinstance(m, EMATwin)]
+    return [twin for twin in twins if any(id(p) not in own for p in twin.live_parameters)]
+
+
+class _FollowedWeights:
+    """The weights of stage ``r + 1`` that stage ``r``'s EMA twins follow (MAN: the next block's
+    first unit), sent back from ``r + 1`` to ``r``: once as a run starts, then after every
+    ``every``-th step of ``r + 1``. Stage ``r`` receives them after its backward, before its
+    twins update, at its first step and every ``every``-th: with ``every=1`` a twin at step ``t``
+    follows the weights after the next stage's step ``t - 1``, as in sequential training, while
+    stage ``r``'s forward and backward overlap that step. Nothing is sent after the last step.
+
+    Build it before the other blocks leave this process (it reads which parameters the twins
+    follow), then :meth:`place` it on the stage's device.
+    """
+
+    def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float):
+        self.rank, self.every = rank, every
+        self.timeout = timedelta(seconds=timeout_s)
+        self.twins = _following_twins(local, rank)  # as a follower: this stage's twins
+        # as a leader: this stage's parameters that the previous stage's twins follow
+        self.led = [p for twin in _following_twins(local, rank - 1) for p in twin.live_parameters] if rank > 0 else []
+        self.copies: list[torch.Tensor] = []
+        self.sending: deque[tuple[object, torch.Tensor]] = deque()
+
+    def place(self, device: torch.device) -> None:
+        """Give this stage's twins copies of what they follow, on ``device``."""
+        for twin in self.twins:
+            copies = [torch.zeros(p.shape, dtype=p.dtype, device=device) for p in twin.live_parameters]
+            twin.follow(copies)
+            self.copies += copies
+
+    def start(self, step: int) -> None:
+        """As a run starts at global ``step``: the leader sends the weights as they are."""
+        self._send()
+
+    def after_step(self, step: int, end: int) -> None:
+        """The leader, after its global ``step`` of a run that ends before step ``end``."""
+        if self.led and (step + 1) % self.every == 0 and step + 1 < end:
+            self._send()
+
+    def receiver(self, step: int, start: int):
+        """The follower's hook for its global ``step`` (:meth:`LocalModel.train_block`'s
+        ``before_heads_follow``), or None where it receives nothing at that step."""
+        if not self.twins or not (step == start or step % self.every == 0):
+            return None
+        return self._receive
+
+    def _send(self) -> None:
+        if not self.led:
+            return
+        flat = torch.cat([p.detach().reshape(-1) for p in self.led])
+        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
+            self.sending.append((dist.isend(flat, self.rank - 1), flat))
+            while len(self.sending) > 2:  # the follower takes one per step: never far behind
+                self.sending.popleft()[0].wait(self.timeout)
+
+    def _receive(self) -> None:
+        flat = torch.empty(sum(c.numel() for c in self.copies), dtype=self.copies[0].dtype, device=self.copies[0].device)
+        with _losing_is_an_error(self.rank, f"stage {self.rank + 1}"):
+            dist.irecv(flat, self.rank + 1).wait(self.timeout)
+        for copy, part in zip(self.copies, torch.split(flat, [c.numel() for c in self.copies])):
+            copy.copy_(part.view_as(copy))
+
+    def flush(self) -> None:
+        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
+            while self.sending:
+                self.sending.popleft()[0].wait(self.timeout)
 
 
 @contextlib.contextmanager
@@ -210,6 +285,15 @@ class _Link:
             work.wait(self.timeout)
 
 
+@dataclass(frozen=True)
+class _RunSteps:
+    """A run's steps, counted over epochs: per epoch, the first (where a resumed run starts) and the end."""
+
+    per_epoch: int
+    first: int
+    end: int
+
+
 @dataclass
 class _Totals:
     """One stage's sums over an epoch."""
@@ -219,12 +303,18 @@ class _Totals:
     images: int = 0
 
 
-def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started) -> _Totals:
+def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, steps) -> _Totals:
+    """One epoch of this stage; ``followed`` exchanges the weights EMA twins follow, by global
+    step (``steps``: per epoch, the run's first and its end)."""
     totals = _Totals()
     last = rank == local.k - 1
     for step, (carried, y) in enumerate(batches):
+        at = epoch * steps.per_epoch + step
         with autocast:
-            handed_on, loss, logits = local.train_block(rank, carried, y, optimizer, scaler=scaler)
+            handed_on, loss, logits = local.train_block(
+                rank, carried, y, optimizer, scaler=scaler, before_heads_follow=followed.receiver(at, steps.first)
+            )
+        followed.after_step(at, steps.end)
         if not last:
             link.send(TRAIN, handed_on, y)
         value = loss.item()
@@ -307,7 +397,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             local = build_agreed_model(recipe, dist_, state)
     obstacle = pipeline_obstacle(local) if local.k > 1 else "it has one block; set convert.k to 2 or more"
     if obstacle:
-        raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal or none")
+        raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal, man or none")
     if dist_.world != local.k:
         raise PipelineError(
             f"pipeline mode runs one process per block and this model has {local.k} blocks: launch it with "
@@ -326,6 +416,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             raise PipelineError(f"{checkpoint} holds one optimizer for the whole model; pipeline mode needs one per block")
         local.load_state_dict(state["model"])
         start_epoch, history = state["epoch"], state["history"]
+    followed = _FollowedWeights(local, rank, recipe.pipeline.weight_sync, recipe.pipeline.timeout_s)
     # This process keeps its own block (and head) only.
     for b in range(k):
         if b != rank:
@@ -333,6 +424,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     stage = block_stage(local, rank).to(device)
     if last and local.final_objective is not None:
         local.final_objective.to(device)
+    followed.place(device)
     optimizer = make_optimizer(recipe, stage)
     schedulers = make_schedulers(recipe, [optimizer])
     scheduler = schedulers[0] if schedulers else None
@@ -370,13 +462,15 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
                 return
             yield (x.to(device, non_blocking=True),), y.to(device, non_blocking=True)
 
+    run_steps = _RunSteps(steps, start_epoch * steps, recipe.epochs * steps)
+    followed.start(run_steps.first)
     for epoch in range(start_epoch, recipe.epochs):
         local.train()
         if rank == 0:
             reseed_epoch(sampler, order, recipe.seed, epoch)
         started = time.perf_counter()
         batches = from_loader(train_loader, steps) if rank == 0 else link.receive(TRAIN)
-        totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started)
+        totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, run_steps)
         elapsed = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step(epoch + 1)
@@ -435,6 +529,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         writer.close()
     if last:
         plot_curves(history, out_dir / "curves.png")
+    followed.flush()
     with link.talking_to("a stage"):
         leave_distributed(dist_)
     return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, last)

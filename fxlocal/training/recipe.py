@@ -80,6 +80,9 @@ class PipelineSection(_Section):
     enabled: bool = False
     max_in_flight: int = Field(default=2, ge=1)  # unfinished sends per stage before it waits
     timeout_s: float = Field(default=300.0, gt=0)  # a silent neighbour for this long is an error
+    # steps between the weights a stage sends back to the one before, whose EMA twins follow
+    # them (MAN): 1 computes exactly the updates of sequential training
+    weight_sync: int = Field(default=1, ge=1)
 
 
 class SchedulerSection(_Section):

@@ -94,6 +94,31 @@ def test_pipeline_computes_the_updates_of_sequential_local_training(tmp_path, on
     assert export_mismatch(load_local_model(after_one), fresh, torch.randn(4, 1, 28, 28)) is None
 
 
+def test_man_pipelined_follows_the_next_stage_as_sequential_training_does(tmp_path, one_thread):
+    """MAN's EMA twin on stage 0 follows block 1's first unit, which lives on stage 1: sent back
+    every step (pipeline.weight_sync: 1), the pipeline ends with the sequential trainer's weights,
+    twins included, also when it stops after an epoch and resumes (the weights are sent again as
+    a run starts). Sent every 2 steps, the twins follow older weights and end elsewhere."""
+    def recipe(folder, **changes):
+        return tiny(tmp_path / folder, convert={"k": 2, "aux": "man"},
+                    scheduler={"name": "step", "decay_epochs": 1, "decay_rate": 0.5}, **changes)
+
+    expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
+    _torchrun(_recipe_file(recipe("whole"), tmp_path / "whole.yaml"))  # across the epoch boundary
+    _assert_same_training(load_training_checkpoint(tmp_path / "whole/run/last.pt"), expected)
+    _torchrun(_recipe_file(recipe("pipe", epochs=1), tmp_path / "one.yaml"))
+    _torchrun(_recipe_file(recipe("pipe"), tmp_path / "two.yaml"), "--resume")
+    pipelined = load_training_checkpoint(tmp_path / "pipe/run/last.pt")
+    assert [r["epoch"] for r in pipelined["history"]] == [1, 2]
+    twin = [key for key in expected["model"] if key.startswith("heads.0.pair.b.")]
+    assert twin  # compared with the rest below
+    _assert_same_training(pipelined, expected)
+
+    _torchrun(_recipe_file(recipe("sync2", pipeline={"weight_sync": 2}), tmp_path / "sync2.yaml"))
+    stale = load_training_checkpoint(tmp_path / "sync2/run/last.pt")
+    assert not all(torch.equal(stale["model"][key], expected["model"][key]) for key in twin)
+
+
 _STAGE = """
 import os, sys, time
 from fxlocal.local_model import LocalModel
@@ -154,7 +179,7 @@ def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
     assert_one_line_error(done, "torchrun --nproc-per-node 2")
 
 
-@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", False), ("mlaan", False)])
+@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", True), ("mlaan", False), ("infopro", False)])
 def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, stage_local):
     local = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28), num_classes=10)
     obstacle = pipeline_obstacle(local)
