@@ -466,6 +466,7 @@ class LocalModel(nn.Module):
         *,
         scaler: torch.amp.GradScaler | None = None,
         before_heads_follow: Callable[[], None] | None = None,
+        model_input: torch.Tensor | None = None,
     ) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
         local loss, backward, step of the block's own ``optimizer``, gradients released.
@@ -474,8 +475,9 @@ class LocalModel(nn.Module):
         re-runs no earlier block (``input_window == 1``). ``before_heads_follow`` runs after the
         backward and before the head's EMA twins follow the backbone (a pipeline stage receives
         there the next stage's weights its twins follow, so that its forward and backward overlap
-        the next stage's step). Returns what block ``b + 1`` takes (detached; empty for the last
-        block), the loss and the logits, both detached.
+        the next stage's step). ``model_input`` is the step's model input, for objectives that
+        read it (InfoPro's heads; block 0's input is it). Returns what block ``b + 1`` takes
+        (detached; empty for the last block), the loss and the logits, both detached.
         """
         if self.input_window > 1:
             raise IncompatibleOptionsError(
@@ -486,7 +488,8 @@ class LocalModel(nn.Module):
         backward = _scaled_backward(scaler)
 
         optimizer.zero_grad(set_to_none=True)
-        model_input = inputs[0] if b == 0 else None
+        if model_input is None and b == 0:
+            model_input = inputs[0]
         ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, input=model_input, backward=backward)
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)

@@ -71,9 +71,9 @@ __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 TRAIN, EVAL, END = 0, 1, 2
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _MAX_DIMS = 8
-_MAX_TENSORS = 2  # a cut's tensor and the one it may carry beside it
+_MAX_TENSORS = 3  # a cut's tensor, the one it may carry beside it, and the model input (InfoPro's heads read it)
 _TENSOR_HEADER = 2 + _MAX_DIMS  # dtype, ndim, shape
-_HEADER = 3 + _MAX_TENSORS * _TENSOR_HEADER  # kind, tensor count, has plain values, each tensor's
+_HEADER = 4 + _MAX_TENSORS * _TENSOR_HEADER  # kind, tensor count, has plain values, has the model input, each tensor's
 
 
 class PipelineError(FxLocalError, RuntimeError):
@@ -90,9 +90,6 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
-    readers = [b for b in local.needs_model_input if b > 0]
-    if readers:
-        return f"the {local.plan.aux} objective of block {readers[0]} reconstructs the model's input, which only the first stage receives"
     tied = local.tied_parameters()
     if tied:
         name, holders = next(iter(tied.items()))
@@ -221,7 +218,7 @@ class _Link:
     def talking_to(self, peer: str):
         return _losing_is_an_error(self.rank, peer)
 
-    def send(self, kind: int, carried: tuple = (), y: torch.Tensor | None = None) -> None:
+    def send(self, kind: int, carried: tuple = (), y: torch.Tensor | None = None, model_input: torch.Tensor | None = None) -> None:
         header = torch.zeros(_HEADER, dtype=torch.long)
         header[0] = kind
         tensors: list[torch.Tensor] = []
@@ -229,14 +226,15 @@ class _Link:
         boundary = [v.contiguous() for v in carried if isinstance(v, torch.Tensor)]
         plain = list(carried[len(boundary):])
         if kind != END:
-            if len(boundary) > _MAX_TENSORS:
-                raise ValueError(f"a boundary carries at most {_MAX_TENSORS} tensors, got {len(boundary)}")
-            header[1:3] = torch.tensor([len(boundary), bool(plain)])
-            for i, t in enumerate(boundary):
-                at = 3 + i * _TENSOR_HEADER
+            if len(boundary) > _MAX_TENSORS - 1:
+                raise ValueError(f"a boundary carries at most {_MAX_TENSORS - 1} tensors, got {len(boundary)}")
+            sent = [*boundary, *([model_input.contiguous()] if model_input is not None else [])]
+            header[1:4] = torch.tensor([len(sent), bool(plain), model_input is not None])
+            for i, t in enumerate(sent):
+                at = 4 + i * _TENSOR_HEADER
                 header[at : at + 2] = torch.tensor([_DTYPES.index(t.dtype), t.dim()])
                 header[at + 2 : at + 2 + t.dim()] = torch.tensor(t.shape)
-            tensors = [*boundary, y.long().contiguous()]
+            tensors = [*sent, y.long().contiguous()]
         tensors = [header.to(self.device), *tensors]
         with self.talking_to(f"stage {self.rank + 1}"):
             works = [dist.isend(t, self.rank + 1) for t in tensors]
@@ -246,34 +244,36 @@ class _Link:
             while len(self.in_flight) > self.max_in_flight:
                 self._wait(self.in_flight.popleft()[0])
 
-    def recv(self) -> tuple[int, tuple, torch.Tensor | None]:
+    def recv(self) -> tuple[int, tuple, torch.Tensor | None, torch.Tensor | None]:
+        """``(kind, boundary, labels, model input or None)`` of the next message."""
         source = self.rank - 1
         with self.talking_to(f"stage {source}"):
             header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
             self._wait([dist.irecv(header, source)])
-            kind, count, has_plain, *specs = header.tolist()
+            kind, count, has_plain, has_input, *specs = header.tolist()
             if kind == END:
-                return END, (), None
-            boundary = []
+                return END, (), None, None
+            received = []
             for i in range(count):
                 code, ndim, *shape = specs[i * _TENSOR_HEADER : (i + 1) * _TENSOR_HEADER]
-                boundary.append(torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device))
-            y = torch.empty(boundary[0].shape[0], dtype=torch.long, device=self.device)
-            self._wait([dist.irecv(t, source) for t in [*boundary, y]])
+                received.append(torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device))
+            y = torch.empty(received[0].shape[0], dtype=torch.long, device=self.device)
+            self._wait([dist.irecv(t, source) for t in [*received, y]])
             plain: list = [[]]
             if has_plain:
                 dist.recv_object_list(plain, source, device=self.device)
-        return kind, (*boundary, *plain[0]), y
+        boundary, model_input = (received[:-1], received[-1]) if has_input else (received, None)
+        return kind, (*boundary, *plain[0]), y, model_input
 
-    def receive(self, kind: int) -> Iterator[tuple[tuple, torch.Tensor]]:
-        """``(input, labels)`` of each ``kind`` message until the end of the pass."""
+    def receive(self, kind: int) -> Iterator[tuple[tuple, torch.Tensor, torch.Tensor | None]]:
+        """``(input, labels, model input or None)`` of each ``kind`` message until the end of the pass."""
         while True:
-            got, carried, y = self.recv()
+            got, carried, y, model_input = self.recv()
             if got == END:
                 return
             if got != kind:
                 raise PipelineError(f"pipeline stage {self.rank} got a {got} message during a {kind} pass (stages out of step)")
-            yield carried, y
+            yield carried, y, model_input
 
     def flush(self) -> None:
         with self.talking_to(f"stage {self.rank + 1}"):
@@ -308,15 +308,17 @@ def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, 
     step (``steps``: per epoch, the run's first and its end)."""
     totals = _Totals()
     last = rank == local.k - 1
-    for step, (carried, y) in enumerate(batches):
+    forwards_input = any(b > rank for b in local.needs_model_input)
+    for step, (carried, y, model_input) in enumerate(batches):
         at = epoch * steps.per_epoch + step
         with autocast:
             handed_on, loss, logits = local.train_block(
-                rank, carried, y, optimizer, scaler=scaler, before_heads_follow=followed.receiver(at, steps.first)
+                rank, carried, y, optimizer, scaler=scaler, before_heads_follow=followed.receiver(at, steps.first),
+                model_input=model_input,
             )
         followed.after_step(at, steps.end)
         if not last:
-            link.send(TRAIN, handed_on, y)
+            link.send(TRAIN, handed_on, y, model_input if forwards_input else None)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -339,7 +341,7 @@ def _eval_pass(local, rank, link, batches, autocast) -> dict:
     local.eval()
     counts = {"local_correct": 0, "correct1": 0, "correct5": 0, "total": 0}
     last = rank == local.k - 1
-    for carried, y in batches:
+    for carried, y, _ in batches:
         with autocast:
             out = local.blocks[rank](*carried)
             if last:
@@ -460,7 +462,8 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         for step, (x, y) in enumerate(loader):
             if limit is not None and step >= limit:
                 return
-            yield (x.to(device, non_blocking=True),), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
+            yield (x,), y.to(device, non_blocking=True), x
 
     run_steps = _RunSteps(steps, start_epoch * steps, recipe.epochs * steps)
     followed.start(run_steps.first)

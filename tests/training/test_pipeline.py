@@ -25,8 +25,8 @@ def _recipe_file(recipe, path):
     return path
 
 
-def _torchrun(recipe_file, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def _torchrun(recipe_file, *args, stages=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(stages),
            "-m", "fxlocal.cli", "train", str(recipe_file), "--pipeline", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -92,6 +92,18 @@ def test_pipeline_computes_the_updates_of_sequential_local_training(tmp_path, on
     # export reads it: the trained backbone loads strictly into a fresh resnet32_cifar, same output.
     fresh = fxlocal.create_model("resnet32_cifar", 10, (1, 28, 28))
     assert export_mismatch(load_local_model(after_one), fresh, torch.randn(4, 1, 28, 28)) is None
+
+
+def test_infopro_pipelined_is_sequential_training(tmp_path, one_thread):
+    """InfoPro's heads reconstruct the model input: stage 0 sends it on with the boundary to the
+    stages whose heads read it; InfoPro+MAN on three stages (the middle one both follows the last
+    and is followed by the first) ends where sequential training ends."""
+    def recipe(folder, **changes):
+        return tiny(tmp_path / folder, convert={"k": 3, "aux": "infopro+man"}, **changes)
+
+    expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
+    _torchrun(_recipe_file(recipe("pipe"), tmp_path / "pipe.yaml"), stages=3)
+    _assert_same_training(load_training_checkpoint(tmp_path / "pipe/run/last.pt"), expected)
 
 
 def test_man_pipelined_follows_the_next_stage_as_sequential_training_does(tmp_path, one_thread):
@@ -179,7 +191,7 @@ def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
     assert_one_line_error(done, "torchrun --nproc-per-node 2")
 
 
-@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", True), ("mlaan", False), ("infopro", False)])
+@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", True), ("mlaan", False), ("infopro", True)])
 def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, stage_local):
     local = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28), num_classes=10)
     obstacle = pipeline_obstacle(local)
@@ -200,9 +212,10 @@ if rank == 0:
     link.send(TRAIN, (torch.arange(6.0).view(2, 3), torch.full((2, 4), 0.5), 7, torch.Size([3])), torch.tensor([4, 5]))
     link.send(TRAIN, (torch.ones(1, 2, dtype=torch.bfloat16),), torch.tensor([9]))
     link.send(TRAIN, (torch.zeros(1, 3, 2), torch.ones(1, 5, dtype=torch.float16)), torch.tensor([1]))
+    link.send(TRAIN, (torch.ones(2, 3), 5), torch.tensor([2, 3]), torch.full((2, 1, 4, 4), 0.25))  # and the model input
     link.send(END)
     link.flush()
-    assert pickled == [[[7, torch.Size([3])]]], pickled  # tensors go as tensors, only plain values pickled
+    assert pickled == [[[7, torch.Size([3])]], [[5]]], pickled  # tensors go as tensors, only plain values pickled
 else:
     torch.save(list(link.receive(TRAIN)), sys.argv[2])
 dist.destroy_process_group()
@@ -211,12 +224,15 @@ dist.destroy_process_group()
 
 def test_link_carries_tensors_labels_and_plain_values(tmp_path):
     """A boundary may carry a second tensor and plain values after its tensor (shapes, ints);
-    dtypes and shapes vary."""
+    dtypes and shapes vary; the model input may travel beside it (for InfoPro's heads)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     got = tmp_path / "got.pt"
     ranks = [subprocess.Popen([sys.executable, "-c", _LINK, str(r), str(got)], env={**env, "RANK": str(r)}) for r in (0, 1)]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
-    (first, y1), (second, y2), (third, y3) = torch.load(got)
+    (first, y1, x1), (second, y2, x2), (third, y3, x3), (fourth, y4, x4) = torch.load(got)
+    assert x1 is None and x2 is None and x3 is None
+    assert len(fourth) == 2 and torch.equal(fourth[0], torch.ones(2, 3)) and fourth[1] == 5 and torch.equal(y4, torch.tensor([2, 3]))
+    assert torch.equal(x4, torch.full((2, 1, 4, 4), 0.25))
     assert torch.equal(first[0], torch.arange(6.0).view(2, 3)) and first[2:] == (7, torch.Size([3]))
     assert torch.equal(first[1], torch.full((2, 4), 0.5))
     assert torch.equal(y1, torch.tensor([4, 5])) and torch.equal(y2, torch.tensor([9]))
