@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ original = LocalModel.train_block
 
 def patched(self, *args, **kwargs):
     calls.append(1)
-    if len(calls) == 2:
+    if len(calls) == {at}:
         {action}
     return original(self, *args, **kwargs)
 
@@ -163,7 +164,7 @@ def test_a_failing_stage_stops_the_other_with_a_clear_error(tmp_path, failure, a
     timeout, instead of waiting forever for the next batch."""
     recipe = _recipe_file(tiny(tmp_path, epochs=1, pipeline={"timeout_s": 5}), tmp_path / "r.yaml")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    failing = subprocess.Popen([sys.executable, "-c", _STAGE.format(action=action), str(recipe)],
+    failing = subprocess.Popen([sys.executable, "-c", _STAGE.format(action=action, at=2), str(recipe)],
                                env={**env, "RANK": "0", "LOCAL_RANK": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         started = time.monotonic()
@@ -177,6 +178,29 @@ def test_a_failing_stage_stops_the_other_with_a_clear_error(tmp_path, failure, a
     assert "pipeline stage 1 lost stage 0" in other.stderr and "Traceback" not in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert waited < 120  # startup (two imports of torch and timm) + at most the 5 s timeout
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, one_thread):
+    """Stage 0 is killed in epoch 2 (its 6th batch of 4 per epoch), stage 1 stops with one line;
+    `--resume` continues from epoch 1's checkpoint and ends with the weights of an uninterrupted
+    run (the sequential trainer's, which the pipeline computes exactly)."""
+    recipe = tiny(tmp_path / "run", scheduler={"name": "step", "decay_epochs": 1, "decay_rate": 0.5},
+                  pipeline={"timeout_s": 5})
+    recipe_file = _recipe_file(recipe, tmp_path / "r.yaml")
+    expected = load_training_checkpoint(fit(recipe.model_copy(update={"output_dir": str(tmp_path / "seq")})).output_dir / "last.pt")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen([sys.executable, "-c", _STAGE.format(action="os._exit(9)", at=6), str(recipe_file)],
+                              env={**env, "RANK": "0", "LOCAL_RANK": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        other = subprocess.run([sys.executable, "-m", "fxlocal.cli", "train", str(recipe_file), "--pipeline"],
+                               env={**env, "RANK": "1", "LOCAL_RANK": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        killed.kill()
+        killed.wait()
+    assert killed.returncode == 9 and other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert load_training_checkpoint(Path(recipe.output_dir) / "last.pt")["epoch"] == 1
+    _torchrun(recipe_file, "--resume")
+    _assert_same_training(load_training_checkpoint(Path(recipe.output_dir) / "last.pt"), expected)
 
 
 def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
