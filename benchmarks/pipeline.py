@@ -1,15 +1,24 @@
-"""Pipeline efficiency: K processes with one thread each vs sequential local learning on one thread.
+"""Pipeline efficiency: K processes with one thread each vs sequential local learning on one
+thread, and against traditional pipeline parallelism (PP) of the end-to-end model.
 
-Both train the same converted model on the same batches (the same recipe, seed and data
-order; the pipeline computes the same updates, see tests/training/test_pipeline.py): sequentially with
-``fxlocal train`` in one single-threaded process, and pipelined with ``torchrun
---nproc-per-node K ... --pipeline`` (torchrun gives each process one thread). Throughput is the
-``images_per_s`` of the training loop (``metrics.jsonl``; evaluation excluded), the median over
-the epochs after the first (warm-up); efficiency = speed-up / K. The batch sizes are a column:
-on a CPU, whether a stage's tensors stay in its core's cache decides whether K stages share the
-memory bus or not.
+PPLL and its baseline train the same converted model on the same batches (the same recipe, seed
+and data order; the pipeline computes the same updates, see tests/training/test_pipeline.py):
+sequentially with ``fxlocal train`` in one single-threaded process, and pipelined with
+``torchrun --nproc-per-node K ... --pipeline`` (torchrun gives each process one thread).
+Throughput is the ``images_per_s`` of the training loop (``metrics.jsonl``; evaluation
+excluded), the median over the epochs after the first (warm-up); efficiency = speed-up / K.
+
+PP (``--pp gpipe 1f1b``): the end-to-end model cut at the same K stages from the same plan
+(``benchmarks/pp_stage.py``), trained by ``torch.distributed.pipelining``'s GPipe or 1F1B
+schedule on ``--microbatches`` micro-batches of ``batch`` images per step: the same unit of work
+per message as PPLL's ``batch``. Its efficiency is against end-to-end training in one
+single-threaded process at the step's batch (``batch × microbatches``). "PPLL × PP" is PPLL's
+throughput over the faster schedule's. The batch sizes are a column: on a CPU, whether a stage's
+tensors stay in its core's cache decides whether K stages share the memory bus or not. Stage
+peaks are each process's peak resident memory (MiB).
 
     python benchmarks/pipeline.py                               # resnet32_cifar, K=2, CPU, batch 16, 32, 64
+    python benchmarks/pipeline.py --models resnet32_cifar vit_tiny_patch16_224 --balance time --batch 16 --pp gpipe 1f1b
     python benchmarks/pipeline.py --k 2 4 --balance flops memory --device cuda   # K processes sharing one GPU
 """
 
@@ -25,15 +34,20 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from record import append_rows, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path) -> dict:
+# a ViT's patch grid needs a larger input than Fashion-MNIST's 28×28 (resized, grey to RGB)
+INPUT_SIZES = {"vit_tiny_patch16_224": [3, 64, 64]}
+
+
+def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl") -> dict:
     return {
         "model": {"name": model},
-        "convert": {"k": k, "aux": "dgl", "balance": balance},
-        "data": {"dataset": "fashion_mnist_mini", "input_size": [1, 28, 28], "augment": "none"},
+        "convert": {"k": k, "aux": aux, "balance": balance},
+        "data": {"dataset": "fashion_mnist_mini", "input_size": INPUT_SIZES.get(model, [1, 28, 28]), "augment": "none"},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
         "scheduler": {"name": "none"},
         "epochs": epochs,
@@ -62,35 +76,76 @@ def images_per_s(data: dict, folder: Path, pipeline: bool) -> float:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     epochs = [json.loads(line) for line in (folder / "run/metrics.jsonl").read_text().splitlines()]
     # the first epoch warms up (allocator, gloo connections); the median of the rest
-    return statistics.median(e["images_per_s"] for e in epochs[1:])
+    return statistics.median(e["images_per_s"] for e in epochs[1:]), epochs[-1].get("stage_peak_memory_mib", [epochs[-1]["peak_memory_mib"]])
+
+
+def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str) -> tuple[float, list]:
+    """Traditional pipeline parallelism of the end-to-end model (benchmarks/pp_stage.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k),
+           str(ROOT / "benchmarks/pp_stage.py"), "--model", model, "--k", str(k), "--balance", balance,
+           "--input-size", *map(str, INPUT_SIZES.get(model, [1, 28, 28])), "--batch", str(batch),
+           "--microbatches", str(microbatches), "--schedule", schedule]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return result["images_per_s"], result["stage_peak_mib"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet32_cifar"])
     parser.add_argument("--k", nargs="+", type=int, default=[2])
+    parser.add_argument("--aux", nargs="+", default=["dgl"], help="PPLL's aux methods")
     parser.add_argument("--balance", nargs="+", default=["flops", "time"], choices=["flops", "time", "memory", "activations", "params"])
     parser.add_argument("--batch", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pp", nargs="*", default=[], choices=["gpipe", "1f1b"], help="PP schedules to compare with (CPU)")
+    parser.add_argument("--microbatches", type=int, default=4, help="PP's micro-batches of BATCH images per step")
+    parser.add_argument("--record", default="", help="JSON-lines file the rows are appended to (with the commit and versions)")
     args = parser.parse_args()
 
+    origin = provenance(args.device)
     print(f"`python benchmarks/pipeline.py {' '.join(sys.argv[1:])}`".replace("  ", " "))
-    print(f"(Fashion-MNIST 4000 images 28×28, DGL heads, median of epochs 2 to {args.epochs}, device {args.device})\n")
-    print("| model | K | balance | batch | sequential img/s | pipeline img/s | speed-up | efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"(Fashion-MNIST 4000 images, median of epochs 2 to {args.epochs}, device {args.device}, commit {origin['commit']})\n")
+    pp_columns = "".join(f" PP {s} img/s |" for s in args.pp)
+    pp_rule = "---|" * len(args.pp)
+    extra = (" end-to-end img/s | PP efficiency | PPLL × PP | stage peaks MiB PPLL / PP |" if args.pp else "")
+    print(f"| model | K | aux | balance | batch | sequential img/s | PPLL img/s | speed-up | efficiency |{pp_columns}{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + pp_rule + ("---|---|---|---|" if args.pp else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for k in args.k:
                 for balance in args.balance:
                     for batch in args.batch:
-                        data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp))
-                        tag = Path(tmp) / f"{model}-{k}-{balance}-{batch}"
-                        sequential = images_per_s(data, tag / "sequential", pipeline=False)
-                        pipelined = images_per_s(data, tag / "pipeline", pipeline=True)
-                        speedup = pipelined / sequential
-                        print(f"| {model} | {k} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
-                              f"{speedup:.2f}× | {speedup / k:.2f} |", flush=True)
+                        e2e = None
+                        if args.pp:  # end to end, one process, at PP's step batch
+                            data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, Path(tmp), "none")
+                            e2e, _ = images_per_s(data, Path(tmp) / f"{model}-e2e-{batch}", pipeline=False)
+                        pp = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s) for s in args.pp}
+                        for aux in args.aux:
+                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux)
+                            tag = Path(tmp) / f"{model}-{k}-{aux}-{balance}-{batch}"
+                            sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
+                            pipelined, peaks = images_per_s(data, tag / "pipeline", pipeline=True)
+                            speedup = pipelined / sequential
+                            line = (f"| {model} | {k} | {aux} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
+                                    f"{speedup:.2f}× | {speedup / k:.2f} |")
+                            row = {**origin, "benchmark": "pipeline", "model": model, "k": k, "aux": aux, "balance": balance,
+                                   "batch": batch, "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined,
+                                   "ppll_stage_peak_mib": peaks}
+                            if args.pp:
+                                best = max(v for v, _ in pp.values())
+                                fastest = max(pp, key=lambda s: pp[s][0])
+                                line += "".join(f" {pp[s][0]:.0f} |" for s in args.pp)
+                                line += (f" {e2e:.0f} | {best / e2e / k:.2f} | {pipelined / best:.2f}× | "
+                                         f"{' / '.join(f'{m:.0f}' for m in peaks)} ; {' / '.join(f'{m:.0f}' for m in pp[fastest][1])} |")
+                                row.update(microbatches=args.microbatches, e2e_images_per_s=e2e,
+                                           pp={s: {"images_per_s": v, "stage_peak_mib": m} for s, (v, m) in pp.items()})
+                            print(line, flush=True)
+                            if args.record:
+                                append_rows(args.record, [row])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""One stage of traditional pipeline parallelism (PP) of the end-to-end model, for
+``benchmarks/pipeline.py``: run under ``torchrun --nproc-per-node K`` (one thread per process).
+
+The model is cut where fxlocal cuts it (``fxlocal.convert`` with the same K, balance and plan:
+rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
+without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
+1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
+on the last stage, one SGD step per stage and step (as the end-to-end model's). The last rank
+prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
+resident memory.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/pp_stage.py --model resnet32_cifar --k 2 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+import fxlocal
+from fxlocal.graph.plan import Plan
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class StageModule(nn.Module):
+    """A block as a pipeline stage: its tensors in, its tensors out (a single one bare)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *inputs):
+        out = self.block(*inputs)
+        out = out if isinstance(out, tuple) else (out,)
+        if not all(isinstance(v, torch.Tensor) for v in out):
+            raise SystemExit("pp_stage.py: this cut carries plain values, which a pipelining stage cannot send")
+        return out[0] if len(out) == 1 else out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet32_cifar")
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--balance", default="time")
+    p.add_argument("--input-size", type=int, nargs=3, default=(1, 28, 28))
+    p.add_argument("--batch", type=int, default=16, help="images per micro-batch")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="gpipe")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != args.k:
+        raise SystemExit(f"pp_stage.py: K={args.k} needs torchrun --nproc-per-node {args.k}, got {world}")
+    size = tuple(args.input_size)
+    torch.manual_seed(0)
+    planned = [None]
+    if rank == 0:  # balance="time" measures: one rank plans, every rank cuts the same way
+        planned[0] = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, balance=args.balance, num_classes=10).plan.to_dict()
+    dist.broadcast_object_list(planned, src=0)
+    local = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, num_classes=10, plan=Plan.from_dict(planned[0]))
+    stage_module = StageModule(local.blocks[rank])
+    stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
+    schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=nn.functional.cross_entropy)
+    optimizer = torch.optim.SGD(stage_module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    generator = torch.Generator().manual_seed(0)
+    batch = args.batch * args.microbatches
+    x = torch.randn(batch, *size, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    started = 0.0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            dist.barrier()
+            started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+        optimizer.step()
+    dist.barrier()
+    elapsed = time.perf_counter() - started
+    peaks = [None] * world
+    dist.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if rank == world - 1:
+        print(json.dumps({"images_per_s": args.steps * batch / elapsed, "stage_peak_mib": peaks}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
