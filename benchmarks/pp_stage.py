@@ -5,7 +5,9 @@ The model is cut where fxlocal cuts it (``fxlocal.convert`` with the same K, bal
 rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
 without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
-on the last stage, one SGD step per stage and step (as the end-to-end model's). The last rank
+on the last stage, one SGD step per stage and step (as the end-to-end model's). Stage 0 reads
+the data (``--dataset``, in its own process, as PPLL's recipe reads it) and sends the labels to
+the last stage. The last rank
 prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
 resident memory.
 
@@ -45,6 +47,16 @@ class StageModule(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
+def _batches(dataset: str, size: tuple, batch: int):
+    """Shuffled batches of ``dataset`` at ``size``, read in this process as PPLL's stage 0 reads
+    them (``workers: 0``), over and over."""
+    from fxlocal.training.data import build_dataset
+
+    data = build_dataset(dataset, None, True, size)
+    while True:
+        yield from torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet32_cifar")
@@ -56,6 +68,7 @@ def main() -> None:
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="gpipe")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dataset", default="fashion_mnist_mini", help="read by stage 0, as PPLL's recipe reads it")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -75,19 +88,21 @@ def main() -> None:
     schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=nn.functional.cross_entropy)
     optimizer = torch.optim.SGD(stage_module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
-    generator = torch.Generator().manual_seed(0)
     batch = args.batch * args.microbatches
-    x = torch.randn(batch, *size, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    batches = _batches(args.dataset, size, batch) if rank == 0 else None
     started = 0.0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             dist.barrier()
             started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        if rank == 0:
+        y = torch.empty(batch, dtype=torch.long)
+        if rank == 0:  # reads the data, as PPLL's first stage does; the labels go to the last
+            x, y = next(batches)
+            dist.send(y, world - 1)
             schedule.step(x)
         elif rank == world - 1:
+            dist.recv(y, 0)
             schedule.step(target=y, losses=[])
         else:
             schedule.step()
