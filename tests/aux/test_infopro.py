@@ -192,12 +192,14 @@ def test_memory_balance_prices_the_decoder(aux):
         assert -0.05 <= error <= (0.25 if upsampled_is_largest else 0.15), (aux, b, error)
 
 
-def test_a_pipeline_refuses_heads_that_reconstruct_the_input():
+def test_heads_that_reconstruct_the_input_say_so():
+    """The blocks whose objective reads the model input (a pipeline sends it on to their stages:
+    tests/training/test_pipeline.py); DGL's read nothing."""
     from fxlocal.training.pipeline import pipeline_obstacle
 
-    local = convert_named("resnet32_cifar", CIFAR, 10, k=3, aux="infopro")
-    assert "reconstructs the model's input" in pipeline_obstacle(local)
-    assert pipeline_obstacle(convert_named("resnet32_cifar", CIFAR, 10, k=3, aux="dgl")) is None
+    local = convert_named("resnet32_cifar", CIFAR, 10, k=3, aux="infopro+man")
+    assert local.needs_model_input == [0, 1] and pipeline_obstacle(local) is None
+    assert convert_named("resnet32_cifar", CIFAR, 10, k=3, aux="dgl").needs_model_input == []
 
 
 @pytest.mark.parametrize(
