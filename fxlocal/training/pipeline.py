@@ -5,7 +5,9 @@ optimizer. Rank 0 reads the data; each rank trains its block on what it receives
 (:meth:`LocalModel.train_block`) and sends the detached output, with the labels, to rank
 ``r + 1`` by point-to-point sends on torch.distributed (gloo on CPU, nccl on GPU). Nothing flows
 backward: a block's update depends on its own input and labels only, so the ranks compute
-exactly the updates of sequential local training on the same batches, overlapped in time.
+exactly the updates of sequential local training on the same batches, overlapped in time. The
+one message that flows backward carries weights, not gradients: the next stage's weights that a
+stage's EMA twins follow (MAN, :class:`_FollowedWeights`).
 
 A stage has at most ``pipeline.max_in_flight`` unfinished sends: a fast stage waits for a slow
 one rather than queueing batches without bound. The test batches flow through the same pipeline;
@@ -205,8 +207,9 @@ class _Link:
 
     A message is a fixed-size header (kind; count, dtype and shape of the boundary tensors) and,
     unless it marks the end of a pass over the data, the boundary tensors (the cut's, and the one
-    it carries where it carries one), the labels and, rarely, the plain values that cross the
-    boundary after them (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
+    it carries where it carries one), the model input where a later stage's objective reads it
+    (InfoPro's heads), the labels and, rarely, the plain values that cross the boundary after
+    them (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
     """
 
     def __init__(self, rank: int, world: int, device: torch.device, max_in_flight: int, timeout_s: float):
