@@ -370,9 +370,16 @@ def partition(
         analysis = analyze(gm, input_size or traced_input_size(gm), timed=balance == "time")
     if balance == "time" and not any(c.seconds for c in analysis.segment_costs):
         raise PartitionError("balance='time' needs a timed analysis: analyze(gm, input_size, timed=True)")
+    units_only = allowed is not None
     allowed = sorted(allowed) if allowed is not None else list(range(len(analysis.candidates)))
+    # A cut after the last segment that holds parameters would leave the last block nothing to
+    # train: the model's own loss would reach no weight, and the model's head would be trained
+    # by an aux head on its logits (CrossViT averages its two heads' logits after both). Such cuts
+    # are never used.
+    trained = [i for i, cost in enumerate(analysis.segment_costs) if cost.params]
+    if trained:
+        allowed = [position for position in allowed if position < trained[-1]]
     if k < 1 or k > len(allowed) + 1:
-        units_only = len(allowed) < len(analysis.candidates)
         where = ("unit boundary" if len(allowed) == 1 else "unit boundaries") + " to cut at" if units_only else "cut candidates"
         raise KOutOfRangeError(
             f"k={k} is out of range: this graph has {len(allowed)} {where}, so k can be 1 to {len(allowed) + 1}"

@@ -239,3 +239,30 @@ def test_dp_with_a_cascade_matches_brute_force(seed):
 
     cuts = prices.best_cuts(k)
     assert worst(cuts) == min(worst(list(c)) for c in itertools.combinations(range(n - 1), k - 1))
+
+
+class _ScaledHead(torch.nn.Module):
+    """Parameter-free ops after the last Linear (as CrossViT averages its heads' logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x)))) * 2 + 1
+
+
+def test_the_last_block_always_has_something_to_train():
+    """Cuts after the last parameterised segment would leave the model's loss no weight to
+    train: they are never offered, so K tops out below the candidate count, and the largest K's
+    last block holds the last Linear."""
+    analysis = fxlocal.analyze(fxlocal.trace(_ScaledHead(), (8,)), (8,))
+    params = [cost.params for cost in analysis.segment_costs]
+    tail = len(params) - 1 - max(i for i, n in enumerate(params) if n)  # candidates after the last weights
+    assert tail >= 1
+    max_k = analysis.max_k - tail
+    local = fxlocal.convert(_ScaledHead(), k=max_k, aux="dgl", input_size=(8,), num_classes=4, balance="flops")
+    assert any(True for _ in local.blocks[-1].parameters()) and "b" in local.plan.blocks[-1].module_paths
+    with pytest.raises(PartitionError, match=f"k can be 1 to {max_k}"):
+        fxlocal.convert(_ScaledHead(), k=max_k + 1, aux="dgl", input_size=(8,), num_classes=4)
