@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UnknownAuxError
 from ..graph.cost import Cost, measure_module
-from .unit_copies import UnitLibrary
+from .unit_copies import UnitLibrary, handed_on
 
 __all__ = ["AuxHead", "AuxMethod", "HeadSpec", "head_loss", "register_aux", "get_aux", "available_aux", "combinations"]
 
@@ -142,8 +142,8 @@ class AuxHead(nn.Module):
     owns_loss: bool = False
     input_window: int = 1
     backpropagates_block_twice: bool = False
-    #: :meth:`local_loss` reads the step's model input (``ctx.input``): a pipeline stage past the
-    #: first does not receive it
+    #: :meth:`local_loss` reads the step's model input (``ctx.input``): a pipeline's first stage
+    #: sends it on to this head's stage
     needs_model_input: bool = False
 
     def local_loss(self, ctx, b: int, out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,8 +172,7 @@ def head_loss(head: nn.Module, ctx, b: int, features) -> tuple[torch.Tensor, tor
     """
     if isinstance(head, AuxHead) and head.owns_loss:
         return head.local_loss(ctx, b, features)
-    tensors = (features,) if isinstance(features, torch.Tensor) else tuple(t for t in features if isinstance(t, torch.Tensor))
-    logits = head(*tensors)
+    logits = head(*handed_on(features))
     return ctx.criterion(logits, ctx.target), logits
 
 

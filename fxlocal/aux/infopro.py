@@ -338,8 +338,8 @@ class InfoPro(AuxMethod):
         return decoder, classifier
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
-        decoder, classifier = self._parts(spec)
         lam_x, lam_y = self.block_weights(spec)
+        decoder, classifier = self._parts(spec)
         channels = spec.input_shape[0]
         parts = []
         if decoder is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .base import AuxHead, head_loss
+from .unit_copies import handed_on
 
 __all__ = ["JointHead", "one_per_tensor"]
 
@@ -28,8 +29,7 @@ class JointHead(AuxHead):
         return torch.stack([head(t) for head, t in zip(self.heads, tensors)]).mean(0)
 
     def local_loss(self, ctx, b: int, out):
-        tensors = [t for t in ((out,) if isinstance(out, torch.Tensor) else out) if isinstance(t, torch.Tensor)]
-        parts = [head_loss(head, ctx, b, t) for head, t in zip(self.heads, tensors)]
+        parts = [head_loss(head, ctx, b, t) for head, t in zip(self.heads, handed_on(out))]
         return torch.stack([loss for loss, _ in parts]).mean(), torch.stack([logits for _, logits in parts]).mean(0)
 
     def after_backward(self) -> None:

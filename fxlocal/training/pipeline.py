@@ -144,8 +144,8 @@ class _FollowedWeights:
             twin.follow(copies)
             self.copies += copies
 
-    def start(self, step: int) -> None:
-        """As a run starts at global ``step``: the leader sends the weights as they are."""
+    def start(self) -> None:
+        """As a run starts: the leader sends the weights as they are."""
         self._send()
 
     def after_step(self, step: int, end: int) -> None:
@@ -469,7 +469,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             yield (x,), y.to(device, non_blocking=True), x
 
     run_steps = _RunSteps(steps, start_epoch * steps, recipe.epochs * steps)
-    followed.start(run_steps.first)
+    followed.start()
     for epoch in range(start_epoch, recipe.epochs):
         local.train()
         if rank == 0:
