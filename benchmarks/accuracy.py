@@ -108,11 +108,15 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
     started = time.perf_counter()
     resume = (Path(recipe.output_dir) / "last.pt").exists()
     history = train_pipelined(recipe, resume) if args.pipeline else fit(recipe, resume=resume).history
+    built = build_model(recipe)
+    # what an optimizer steps (the aux heads included): Replacement Learning's claim is fewer
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    backbone_trainable = sum(p.numel() for p in {id(p): p for b in built.blocks for p in b.parameters() if p.requires_grad}.values())
     if torch.device(recipe.device).type == "cuda":
         peak, peak_kind = max(r["peak_memory_mib"] for r in history), "measured (CUDA, max_memory_allocated)"
     else:  # a fake-tensor step is a real CPU step's peak (fxlocal.memory), without the process's own RSS
         size = tuple(recipe.data.input_size)
-        peak = step_peak_bytes(build_model(recipe), local_step, recipe.batch_size, size, 10, "sgd", "fake", per_block=True) / 2**20
+        peak = step_peak_bytes(built, local_step, recipe.batch_size, size, 10, "sgd", "fake", per_block=True) / 2**20
         peak_kind = "predicted (fake tensors: a CPU step)"
     return {
         **provenance(recipe.device), "benchmark": "accuracy", "key": key, "protocol": args.label, "aux": aux, "k": k,
@@ -122,6 +126,7 @@ def train_one(args, aux: str, k: int, seed: int) -> dict:
         "train_local_top1": history[-1]["train_local_top1"], "train_loss": history[-1]["train_loss"],
         "epochs": len(history), "images_per_s": statistics.median(r["images_per_s"] for r in history),
         "step_peak_mib": peak, "step_peak_kind": peak_kind, "parallel_jobs": args.jobs,
+        "trainable_params": trainable, "backbone_trainable_params": backbone_trainable,
         "wall_s": time.perf_counter() - started, "resumed": resume, "recipe": recipe.model_dump(mode="json"),
     }
 

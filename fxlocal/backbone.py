@@ -5,16 +5,22 @@ qualified names; a few entries belong to modules the traced graph never calls (a
 path without GoogLeNet's aux classifier, say) and are kept aside as buffers. The map is plain
 data computed once at conversion, so ``LocalModel.backbone_state_dict()`` can give the original
 keys back even after ``.to(device)`` replaced buffer tensors.
+
+A replaced unit's parameter (Replacement Learning, :mod:`fxlocal.graph.replace`) is stored as a
+parametrization; its original key maps to the module that computes it, so the backbone state is
+the plain architecture's, holding the parameter's current value.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["BackboneMap", "UntracedState", "map_backbone"]
 
-# key -> ("block", block index, key in that block) or ("untraced", buffer name)
+# key -> ("block", block index, key in that block), ("untraced", buffer name) or ("computed",
+# block index, module path, tensor name): a replaced unit's parameter, computed by that module
 BackboneMap = dict[str, tuple]
 
 
@@ -41,8 +47,15 @@ def map_backbone(model: nn.Module, blocks: list[nn.Module]) -> tuple[BackboneMap
     mapping: BackboneMap = {}
     untraced: list[torch.Tensor] = []
     state = model.state_dict(keep_vars=True)
+    parametrized = {f"{path}.parametrizations.{t}.": (path, t) for path, m in model.named_modules()
+                    if parametrize.is_parametrized(m) for t in m.parametrizations.keys()}
     for key, t in state.items():
-        if id(t) in by_tensor:
+        stored = next((prefix for prefix in parametrized if key.startswith(prefix)), None)
+        if stored is not None:  # the stand-in original or the coefficients: the parameter is computed
+            if key == stored + "original":
+                path, tensor = parametrized[stored]
+                mapping[f"{path}.{tensor}"] = ("computed", by_tensor[id(t)][1], path, tensor)
+        elif id(t) in by_tensor:
             mapping[key] = by_tensor[id(t)]
         else:
             mapping[key] = ("untraced", f"t{len(untraced)}")

@@ -129,7 +129,7 @@ AUX_HELP = (
 )
 
 
-def _parse_aux_options(pairs: list[str]) -> dict:
+def _parse_aux_options(pairs: list[str], flag: str = "--aux-option") -> dict:
     """``["span=3", "momentum=0.99"]`` -> ``{"span": 3, "momentum": 0.99}`` (YAML scalars)."""
     import yaml
 
@@ -137,9 +137,20 @@ def _parse_aux_options(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise FxLocalError(f"--aux-option takes KEY=VALUE, got {pair!r}")
+            raise FxLocalError(f"{flag} takes KEY=VALUE, got {pair!r}")
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return options
+
+
+REPLACE_HELP = (
+    "Replacement Learning first: every Nth unit of a run of same-shaped units becomes a·before + b·after "
+    "of its neighbours' weights; KEY=VALUE, repeatable: interval=N (>= 2, default 2), neighbour_grad=true|false"
+)
+
+
+def _replace_options(pairs: list[str]) -> dict | None:
+    """``--replace`` pairs as ``convert(replace=...)``: None when not given."""
+    return _parse_aux_options(pairs, "--replace") if pairs else None
 
 
 def _print_trace_report(report) -> None:
@@ -160,6 +171,7 @@ def convert(
     aux_depth: Optional[int] = typer.Option(None, "--aux-depth", help="auglocal: units per aux net (d)"),
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
+    replace: list[str] = typer.Option([], "--replace", help=REPLACE_HELP),
     balance: str = typer.Option("flops", "--balance", help="flops, params, activations, memory or time (measured here)"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
@@ -183,10 +195,12 @@ def convert(
     options = _parse_aux_options(aux_option)
     options.update({key: v for key, v in (("aux_depth", aux_depth), ("pyramid", pyramid)) if v is not None})
     options["backbone_recompute"] = backbone_recompute
+    replace_options = _replace_options(replace)
     priced = MemoryModel(batch=batch)
     if max_memory is not None:
         original = fxlocal.create_model(model, num_classes, input_size)
-        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, "sgd", "fake", **options)
+        k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, "sgd", "fake",
+                          replace=replace_options, **options)
     else:
         local = fxlocal.convert(
             model,
@@ -197,9 +211,11 @@ def convert(
             num_classes=num_classes,
             plan=fxlocal.Plan.load(plan) if plan else None,
             memory=priced,
+            replace=replace_options,
             **options,
         )
     console.print(_plan_table(local.plan))
+    _print_replacement(local.replacement)
     _print_heads(local.plan)
     _print_tied(local)
     _print_trace_report(local.trace_report)
@@ -219,9 +235,13 @@ def inspect(
     k: int = typer.Option(4, "--k", help="blocks of the plan --plot draws"),
     balance: str = typer.Option("flops", "--balance", help="balance of the plan --plot draws"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="draw the per-segment costs and the K-way cuts to a PNG"),
+    replace_interval: int = typer.Option(2, "--replace-interval", help="the units column says which units --replace interval=N replaces"),
 ):
-    """List MODEL's cut candidates, the module each one closes, and the cost of the segment before it."""
+    """List MODEL's cut candidates, the module each one closes, and the cost of the segment before it,
+    then its units (and which of them Replacement Learning would replace)."""
     import fxlocal
+
+    from .graph.replace import checked_options, plan_replacement
 
     _check_writable(plot, "plot")
     net = fxlocal.create_model(model, None, input_size)
@@ -249,7 +269,8 @@ def inspect(
             f"{cost.params / 1e6:.3f}",
         )
     console.print(table)
-    _print_units(analysis.units, model)
+    replacement = plan_replacement(net, analysis.units, checked_options({"interval": replace_interval}))
+    _print_units(analysis.units, model, replacement)
     _print_trace_report(report)
     if plot is not None:
         from .tools.plot import plot_plan
@@ -259,12 +280,12 @@ def inspect(
         console.print(f"plan drawn to {plot}")
 
 
-def _print_units(units, model: str) -> None:
+def _print_units(units, model: str, replacement) -> None:
     if not units:
         console.print(f"{model}: no units found (no module-aligned cuts)")
         return
     table = Table(title=f"{model}: {len(units)} units in {units[-1].stage + 1} stages")
-    for col in ("unit", "stage", "modules", "in", "out", "cut after"):
+    for col in ("unit", "stage", "modules", "in", "out", "cut after", f"--replace interval={replacement.options.interval}"):
         table.add_column(col, justify="right" if col in ("unit", "stage") else "left")
     for u in units:
         table.add_row(
@@ -272,8 +293,24 @@ def _print_units(units, model: str) -> None:
             _shapes([u.in_shape, *(t.shape for t in u.in_carried)]),
             _shapes([u.out_shape, *(t.shape for t in u.carried)]),
             u.cut,
+            replacement.why(u),
         )
     console.print(table)
+    console.print(
+        f"--replace interval={replacement.options.interval} replaces {len(replacement.replaced)} of {len(units)} units",
+        highlight=False,
+    )
+
+
+def _print_replacement(replacement) -> None:
+    if replacement is None:
+        return
+    done = ", ".join(f"{r.unit} = a·{r.before} + b·{r.after}" for r in replacement.replaced)
+    console.print(
+        f"replaced {len(replacement.replaced)} units (interval {replacement.options.interval}, neighbour_grad "
+        f"{str(replacement.options.neighbour_grad).lower()}): {done}",
+        highlight=False,
+    )
 
 
 def _shapes(shapes) -> str:
@@ -430,14 +467,15 @@ def export(
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
-def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, **options):
+def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, replace=None, **options):
     """The smallest K whose predicted step peak fits ``max_memory``, and its converted model."""
     import fxlocal
 
     from .memory import fit_to_memory, parse_bytes
 
     parse_bytes(max_memory)  # a malformed size is refused before the model is traced
-    analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time")  # once for every K tried
+    # once for every K tried
+    analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time", replace=replace)
     k, local, peak = fit_to_memory(
         analyzed, aux, max_memory,
         lambda k: fxlocal.convert(analyzed, k=k, aux=aux, balance=balance, memory=priced, **options),

@@ -1,4 +1,5 @@
-"""``convert``: model (or name) -> trace -> analyze -> partition -> split -> aux heads -> LocalModel.
+"""``convert``: model (or name) -> trace -> analyze [-> replace units -> trace -> analyze]
+-> partition -> split -> aux heads -> LocalModel.
 
 The first two steps (:func:`analyze_model`) depend on the model and input size alone: what
 converts one model several times (another K, aux method or balance: ``--max-memory``'s K
@@ -8,7 +9,8 @@ search, the zoo check) does them once and passes the :class:`AnalyzedModel` to `
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -27,16 +29,25 @@ from .errors import (
     PlanMismatchError,
 )
 from .graph.analyze import GraphAnalysis, analyze
+from .graph.candidates import find_cut_candidates
 from .graph.cost import Cost, MemoryModel, checked_balance, model_device
 from .graph.partition import partition, plan_from_cuts
 from .graph.plan import Plan
 from .graph.recompute import checked_policy
+from .graph.replace import (
+    ReplacementPlan,
+    apply_replacement,
+    checked_options,
+    detach_other_blocks,
+    plan_replacement,
+)
 from .graph.split import split_graph
 from .graph.trace import trace
+from .graph.units import find_units
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
 
-__all__ = ["AnalyzedModel", "analyze_model", "convert"]
+__all__ = ["AnalyzedModel", "analyze_model", "convert", "replace"]
 
 
 @dataclass
@@ -53,11 +64,12 @@ class AnalyzedModel:
     from_name: bool  # built from its name: the config records it, checkpoints rebuild from it
     num_classes: int | None = None
     model_kwargs: dict = field(default_factory=dict)
+    replacement: ReplacementPlan | None = None  # units replaced (Replacement Learning), if asked
 
     def copy(self) -> "AnalyzedModel":
         # one deepcopy, so the graph's modules stay the copied model's; the analysis is plain data
         model, gm = copy.deepcopy((self.model, self.gm))
-        return replace(self, model=model, gm=gm)
+        return dataclasses.replace(self, model=model, gm=gm)
 
     @property
     def timed(self) -> bool:
@@ -71,6 +83,7 @@ def analyze_model(
     model_kwargs: dict | None = None,
     timed: bool = False,
     name: str | None = None,
+    replace: dict | None = None,
 ) -> AnalyzedModel:
     """Build, trace and analyse a model once, to convert it several times.
 
@@ -81,6 +94,8 @@ def analyze_model(
         model_kwargs: passed to the model's constructor.
         timed: also measure each segment's wall time (for ``balance="time"``).
         name: names the model in messages and plans (default: its name, or its class).
+        replace: replace units first (:func:`replace`'s options, ``{}`` for the defaults); a
+            module given is changed in place.
 
     Returns:
         The :class:`AnalyzedModel`: model, graph and analysis; ``convert`` works on a copy of it.
@@ -102,14 +117,57 @@ def analyze_model(
         made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
         raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
     _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
+    replacement = None
+    if replace is not None:
+        options = checked_options(replace)
+        replacement = plan_replacement(model, find_units(gm, find_cut_candidates(gm)), options)
+        apply_replacement(model, replacement)
+        gm = trace(model, input_size)  # a replaced unit's layers are leaves now: trace it again
     return AnalyzedModel(
         model, gm, analyze(gm, input_size, timed=timed), input_size, model_name,
         from_name=isinstance(model_or_name, str), num_classes=num_classes, model_kwargs=dict(model_kwargs or {}),
+        replacement=replacement,
     )
 
 
-def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool) -> AnalyzedModel:
+def replace(
+    model_or_name: nn.Module | str,
+    interval: int = 2,
+    neighbour_grad: bool = True,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    num_classes: int | None = None,
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """Replacement Learning (:mod:`fxlocal.graph.replace`): in each run of units with identical
+    parameter shapes, every ``interval``-th unit's parameters become ``a·θ_before + b·θ_after``
+    of its neighbours' live ones, with ``a`` and ``b`` its only trainable parameters.
+
+    Args:
+        model_or_name: a module (changed in place) or a timm/torchvision name (random init).
+        interval: every interval-th unit of a run is replaced (at least 2).
+        neighbour_grad: gradients flow through a replaced unit into its neighbours' parameters.
+        input_size: per-sample input shape the units are found at.
+        num_classes: the classes (default: the model's own).
+        model_kwargs: passed to the model's constructor.
+
+    Returns:
+        The rewritten model (same module tree; :func:`fxlocal.graph.replace.materialise` gives
+        the plain architecture back with the replaced parameters' current values).
+
+    Raises:
+        ReplaceError: an interval below 2, or a model with no unit to replace.
+    """
+    options = {"interval": interval, "neighbour_grad": neighbour_grad}
+    return analyze_model(model_or_name, input_size, num_classes, model_kwargs, replace=options).model
+
+
+def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool, replace) -> AnalyzedModel:
     """A private copy of ``analyzed`` for one conversion; the arguments given must agree with it."""
+    replaced = analyzed.replacement.options if analyzed.replacement is not None else None
+    if replace is not None and checked_options(replace) != replaced:
+        raise IncompatibleOptionsError(
+            f"replace={replace!r} differs from the analysed model's ({replaced}): analyse it with replace={replace!r}"
+        )
     given = {"input_size": input_size and tuple(int(s) for s in input_size), "num_classes": num_classes,
              "model_kwargs": model_kwargs}
     for name, value in given.items():
@@ -231,6 +289,7 @@ def convert(
     memory: MemoryModel | None = None,
     backbone_recompute: str = "none",
     cuts: list[str] | None = None,
+    replace: dict | None = None,
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
@@ -255,6 +314,9 @@ def convert(
             ``balance="memory"`` prices them so.
         cuts: the modules the first ``k - 1`` blocks end at (``["act1", "layer1.0"]``), instead
             of partitioning: a paper's hand-written split.
+        replace: Replacement Learning first (:func:`replace`'s options as a dict, ``{}`` for
+            its defaults): a replaced unit belongs to the block of its position and is never
+            cut inside; it reads a neighbour another block trains without its gradient.
         **aux_options: the aux method's options (``aux_depth=3`` for ``auglocal``;
             ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
 
@@ -271,17 +333,20 @@ def convert(
     if cuts is not None and plan is not None:
         raise PlanMismatchError("give convert either cuts or a plan, not both")
     # balance="memory" prices the blocks as they will run
-    memory = replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
+    memory = dataclasses.replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
     timed = balance == "time" and plan is None
     if isinstance(model_or_name, AnalyzedModel):
-        analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed)
+        analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed, replace)
     else:
-        analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed)
+        analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed,
+                                 replace=replace)
     gm, analysis = analyzed.gm, analyzed.analysis
     k = plan.k if plan is not None else k
     heads = _Heads(method, analysis, _num_classes(gm, analyzed.num_classes, analyzed.model_name),
                    UnitLibrary.from_analysis(gm, analysis), k)
     allowed = [u.cut_position for u in analysis.units[:-1]] if method.cuts_at_units else None
+    if analyzed.replacement is not None:
+        allowed = _outside_replaced_units(analysis, analyzed.replacement, allowed)
     if allowed == [] and k > 1:
         units = len(analysis.units)
         raise KOutOfRangeError(
@@ -305,6 +370,17 @@ def convert(
             for block, measured in zip(plan.blocks, given.blocks):  # a saved plan's times, not re-measured
                 block.cost = measured.cost
     return _assemble(analyzed, plan, heads, aux, aux_options, backbone_recompute)
+
+
+def _outside_replaced_units(analysis: GraphAnalysis, replacement: ReplacementPlan, allowed: list[int] | None) -> list[int]:
+    """The candidate positions of ``allowed`` (all if None) not inside a replaced unit: its two
+    coefficients must train in one block."""
+    replaced = {r.unit for r in replacement.replaced}
+    inside: set[int] = set()
+    for before, unit in zip([None, *analysis.units], analysis.units):
+        if unit.name in replaced:
+            inside.update(range(before.cut_position + 1 if before else 0, unit.cut_position))
+    return [p for p in (allowed if allowed is not None else range(len(analysis.candidates))) if p not in inside]
 
 
 def _plan_at(cut_nodes: list[str], gm, analyzed: AnalyzedModel, heads: _Heads, allowed: list[int] | None,
@@ -338,6 +414,7 @@ def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_
     position = {c.node: i for i, c in enumerate(analysis.candidates)}
     carries = {c: analysis.candidates[position[c]].carried for c in plan.cuts}
     blocks = split_graph(gm, plan.cuts, {c: carried[0].node for c, carried in carries.items() if carried})
+    detach_other_blocks(model, blocks)
     built = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
         with model_device(model):  # heads live with the weights (the meta device for a sweep)
@@ -356,6 +433,8 @@ def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_
         aux_options=dict(aux_options),
         backbone_recompute=backbone_recompute,
     )
+    if analyzed.replacement is not None:
+        config["replace"] = dataclasses.asdict(analyzed.replacement.options)
     backbone_map, untraced = map_backbone(model, blocks)
     unit_ends = {u.cut for u in analysis.units}
     local = LocalModel(
@@ -368,5 +447,6 @@ def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_
         ],
     )
     local.trace_report = gm.meta["fxlocal_trace"]
+    local.replacement = analyzed.replacement
     local.train(model.training)
     return local

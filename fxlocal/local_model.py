@@ -225,6 +225,8 @@ class LocalModel(nn.Module):
         self.block_started: Callable[[int], None] | None = None
         self.region_ends = [list(ends) for ends in region_ends] or [[] for _ in blocks]
         self.backbone_recompute = backbone_recompute
+        self.trace_report = None  # what tracing had to do (convert sets it: a TraceReport)
+        self.replacement = None  # the units Replacement Learning replaced (convert sets it: a ReplacementPlan)
 
     @property
     def backbone_recompute(self) -> str:
@@ -292,7 +294,11 @@ class LocalModel(nn.Module):
         untraced = self.untraced.state_dict() if self.untraced is not None else {}
         out: dict[str, torch.Tensor] = OrderedDict()
         for key, where in self.backbone_map.items():
-            out[key] = block_states[where[1]][where[2]] if where[0] == "block" else untraced[where[1]]
+            if where[0] == "computed":  # a replaced unit's parameter: its current a·θ_before + b·θ_after
+                with torch.no_grad():
+                    out[key] = getattr(self.blocks[where[1]].get_submodule(where[2]), where[3]).detach().clone()
+            else:
+                out[key] = block_states[where[1]][where[2]] if where[0] == "block" else untraced[where[1]]
         # each module's _version, as nn.Module.state_dict() records it: MNASNet refuses to load without
         out._metadata = OrderedDict(getattr(self.untraced, "metadata", {}))
         return out
@@ -305,9 +311,10 @@ class LocalModel(nn.Module):
         last of them, once all those gradients are in.
         """
         holders = self._holders()
-        yield from (p for p in self.blocks[b].parameters() if holders[id(p)][-1] == b)
+        # a frozen parameter (a replaced unit's stand-in original) is no optimizer's
+        yield from (p for p in self.blocks[b].parameters() if holders[id(p)][-1] == b and p.requires_grad)
         if b < len(self.heads):
-            yield from self.heads[b].parameters()
+            yield from (p for p in self.heads[b].parameters() if p.requires_grad)
 
     def tied_parameters(self) -> dict[str, list[int]]:
         """Parameters held by more than one block, by name, with the blocks that hold them."""

@@ -4,17 +4,17 @@ A twin is a copy of a live backbone unit whose parameters are turned into *buffe
 no gradient, never shows up in ``parameters()`` (so never in an optimizer's parameter groups),
 and is saved in ``state_dict``. :meth:`EMATwin.update` moves it toward the live unit by the
 momentum rule ``θ_ema = m·θ_ema + (1-m)·θ_live``, parameters only: the twin's BatchNorm running
-statistics are its own, as in the reference implementations.
+statistics are its own, as in the reference implementations. The twin of a replaced unit
+(:mod:`fxlocal.graph.replace`) is a plain unit that follows its live ``a·θ_before + b·θ_after``.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
 
 from ..graph.cost import Cost
+from ..graph.replace import blends, effective_parameters, materialised_copy
 from . import recompute as recompute_
 
 __all__ = ["EMATwin", "ParallelSum", "twin_cost"]
@@ -29,15 +29,18 @@ class EMATwin(nn.Module):
         if not 0 <= momentum <= 1:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
-        self.module = copy.deepcopy(live if start is None else start)
+        self.module = materialised_copy(live if start is None else start)
         for owner in self.module.modules():
             for name, p in list(owner._parameters.items()):
                 if p is not None:
                     del owner._parameters[name]
                     owner.register_buffer(name, p.detach().clone())
-        self._names = [name for name, _ in live.named_parameters()]
-        # The live parameters it follows: a plain list, so they are not this module's parameters.
-        self._live = list(live.parameters())
+        live_now = effective_parameters(live)
+        self._names = [name for name, _ in live_now]
+        # The live parameters it follows: a plain list, so they are not this module's parameters
+        # (for a replaced unit, their values now: recomputed from the unit at every update).
+        self._live = [p for _, p in live_now]
+        self._recomputed_from = (live,) if blends(live) else ()
 
     @property
     def live_parameters(self) -> list[nn.Parameter]:
@@ -54,6 +57,7 @@ class EMATwin(nn.Module):
         if [tuple(t.shape) for t in live] != [tuple(p.shape) for p in self._live]:
             raise ValueError("an EMA twin follows tensors shaped as the live parameters it mirrors")
         self._live = list(live)
+        self._recomputed_from = ()
 
     def averaged(self) -> list[torch.Tensor]:
         """The twin's copies of the live parameters, in the live unit's order."""
@@ -62,6 +66,8 @@ class EMATwin(nn.Module):
 
     @torch.no_grad()
     def update(self) -> None:
+        if self._recomputed_from:
+            self._live = [t for _, t in effective_parameters(self._recomputed_from[0])]
         for ema, live in zip(self.averaged(), self._live):
             ema.mul_(self.momentum).add_(live.detach(), alpha=1 - self.momentum)
 

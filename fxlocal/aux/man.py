@@ -11,12 +11,11 @@ MAN does not take are the base's. With ``learnable_scale`` (MAN++), ``s·LB(x) +
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ..errors import FxLocalError
 from ..graph.cost import Cost
+from ..graph.replace import materialised_copy
 from .base import AuxHead, AuxMethod, HeadSpec, get_base, head_loss, register_aux
 from .ema import EMATwin, ParallelSum, twin_cost
 from .joint import JointHead, one_per_tensor
@@ -88,7 +87,7 @@ class MAN(AuxMethod):
         live = spec.units.live(u)  # refuses, at convert time, a unit that cannot run on the cut tensor alone
         unit = spec.units.units[u]
         if self.copy_init == "live":
-            lb, twin = copy.deepcopy(live), EMATwin(live, self.momentum)
+            lb, twin = materialised_copy(live), EMATwin(live, self.momentum)
         else:
             lb, twin = spec.units.fresh_unit(u), EMATwin(live, self.momentum, start=spec.units.fresh_unit(u))
         pair = ParallelSum(lb, twin, recompute=self.recompute, learnable_scale=self.learnable_scale)

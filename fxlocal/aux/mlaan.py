@@ -30,7 +30,6 @@ on one output they are one loss, backpropagated once).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from functools import lru_cache
 
@@ -39,6 +38,7 @@ from torch import nn
 
 from ..errors import FxLocalError, UnknownAuxError
 from ..graph.cost import Cost, measure_module
+from ..graph.replace import materialised_copy
 from .adapters import make_adapter, make_tensors_adapter
 from .auglocal import sampled_units
 from .base import AuxHead, AuxMethod, HeadSpec, get_base, head_loss, register_aux
@@ -274,7 +274,7 @@ class MLAAN(AuxMethod):
         return picks
 
     def _copy(self, library, u: int) -> nn.Module:
-        return library.fresh_unit(u) if self.copy_init == "fresh" else copy.deepcopy(library.live(u))
+        return library.fresh_unit(u) if self.copy_init == "fresh" else materialised_copy(library.live(u))
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         if spec.block < self.blocks_without_own_loss:

@@ -12,7 +12,6 @@ traced). A value that is neither cannot be reproduced and the unit cannot be cop
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -23,6 +22,7 @@ from torch import fx, nn
 from ..errors import FxLocalError
 from ..graph.analyze import GraphAnalysis
 from ..graph.cost import Cost
+from ..graph.replace import materialised_copy
 from ..graph.split import split_graph
 from ..graph.trace import SHAPE_BATCH, values_at_batch
 from ..graph.units import Unit
@@ -121,10 +121,11 @@ class UnitLibrary:
         return pieces[u]
 
     def fresh_unit(self, u: int) -> nn.Module:
-        return reinitialise(copy.deepcopy(self.live(u)))
+        # a replaced unit's copy is the plain unit (its own weights, reading no neighbour)
+        return reinitialise(materialised_copy(self.live(u)))
 
     def fresh_tail(self) -> nn.Module:
-        return reinitialise(copy.deepcopy(self.live(len(self.units))))
+        return reinitialise(materialised_copy(self.live(len(self.units))))
 
     def handed_bytes(self, u: int) -> float:
         """Per-sample bytes of the tensors unit ``u`` hands on (its output, and a carried one)."""

@@ -22,6 +22,7 @@ def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, bl
     names = {id(p): n for n, p in local.named_parameters()}
     problems = []
     window = local.input_window
+    trainable = {id(p) for p in local.parameters() if p.requires_grad}
     # one forward for every loss, each backpropagated alone: the graphs are kept between them
     losses = local.local_losses(x, y)
     for j in blocks if blocks is not None else range(local.k):
@@ -30,6 +31,7 @@ def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, bl
         got = {id(p) for p in local.parameters() if p.grad is not None}
         own = {id(p) for p in local.heads[j].parameters()} if j < len(local.heads) else set()
         own |= {id(p) for b in range(max(0, j - window + 1), j + 1) for p in local.blocks[b].parameters()}
+        own &= trainable  # a frozen one (a replaced unit's stand-in original) gets no gradient
         for what, ids in (("reaches foreign", got - own), ("misses own", own - got)):
             if ids:
                 problems.append(f"loss {j} {what} parameters: {', '.join(sorted(names[i] for i in ids)[:3])}")

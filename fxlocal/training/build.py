@@ -47,6 +47,8 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
         aux_options.setdefault("input_mean", list(mean))
         aux_options.setdefault("input_std", list(std))
 
+    replace = recipe.convert.replace.model_dump() if recipe.convert.replace is not None else None
+
     def build(k: int, model: AnalyzedModel | None = None) -> LocalModel:
         torch.manual_seed(recipe.seed)
         return convert(
@@ -61,6 +63,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             memory=priced,
             backbone_recompute=recipe.convert.backbone_recompute,
             cuts=recipe.convert.cuts if plan is None else None,
+            replace=replace,
             **aux_options,
         )
 
@@ -72,7 +75,8 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     torch.manual_seed(recipe.seed)
     # traced and analysed once for every K the search tries; the chosen K is then built afresh
     # (seeded), as a recipe that names that K would build it
-    analyzed = analyze_model(recipe.model.name, size, classes, recipe.model.kwargs, timed=recipe.convert.balance == "time")
+    analyzed = analyze_model(recipe.model.name, size, classes, recipe.model.kwargs, timed=recipe.convert.balance == "time",
+                             replace=replace)
     optimizer = "adamw" if states == 2 else "sgd"
     k, _, _ = fit_to_memory(analyzed, recipe.convert.aux, recipe.convert.max_memory, lambda k: build(k, analyzed),
                             recipe.batch_size, optimizer, per_block=per_block)

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map
 
 from ..aux.ema import EMATwin
 from ..errors import FxLocalError, TrainingDiverged
+from ..graph.replace import blends
 from ..local_model import LocalModel
 from .build import build_agreed_model
 from .checkpoint import (
@@ -87,11 +88,19 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
 
     A stage holds one block's weights only, so an objective must not read another block's,
     except the next block's that its EMA twins follow (MAN: the next stage sends them back,
-    :class:`_FollowedWeights`): MLAAN's cascade re-runs earlier blocks; nor may two blocks hold
-    one parameter (a tied table's).
+    :class:`_FollowedWeights`): MLAAN's cascade re-runs earlier blocks, a replaced unit next to a
+    cut reads the other block's weights; nor may two blocks hold one parameter (a tied table's).
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    for b, block in enumerate(local.blocks):
+        own = {id(p) for p in block.parameters()}
+        reads = [blend for blend in blends(block) if any(id(getattr(s, blend.name)) not in own for s in blend.sources)]
+        if reads:
+            return (
+                f"a replaced unit in block {b} is made from a neighbour's weights that another block trains, which "
+                "one process per block cannot keep in step (cut elsewhere with convert.cuts, or train it without --pipeline)"
+            )
     tied = local.tied_parameters()
     if tied:
         name, holders = next(iter(tied.items()))

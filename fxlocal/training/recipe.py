@@ -32,6 +32,13 @@ class ModelSection(_Section):
     num_classes: Optional[int] = Field(default=None, ge=1)
 
 
+class ReplaceSection(_Section):
+    # Replacement Learning (fxlocal.graph.replace): every interval-th unit of a run of units
+    # with identical parameter shapes becomes a·θ_before + b·θ_after of its neighbours
+    interval: int = Field(default=2, ge=2)
+    neighbour_grad: bool = True  # gradients flow through a replaced unit into its neighbours
+
+
 class ConvertSection(_Section):
     k: int = Field(default=4, ge=1)
     # "8GiB": instead of k, the smallest K whose predicted step peak (at batch_size) fits
@@ -43,6 +50,8 @@ class ConvertSection(_Section):
     backbone_recompute: Literal["none", "cheap", "all"] = "none"
     # the modules the first k-1 blocks end at (a paper's hand-written split), instead of balancing
     cuts: Optional[list[str]] = None
+    # replace units first (``replace: {}`` for the defaults)
+    replace: Optional[ReplaceSection] = None
 
 
 class DataSection(_Section):
