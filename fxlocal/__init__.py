@@ -6,7 +6,7 @@
 """
 
 from .aux import available_aux, get_aux, register_aux
-from .convert import AnalyzedModel, analyze_model, convert
+from .convert import AnalyzedModel, analyze_model, convert, replace
 from .errors import FxLocalError
 from .graph.analyze import GraphAnalysis, analyze
 from .graph.candidates import CutCandidate, find_cut_candidates, recomputable_values
@@ -41,6 +41,7 @@ __all__ = [
     "min_max_partition",
     "partition",
     "register_aux",
+    "replace",
     "split_graph",
     "trace",
 ]
