@@ -144,7 +144,7 @@ def _parse_aux_options(pairs: list[str], flag: str = "--aux-option") -> dict:
 
 REPLACE_HELP = (
     "Replacement Learning first: every Nth unit of a run of same-shaped units becomes a·before + b·after "
-    "of its neighbours' weights; KEY=VALUE, repeatable: interval=N (>= 2, default 2), neighbour_grad=true|false"
+    "of its neighbours' weights; KEY=VALUE, repeatable: interval=N (>= 2, default 2), neighbour_grad=true|false (default false)"
 )
 
 

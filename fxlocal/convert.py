@@ -133,7 +133,7 @@ def analyze_model(
 def replace(
     model_or_name: nn.Module | str,
     interval: int = 2,
-    neighbour_grad: bool = True,
+    neighbour_grad: bool = False,
     input_size: tuple[int, ...] = (3, 224, 224),
     num_classes: int | None = None,
     model_kwargs: dict | None = None,
@@ -145,7 +145,8 @@ def replace(
     Args:
         model_or_name: a module (changed in place) or a timm/torchvision name (random init).
         interval: every interval-th unit of a run is replaced (at least 2).
-        neighbour_grad: gradients flow through a replaced unit into its neighbours' parameters.
+        neighbour_grad: gradients flow through a replaced unit into its neighbours' parameters
+            (off by default: it learned worse, docs/replace.md).
         input_size: per-sample input shape the units are found at.
         num_classes: the classes (default: the model's own).
         model_kwargs: passed to the model's constructor.

@@ -38,6 +38,9 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_root: str
     build: Callable[[str, bool, Callable, bool], torch.utils.data.Dataset]  # (root, train, transform, download)
+    # what an item's target is: a class (classification), or a canvas task's (fxlocal.training.canvas):
+    # "detect" (boxes and labels), "segment" (a class per pixel), "sr" (the image at twice the size)
+    task: str = "classification"
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -108,6 +111,24 @@ register_dataset(DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,), "
                              lambda r, t, tf, d: IdxFashionMNIST(r, train=t, transform=tf, download=d)))
 register_dataset(DatasetInfo("fashion_mnist_mini", 10, 1, 28, (0.2860,), (0.3530,), str(SHIPPED / "fashion_mnist_mini"),
                              lambda r, t, tf, d: IdxFashionMNIST(r, train=t, transform=tf, download=False)))
+
+
+def _canvas_task(task: str) -> Callable[[str, bool, Callable, bool], torch.utils.data.Dataset]:
+    """A canvas task (detection, segmentation, super-resolution) over the Fashion-MNIST at ``root``."""
+    from .canvas import CanvasTask
+
+    def build(root: str, train: bool, _transform, _download: bool) -> torch.utils.data.Dataset:
+        source = IdxFashionMNIST(root, train=train)
+        return CanvasTask(source.data, source.targets, train, task)
+
+    return build
+
+
+for _task, _size in (("detect", 128), ("segment", 128), ("sr", 64)):
+    # made from the full Fashion-MNIST (60 000 training / 10 000 test images), offline
+    register_dataset(DatasetInfo(f"fashion_mnist_{_task}", 10 if _task != "segment" else 11, 1, _size, (0.0,), (1.0,),
+                                 "data/fashion-mnist", _canvas_task(_task), task=_task))
+
 register_dataset(DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "data/imagenet",
                              lambda r, t, tf, d: torchvision.datasets.ImageFolder(os.path.join(r, "train" if t else "val"), transform=tf)))
 
@@ -155,7 +176,9 @@ def build_dataset(
 ) -> torch.utils.data.Dataset:
     info = dataset_info(name)
     root = root or info.default_root
-    transform = build_transform(info, input_size, train, augment, pad_mode)
+    if info.task != "classification":
+        _check_canvas_input(info, input_size, augment)
+    transform = build_transform(info, input_size, train, augment, pad_mode) if info.task == "classification" else None
     try:
         dataset = info.build(root, train, transform, download)
     except DatasetError:
@@ -165,6 +188,18 @@ def build_dataset(
             f"dataset {name!r} not found at {os.path.abspath(root)} ({str(exc).splitlines()[0]}); "
             "set data.root, or data.download=true where the dataset can be downloaded"
         ) from None
+    if info.task != "classification":
+        dataset.channels = input_size[0]  # the grey canvas, repeated for the model
     if subset is not None and subset < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(subset))
     return dataset
+
+
+def _check_canvas_input(info: DatasetInfo, input_size: tuple[int, int, int], augment: str) -> None:
+    """A canvas task's images have one size, and augmenting them would move what the targets say."""
+    if tuple(input_size[1:]) != (info.size, info.size):
+        raise DatasetError(
+            f"{info.name} makes {info.size}×{info.size} inputs: set data.input_size to [{input_size[0]}, {info.size}, {info.size}]"
+        )
+    if augment != "none":
+        raise DatasetError(f"{info.name}'s targets are fixed to its images: set data.augment to none (got {augment!r})")

@@ -36,7 +36,7 @@ class ReplaceSection(_Section):
     # Replacement Learning (fxlocal.graph.replace): every interval-th unit of a run of units
     # with identical parameter shapes becomes a·θ_before + b·θ_after of its neighbours
     interval: int = Field(default=2, ge=2)
-    neighbour_grad: bool = True  # gradients flow through a replaced unit into its neighbours
+    neighbour_grad: bool = False  # gradients flow through a replaced unit into its neighbours (docs/replace.md)
 
 
 class ConvertSection(_Section):

@@ -125,13 +125,14 @@ def test_composes_with_local_learning_trains_isolates_and_exports(aux, k):
         assert_gradient_isolation(local, x, y, window=local.input_window)
     assert_trains(local, size)
     assert_exports_bit_identically(local, name, size)
-    assert local.config["replace"] == {"interval": 2, "neighbour_grad": True}
+    assert local.config["replace"] == {"interval": 2, "neighbour_grad": False}
 
 
 def test_a_neighbour_in_another_block_is_read_without_its_gradient():
     name, size = RESNET
     # cut right after the replaced layer1.1: its neighbour layer1.2 trains in the next block
-    local = fxlocal.convert(name, k=3, aux="dgl", input_size=size, num_classes=10, replace={}, cuts=["layer1.1", "layer2.2"])
+    local = fxlocal.convert(name, k=3, aux="dgl", input_size=size, num_classes=10, replace={"neighbour_grad": True},
+                            cuts=["layer1.1", "layer2.2"])
     first = blends(local.blocks[0])
     assert first and all(b.attached == [True, False] for b in first)
     assert_gradient_isolation(local, torch.randn(4, *size), torch.randint(0, 10, (4,)))
@@ -169,11 +170,11 @@ def test_ema_twin_of_a_replaced_unit_follows_its_blended_weights():
 
 def test_converted_file_and_recipe_rebuild_the_replacement(tmp_path):
     name, size = RESNET
-    local = fxlocal.convert(name, k=2, aux="dgl", input_size=size, num_classes=10, replace={"neighbour_grad": False})
+    local = fxlocal.convert(name, k=2, aux="dgl", input_size=size, num_classes=10, replace={"neighbour_grad": True})
     assert_trains(local, size)
     save_converted(local, tmp_path / "m.pt")
     back = load_converted(tmp_path / "m.pt")
-    assert back.replacement.options == checked_options({"neighbour_grad": False})
+    assert back.replacement.options == checked_options({"neighbour_grad": True})
     for (n, p), (_, q) in zip(local.state_dict().items(), back.state_dict().items()):
         assert torch.equal(p, q), n
     recipe = tiny(tmp_path, convert__replace={"interval": 2})
