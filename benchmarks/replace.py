@@ -13,7 +13,8 @@ Every row runs with seeds 0, 1 and 2 (``--seeds``): one seed's test top-1 on 1 0
 by about a point, more than the ±0.3 the claim is about. Rows per model: end to end; ``--replace`` with ``neighbour_grad`` true and false; ``--aux dgl``
 and ``--aux mlaan`` at K=4, without and with ``--replace`` (``neighbour_grad`` false, the default
 the first rows chose). Columns:
-test top-1, trainable parameters (backbone), step time (images/s of training) and the step's
+test top-1, the final epoch's training loss of the model's own output (less noisy than top-1 on
+1 000 images), trainable parameters (backbone), step time (images/s of training) and the step's
 peak (fake tensors: a CPU step, as accuracy.py), each against the model's end-to-end row on the
 same device.
 
@@ -102,17 +103,19 @@ def print_table(args) -> None:
     def runs(model: str, row: str) -> list[dict]:
         return [by_key[key] for seed in args.seeds if (key := key_of(args, model, row, seed)) in by_key]
 
-    seeds = " ".join(map(str, args.seeds))
-    print(f"`python benchmarks/replace.py --seeds {seeds}` — {args.protocol} protocol, Fashion-MNIST, test top-1 "
+    flags = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else ""
+    flags += f" --models {' '.join(args.models)}" if args.models != list(MODELS) else ""
+    flags += f" --rows {' '.join(args.rows)}" if args.rows != [r[0] for r in ROWS] else ""
+    print(f"`python benchmarks/replace.py{flags} --table` — {args.protocol} protocol, Fashion-MNIST, test top-1 "
           "(mean ± sd over the seeds); each ratio against the model's end-to-end row on the same device\n")
-    print("| model | method | K | test top-1 (%) | Δ vs e2e | trainable params (backbone) | × e2e | step time × e2e "
-          "| step peak × e2e | seeds | device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | method | K | test top-1 (%) | Δ vs e2e | final train loss | trainable params (backbone) | × e2e "
+          "| step time × e2e | step peak × e2e | seeds | device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     claims = []
     for model in args.models:
         e2e = runs(model, "e2e")
         for name, aux, k, _ in ROWS:
-            got = runs(model, name)
+            got = runs(model, name) if name in args.rows else []
             if not got:
                 continue
             accs = [100 * r["test_top1"] for r in got]
@@ -123,7 +126,8 @@ def print_table(args) -> None:
             params_x = f"{params / e2e[0]['backbone_trainable_params']:.3f}" if e2e else "-"
             time_x = f"{mean_of(e2e, 'images_per_s') / mean_of(got, 'images_per_s'):.2f}" if same else "-"
             peak_x = f"{mean_of(got, 'step_peak_mib') / mean_of(e2e, 'step_peak_mib'):.3f}" if e2e else "-"
-            print(f"| {model} | {name} | {k} | {acc} | {delta} | {params:,} | {params_x} | {time_x} | {peak_x} | "
+            loss = statistics.mean(r["train_loss"][-1] for r in got)  # the model's own (last block's) loss
+            print(f"| {model} | {name} | {k} | {acc} | {delta} | {loss:.3f} | {params:,} | {params_x} | {time_x} | {peak_x} | "
                   f"{len(got)} | {got[0]['device']} |")
             if e2e and k == 1 and name != "e2e":
                 claims.append(claim_line(model, name, got, e2e))

@@ -1,8 +1,10 @@
 """Building models by name (timm, then torchvision, random init), and the papers' CIFAR ResNets and a
 reference super-resolution network (registered with timm on import). Imports nothing else from fxlocal but its errors."""
 
-from . import cifar_resnet  # noqa: F401  (registers resnet32_cifar, resnet110_cifar with timm)
-from . import sr  # noqa: F401  (registers edsr_x2, the reference super-resolution network, with timm)
+from . import (
+    cifar_resnet,  # noqa: F401  (registers resnet32_cifar, resnet110_cifar with timm)
+    sr,  # noqa: F401  (registers edsr_x2, the reference super-resolution network, with timm)
+)
 from .factory import (
     ModelSource,
     create_model,

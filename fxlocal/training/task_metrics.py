@@ -67,7 +67,10 @@ class SuperResolutionQuality:
     """PSNR (dB) and SSIM of images in [0, 1]."""
 
     def __init__(self):
-        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+        from torchmetrics.image import (
+            PeakSignalNoiseRatio,
+            StructuralSimilarityIndexMeasure,
+        )
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxlocal.training.canvas import FOREGROUND, MAX_ITEMS, MAX_SHARED, CanvasTask, compose_canvas
+from fxlocal.training.canvas import (
+    FOREGROUND,
+    MAX_ITEMS,
+    MAX_SHARED,
+    CanvasTask,
+    compose_canvas,
+)
 from fxlocal.training.data import DatasetError, IdxFashionMNIST, build_dataset
 from fxlocal.training.task_metrics import task_metric
 from helpers import SHARED
