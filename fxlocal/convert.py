@@ -119,9 +119,7 @@ def analyze_model(
     _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
     replacement = None
     if replace is not None:
-        options = checked_options(replace)
-        replacement = plan_replacement(model, find_units(gm, find_cut_candidates(gm)), options)
-        apply_replacement(model, replacement)
+        replacement = _replace_units(model, gm, replace)
         gm = trace(model, input_size)  # a replaced unit's layers are leaves now: trace it again
     return AnalyzedModel(
         model, gm, analyze(gm, input_size, timed=timed), input_size, model_name,
@@ -158,8 +156,18 @@ def replace(
     Raises:
         ReplaceError: an interval below 2, or a model with no unit to replace.
     """
-    options = {"interval": interval, "neighbour_grad": neighbour_grad}
-    return analyze_model(model_or_name, input_size, num_classes, model_kwargs, replace=options).model
+    model = (create_model(model_or_name, num_classes, tuple(input_size), **(model_kwargs or {}))
+             if isinstance(model_or_name, str) else model_or_name)
+    # the units are all it needs: no cost analysis, no second trace
+    _replace_units(model, trace(model, tuple(input_size)), {"interval": interval, "neighbour_grad": neighbour_grad})
+    return model
+
+
+def _replace_units(model: nn.Module, gm: fx.GraphModule, options: dict) -> ReplacementPlan:
+    """Replace ``model``'s units (found on its trace ``gm``) in place; the plan."""
+    replacement = plan_replacement(model, find_units(gm, find_cut_candidates(gm)), checked_options(options))
+    apply_replacement(model, replacement)
+    return replacement
 
 
 def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool, replace) -> AnalyzedModel:

@@ -251,3 +251,11 @@ def test_recipe_refuses_an_interval_below_two(tmp_path):
 
     with pytest.raises(RecipeError, match="convert.replace.interval"):
         tiny(tmp_path, convert__replace={"interval": 1})
+
+
+def test_replace_api_rewrites_the_model_in_place():
+    model = fxlocal.create_model(*RESNET[:1], 10, RESNET[1])
+    assert fxlocal.replace(model, input_size=RESNET[1]) is model
+    assert {b.name for b in blends(model)} == {"weight", "bias"} and len({id(b.coefficients) for b in blends(model)}) == 4
+    with pytest.raises(ReplaceError, match="at least 2"):
+        fxlocal.replace("resnet32_cifar", interval=1, input_size=RESNET[1])
