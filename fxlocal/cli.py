@@ -124,9 +124,10 @@ def _print_tied(local) -> None:
 
 
 AUX_HELP = (
-    "aux head method: dgl, auglocal, infopro, mlaan, man, none; or a plug-in on a base, "
-    "BASE+PLUGIN: dgl+man, infopro+man, dgl+mlaan, infopro+mlaan"
+    "aux head method: dgl, auglocal, infopro, mlaan, man, glcan (detection, segmentation, super-resolution), none; "
+    "or a plug-in on a base, BASE+PLUGIN: dgl+man, infopro+man, glcan+man, dgl+mlaan, infopro+mlaan"
 )
+TASK_HELP = "classification, detection, segmentation or super_resolution (default: the model's own)"
 
 
 def _parse_aux_options(pairs: list[str], flag: str = "--aux-option") -> dict:
@@ -153,6 +154,12 @@ def _replace_options(pairs: list[str]) -> dict | None:
     return _parse_aux_options(pairs, "--replace") if pairs else None
 
 
+def _print_task(local) -> None:
+    if local.task is not None:
+        traced = " (traced: the detector's trunk, backbone and head)" if local.task.name == "detection" else ""
+        console.print(f"task: {local.task.name}, {local.task.num_classes} classes{traced}", highlight=False)
+
+
 def _print_trace_report(report) -> None:
     if report.leaf_modules:
         shown = ", ".join(f"{p} ({report.leaf_reasons[p]})" for p in report.leaf_modules[:4])
@@ -172,9 +179,10 @@ def convert(
     pyramid: Optional[float] = typer.Option(None, "--pyramid", help="auglocal: pyramidal depth decay (tau)"),
     aux_option: list[str] = typer.Option([], "--aux-option", help="any aux option as KEY=VALUE (repeatable)"),
     replace: list[str] = typer.Option([], "--replace", help=REPLACE_HELP),
+    task: Optional[str] = typer.Option(None, "--task", help=TASK_HELP),
     balance: str = typer.Option("flops", "--balance", help="flops, params, activations, memory or time (measured here)"),
     input_size: InputSize = typer.Option((3, 224, 224), "--input-size", help=INPUT_SIZE_HELP),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classifier size (a task's classes)"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="re-apply a saved plan (JSON)"),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="write the plan as JSON"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="save the converted model"),
@@ -200,7 +208,7 @@ def convert(
     if max_memory is not None:
         original = fxlocal.create_model(model, num_classes, input_size)
         k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, "sgd", "fake",
-                          replace=replace_options, **options)
+                          replace=replace_options, task=task, **options)
     else:
         local = fxlocal.convert(
             model,
@@ -212,9 +220,11 @@ def convert(
             plan=fxlocal.Plan.load(plan) if plan else None,
             memory=priced,
             replace=replace_options,
+            task=task,
             **options,
         )
     console.print(_plan_table(local.plan))
+    _print_task(local)
     _print_replacement(local.replacement)
     _print_heads(local.plan)
     _print_tied(local)
@@ -242,9 +252,16 @@ def inspect(
     import fxlocal
 
     from .graph.replace import checked_options, plan_replacement
+    from .models.dense import DetectionTrunk, model_task
 
     _check_writable(plot, "plot")
     net = fxlocal.create_model(model, None, input_size)
+    if model_task(net) == "detection":  # its end-to-end forward is not traceable: its trunk is
+        net = DetectionTrunk(net)
+        console.print(
+            f"{model} is a detector: its trunk (backbone and head, images -> per-anchor class logits and boxes) is "
+            "traced and cut; its own loss on the head's outputs is the last block's objective", highlight=False,
+        )
     gm = fxlocal.trace(net, input_size)
     analysis = fxlocal.analyze(gm, input_size, timed=plot is not None and balance == "time")
     report = gm.meta["fxlocal_trace"]
@@ -362,12 +379,13 @@ class _RichReporter:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
-        local = " ".join(f"{a:.3f}" for a in record["train_local_top1"])
+        local = " ".join(f"{a:.3f}" for a in record.get("train_local_top1", []))
         split = record.get("evaluated_on", "test")
-        test = f" | {split} top-1 {record['test_top1']:.4f} top-5 {record['test_top5']:.4f}" if "test_top1" in record else ""
+        test = f" | {split} {_test_metrics(record)}" if "evaluated_on" in record else ""
         console.print(
             f"epoch {record['epoch']}: loss {' '.join(f'{v:.3f}' for v in record['train_loss'])} | "
-            f"local acc {local} | {record['images_per_s']:.0f} img/s | peak {record['peak_memory_mib']:.0f} MiB{test}",
+            + (f"local acc {local} | " if local else "")
+            + f"{record['images_per_s']:.0f} img/s | peak {record['peak_memory_mib']:.0f} MiB{test}",
             highlight=False,
             soft_wrap=True,
         )
@@ -387,6 +405,8 @@ def train(
         False, "--pipeline", help="one block per process: torchrun --nproc-per-node K ... train RECIPE --pipeline"
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output_dir: checkpoints and metrics (--set output_dir=DIR)"),
+    task: Optional[str] = typer.Option(None, "--task", help="model.task: " + TASK_HELP.replace("the model's own", "the dataset's")),
+    quick: bool = typer.Option(False, "--quick", help="a smoke run: 1 epoch of 5 steps, evaluated on 32 images, no workers"),
 ):
     """Train a converted model from RECIPE (checkpoints, metrics.jsonl, curves in output_dir).
 
@@ -395,6 +415,10 @@ def train(
     from .training.recipe import load_recipe
 
     overrides = [*set_, *(["pipeline.enabled=true"] if pipeline else []), *([f"output_dir={json.dumps(str(output))}"] if output else [])]  # quoted: a YAML string whatever the name
+    if task is not None:
+        overrides.append(f"model.task={json.dumps(task)}")
+    if quick:
+        overrides += QUICK
     parsed = load_recipe(recipe, overrides)
     reporter = _RichReporter()
     try:
@@ -405,16 +429,25 @@ def train(
         _print_summary(result)
 
 
+# what --quick sets: enough to see that a recipe builds, trains, evaluates and checkpoints
+QUICK = ["epochs=1", "max_steps_per_epoch=5", "data.test_subset=32", "workers=0", "eval_interval=1"]
+
+
+def _test_metrics(record: dict, prefix: str = "test_") -> str:
+    """The model's test metrics of a record: top-1 and top-5, or a task's (mAP, mIoU, PSNR, SSIM)."""
+    names = {"top1": "top-1", "top5": "top-5", "map": "mAP", "map_50": "mAP@.5", "miou": "mIoU", "psnr": "PSNR", "ssim": "SSIM"}
+    return " ".join(f"{label} {record[prefix + key]:.4f}" for key, label in names.items() if prefix + key in record)
+
+
 def _print_summary(result) -> None:
     table = Table(title=f"summary ({result.output_dir})")
-    for col in ("epoch", "train loss (last block)", "test top-1", "test top-5", "local test top-1", "img/s"):
+    for col in ("epoch", "train loss (last block)", "test", "local test top-1", "img/s"):
         table.add_column(col, justify="right")
     for r in result.history:
         table.add_row(
             str(r["epoch"]),
             f"{r['train_loss'][-1]:.4f}",
-            f"{r['test_top1']:.4f}" if "test_top1" in r else "-",
-            f"{r['test_top5']:.4f}" if "test_top5" in r else "-",
+            _test_metrics(r) or "-",
             " ".join(f"{a:.3f}" for a in r.get("test_local_top1", [])) or "-",
             f"{r['images_per_s']:.0f}",
         )
@@ -428,7 +461,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint written by fxlocal train"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: the recipe's"),
 ):
-    """Report top-1 / top-5 of CHECKPOINT on its dataset's test split."""
+    """Report top-1 / top-5 of CHECKPOINT on its dataset's test split (a task's metrics for a task model)."""
     from .training.build import model_from_checkpoint
     from .training.checkpoint import load_training_checkpoint
     from .training.evaluate import evaluate as run_eval
@@ -439,10 +472,9 @@ def evaluate(
     local = model_from_checkpoint(state)
     recipe = load_recipe(data=state["recipe"], overrides=[f"batch_size={batch_size}"] if batch_size else [])
     result = run_eval(local, evaluation_loader(recipe), next(local.parameters()).device, recipe.amp, recipe.channels_last)
+    heads = f"; aux heads top-1 {' '.join(f'{a:.3f}' for a in result['local_top1']) or '-'}" if "local_top1" in result else ""
     console.print(
-        f"{checkpoint}: epoch {state['epoch']}, {result['images']} test images: "
-        f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}; "
-        f"aux heads top-1 {' '.join(f'{a:.3f}' for a in result['local_top1']) or '-'}",
+        f"{checkpoint}: epoch {state['epoch']}, {result['images']} test images: {_test_metrics(result, '')}{heads}",
         highlight=False,
     )
 
@@ -467,13 +499,20 @@ def export(
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
-def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, replace=None, **options):
+def _fit_k(original, max_memory, aux, input_size, balance, priced, optimizer, device, replace=None, task=None, **options):
     """The smallest K whose predicted step peak fits ``max_memory``, and its converted model."""
     import fxlocal
 
     from .memory import fit_to_memory, parse_bytes
 
     parse_bytes(max_memory)  # a malformed size is refused before the model is traced
+    from .models.dense import model_task
+
+    if task not in (None, "classification") or model_task(original) != "classification":
+        raise FxLocalError(
+            "--max-memory predicts a classifier's step on fake tensors; for a detection, segmentation or "
+            "super-resolution model give --k (benchmarks/tasks.py measures their steps' peaks)"
+        )
     # once for every K tried
     analyzed = fxlocal.analyze_model(original, input_size, timed=balance == "time", replace=replace)
     k, local, peak = fit_to_memory(
@@ -511,8 +550,15 @@ def memory(
         raise FxLocalError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if device not in ("fake", "cuda"):
         raise FxLocalError(f"unknown device {device!r}; choose fake or cuda")
-    original = fxlocal.create_model(model, num_classes, input_size)
     from .graph.cost import MemoryModel
+    from .models.dense import model_task
+
+    original = fxlocal.create_model(model, num_classes, input_size)
+    if model_task(original) != "classification":
+        raise FxLocalError(
+            f"fxlocal memory predicts a classifier's step on fake tensors, and {model} is a {model_task(original)} model "
+            "(its loss reads the targets' values); benchmarks/tasks.py measures its step's peak on a real batch"
+        )
 
     priced = MemoryModel(batch=batch, optimizer_states=OPTIMIZERS[optimizer][1])
     if max_memory is not None:

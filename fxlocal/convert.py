@@ -16,8 +16,9 @@ from functools import lru_cache
 import torch
 from torch import fx, nn
 
-from .aux import AuxMethod, HeadSpec, UnitLibrary, get_aux
+from .aux import AuxMethod, HeadSpec, TaskSpec, UnitLibrary, get_aux, get_task
 from .aux.joint import JointHead, one_per_tensor
+from .aux.task_objectives import task_objective
 from .backbone import map_backbone
 from .errors import (
     FxLocalError,
@@ -27,6 +28,7 @@ from .errors import (
     NotAClassifierError,
     PartitionError,
     PlanMismatchError,
+    TaskError,
 )
 from .graph.analyze import GraphAnalysis, analyze
 from .graph.candidates import find_cut_candidates
@@ -46,6 +48,7 @@ from .graph.trace import trace
 from .graph.units import find_units
 from .local_model import LocalModel
 from .models import create_model, native_input_sizes
+from .models.dense import DetectionTrunk, model_task
 
 __all__ = ["AnalyzedModel", "analyze_model", "convert", "replace"]
 
@@ -65,6 +68,7 @@ class AnalyzedModel:
     num_classes: int | None = None
     model_kwargs: dict = field(default_factory=dict)
     replacement: ReplacementPlan | None = None  # units replaced (Replacement Learning), if asked
+    task: TaskSpec | None = None  # the task when not classification (``model`` is a detector's trunk for detection)
 
     def copy(self) -> "AnalyzedModel":
         # one deepcopy, so the graph's modules stay the copied model's; the analysis is plain data
@@ -84,6 +88,7 @@ def analyze_model(
     timed: bool = False,
     name: str | None = None,
     replace: dict | None = None,
+    task: str | None = None,
 ) -> AnalyzedModel:
     """Build, trace and analyse a model once, to convert it several times.
 
@@ -96,6 +101,9 @@ def analyze_model(
         name: names the model in messages and plans (default: its name, or its class).
         replace: replace units first (:func:`replace`'s options, ``{}`` for the defaults); a
             module given is changed in place.
+        task: ``classification``, ``detection``, ``segmentation`` or ``super_resolution``
+            (default: the model's own, :func:`fxlocal.models.dense.model_task`). A detector's
+            trunk (backbone and head) is what is traced and cut.
 
     Returns:
         The :class:`AnalyzedModel`: model, graph and analysis; ``convert`` works on a copy of it.
@@ -107,6 +115,9 @@ def analyze_model(
             model = create_model(model_or_name, num_classes, input_size, **(model_kwargs or {}))
         else:
             model_name, model = name or type(model_or_name).__name__, model_or_name
+        task_name = _checked_task(model, task, model_name)
+        if task_name == "detection" and not isinstance(model, DetectionTrunk):
+            model = DetectionTrunk(model)  # the detector's traceable part; its state is the detector's
         gm = trace(model, input_size)
     except InputSizeError as exc:
         # fixed-resolution models timm does not flag (EfficientFormer) and patch sizes that do
@@ -116,7 +127,11 @@ def analyze_model(
             raise
         made_for = " or ".join(" ".join(map(str, s)) for s in sizes)
         raise InputSizeError(f"{exc} (it is made for --input-size {made_for})") from exc
-    _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
+    task_spec = None
+    if task_name == "classification":
+        _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
+    else:
+        task_spec = _task_spec(gm, task_name, model_name, input_size)
     replacement = None
     if replace is not None:
         replacement = _replace_units(model, gm, replace)
@@ -124,8 +139,46 @@ def analyze_model(
     return AnalyzedModel(
         model, gm, analyze(gm, input_size, timed=timed), input_size, model_name,
         from_name=isinstance(model_or_name, str), num_classes=num_classes, model_kwargs=dict(model_kwargs or {}),
-        replacement=replacement,
+        replacement=replacement, task=task_spec,
     )
+
+
+def _checked_task(model: nn.Module, task: str | None, model_name: str) -> str:
+    """The task to train ``model`` for: the one asked (refused where the model cannot serve it),
+    else the model's own."""
+    own = model_task(model)
+    if task is None:
+        return own
+    get_task(task)  # an unknown name: the closest one
+    if task == own:
+        return task
+    if own in ("detection", "segmentation", "super_resolution"):
+        raise TaskError(f"{model_name} is a {own} model, not one for {task}: use --task {own} (or leave --task out)")
+    if task == "detection":
+        raise TaskError(
+            f"{model_name} is a classifier: --task detection needs a one-stage torchvision detector "
+            "(retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large)"
+        )
+    return task  # segmentation or super-resolution of any model with a dense output (checked on its trace)
+
+
+def _task_spec(gm: fx.GraphModule, task: str, model_name: str, input_size: tuple[int, ...]) -> TaskSpec:
+    """What the heads and the last block's objective need to know of the task, read from the
+    traced output: a dense task needs a (batch, channels, height, width) output."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    values = {k: v.meta.get("val") for k, v in out.items()} if isinstance(out, dict) else {"": getattr(out, "meta", {}).get("val")}
+    if task == "detection":
+        return TaskSpec(task, int(values["cls_logits"].shape[-1]), tuple(input_size[1:]))
+    val = values.get("out", values.get(""))
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        shape = tuple(val.shape[1:]) if isinstance(val, torch.Tensor) else type(val).__name__
+        raise TaskError(
+            f"{model_name} outputs {shape} per image, not a (channels, height, width) map: "
+            f"--task {task} needs a model with a dense output (e.g. fcn_resnet50, edsr_x2)"
+        )
+    if task == "segmentation":
+        return TaskSpec(task, int(val.shape[1]), tuple(val.shape[2:]))
+    return TaskSpec(task, 0, tuple(val.shape[1:]))
 
 
 def replace(
@@ -170,8 +223,12 @@ def _replace_units(model: nn.Module, gm: fx.GraphModule, options: dict) -> Repla
     return replacement
 
 
-def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool, replace) -> AnalyzedModel:
+def _reuse(analyzed: AnalyzedModel, input_size, num_classes, model_kwargs, timed: bool, replace,
+           task: str | None = None) -> AnalyzedModel:
     """A private copy of ``analyzed`` for one conversion; the arguments given must agree with it."""
+    analysed_task = analyzed.task.name if analyzed.task is not None else "classification"
+    if task is not None and task != analysed_task:
+        raise IncompatibleOptionsError(f"task={task!r} differs from the analysed model's ({analysed_task}): analyse it with task={task!r}")
     replaced = analyzed.replacement.options if analyzed.replacement is not None else None
     if replace is not None and checked_options(replace) != replaced:
         raise IncompatibleOptionsError(
@@ -248,6 +305,7 @@ class _Heads:
     num_classes: int
     units: UnitLibrary
     k: int
+    task: TaskSpec | None = None
 
     def __post_init__(self) -> None:
         self.unit_at = {u.cut_position: u.index for u in self.analysis.units}
@@ -270,8 +328,10 @@ class _Heads:
         carried = tuple((t.shape, t.layout) for t in c.carried)
         unit = self.unit_at.get(position)
         if self.method.cuts_at_units:
-            return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried, self.input_shape)]
-        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape)
+            return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried, self.input_shape,
+                             task=self.task)]
+        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape,
+                         task=self.task)
                 for shape, layout in [(c.shape, c.layout), *carried]]
 
     def build(self, position: int, block: int) -> nn.Module:
@@ -299,6 +359,7 @@ def convert(
     backbone_recompute: str = "none",
     cuts: list[str] | None = None,
     replace: dict | None = None,
+    task: str | None = None,
     **aux_options,
 ) -> LocalModel:
     """Convert a timm/torchvision model (or its name) into a :class:`LocalModel` of ``k`` blocks.
@@ -326,6 +387,10 @@ def convert(
         replace: Replacement Learning first (:func:`replace`'s options as a dict, ``{}`` for
             its defaults): a replaced unit belongs to the block of its position and is never
             cut inside; it reads a neighbour another block trains without its gradient.
+        task: ``classification``, ``detection``, ``segmentation`` or ``super_resolution``
+            (default: the model's own). Under a task the last block's loss is the task's (a
+            detector's own loss on its head's outputs), plain heads predict its global target,
+            and ``aux="glcan"`` builds heads for it (:mod:`fxlocal.aux.glcan`).
         **aux_options: the aux method's options (``aux_depth=3`` for ``auglocal``;
             ``span=2, wx=0.001, wy=0.999, momentum=0.995, chain_length=4`` for ``mlaan``).
 
@@ -345,14 +410,20 @@ def convert(
     memory = dataclasses.replace(memory or MemoryModel(), recompute=checked_policy(backbone_recompute))
     timed = balance == "time" and plan is None
     if isinstance(model_or_name, AnalyzedModel):
-        analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed, replace)
+        analyzed = _reuse(model_or_name, input_size, num_classes, model_kwargs, timed, replace, task)
     else:
         analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed,
-                                 replace=replace)
+                                 replace=replace, task=task)
     gm, analysis = analyzed.gm, analyzed.analysis
     k = plan.k if plan is not None else k
-    heads = _Heads(method, analysis, _num_classes(gm, analyzed.num_classes, analyzed.model_name),
-                   UnitLibrary.from_analysis(gm, analysis), k)
+    if analyzed.task is not None and method.final_objective() is not None:
+        raise TaskError(
+            f"aux={aux!r} trains the last block with its own loss over classes, which a {analyzed.task.name} model "
+            "does not have; use glcan, dgl, auglocal, man or infopro"
+        )
+    classes = (analyzed.task.global_size if analyzed.task is not None
+               else _num_classes(gm, analyzed.num_classes, analyzed.model_name))
+    heads = _Heads(method, analysis, classes, UnitLibrary.from_analysis(gm, analysis), k, analyzed.task)
     allowed = [u.cut_position for u in analysis.units[:-1]] if method.cuts_at_units else None
     if analyzed.replacement is not None:
         allowed = _outside_replaced_units(analysis, analyzed.replacement, allowed)
@@ -444,11 +515,17 @@ def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_
     )
     if analyzed.replacement is not None:
         config["replace"] = dataclasses.asdict(analyzed.replacement.options)
+    final_objective = heads.method.final_objective()
+    if analyzed.task is not None:
+        config["task"] = analyzed.task.name
+        with model_device(model):
+            final_objective = task_objective(analyzed.task, model, analyzed.input_size)
+        plan.blocks[-1].head = final_objective.summary
     backbone_map, untraced = map_backbone(model, blocks)
     unit_ends = {u.cut for u in analysis.units}
     local = LocalModel(
-        blocks, built, plan, config, final_objective=heads.method.final_objective(), backbone=(backbone_map, untraced),
-        backbone_recompute=backbone_recompute,
+        blocks, built, plan, config, final_objective=final_objective, backbone=(backbone_map, untraced),
+        backbone_recompute=backbone_recompute, task=analyzed.task,
         # unit boundaries inside each block (not its input, not its own end)
         region_ends=[
             [n.name for n in block.graph.nodes if n.name in unit_ends and n.op != "placeholder" and n.name not in plan.cuts]

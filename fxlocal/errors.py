@@ -56,3 +56,7 @@ class KOutOfRangeError(PartitionError):
 
 class TrainingDiverged(FxLocalError, RuntimeError):
     """A loss became NaN or infinite."""
+
+
+class TaskError(FxLocalError, ValueError):
+    """A task the model, data or aux method does not serve (``--task detection`` on a classifier)."""

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .aux.base import AuxHead
+from .aux.tasks import TaskSpec, task_criterion
 from .errors import IncompatibleOptionsError
 from .graph.plan import Plan
 from .graph.recompute import checked_policy
@@ -208,6 +209,7 @@ class LocalModel(nn.Module):
         backbone: tuple[dict, nn.Module] | None = None,
         backbone_recompute: str = "none",
         region_ends: Sequence[Sequence[str]] = (),
+        task: TaskSpec | None = None,
     ):
         super().__init__()
         if len(heads) != len(blocks) - 1:
@@ -227,6 +229,9 @@ class LocalModel(nn.Module):
         self.backbone_recompute = backbone_recompute
         self.trace_report = None  # what tracing had to do (convert sets it: a TraceReport)
         self.replacement = None  # the units Replacement Learning replaced (convert sets it: a ReplacementPlan)
+        # the task when not classification: the last block's loss is final_objective's (a
+        # TaskObjective), and plain heads are trained on the task's global target
+        self.task = task
 
     @property
     def backbone_recompute(self) -> str:
@@ -251,7 +256,9 @@ class LocalModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        """Width of the model's output (as traced)."""
+        """Width of the model's output (as traced); a task's classes (0 for super-resolution)."""
+        if self.task is not None:
+            return self.task.num_classes
         out = next(n for n in self.blocks[-1].graph.nodes if n.op == "output").args[0]
         return int(out.meta["val"].shape[-1])
 
@@ -330,6 +337,11 @@ class LocalModel(nn.Module):
                 holders.setdefault(id(p), []).append(b)
         return holders
 
+    @property
+    def criterion(self) -> Criterion:
+        """A plain head's loss on its logits: cross-entropy, or under a task its global loss."""
+        return task_criterion(self.task) if self.task is not None else nn.functional.cross_entropy
+
     def head_logits(self, b: int, out: tuple) -> torch.Tensor:
         """Head ``b`` on block ``b``'s output: the cut's tensor, and the one the cut carries beside
         it if any (plain values never are tensors)."""
@@ -361,7 +373,7 @@ class LocalModel(nn.Module):
         Backpropagating each loss before asking for the next is what keeps only one block's
         graph alive (:meth:`train_step` does exactly that).
         """
-        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, input=x, backward=backward)
+        ctx = StepContext(self, y, criterion or self.criterion, input=x, backward=backward)
         window = self.input_window
         carried: tuple = (x,)
         for b in range(self.k):
@@ -412,7 +424,7 @@ class LocalModel(nn.Module):
         state only.
         ``scaler`` scales the losses for fp16 autocast; ``grad_hook(params)`` runs before
         parameters are stepped (data-parallel gradient averaging); ``metrics``, if given,
-        receives each block's top-1 ``accuracy`` on this batch. ``as_tensors`` returns the losses
+        receives each block's top-1 ``accuracy`` on this batch (classification only). ``as_tensors`` returns the losses
         as detached tensors: no host synchronisation per block (GPU), and it runs on fake tensors.
         """
         per_block = isinstance(optimizer, (list, tuple))
@@ -430,7 +442,7 @@ class LocalModel(nn.Module):
             backward(loss)
             self._after_backward(b)
             losses.append(loss.detach())
-            if metrics is not None:
+            if metrics is not None and self.task is None:  # a task's metric needs its whole test set
                 correct.append((logits.detach().argmax(-1) == y).float().mean().item())
             # A block's gradient is complete once the last loss reaching it (a cascade reaches
             # input_window - 1 blocks back) is backpropagated; it is stepped then, not before,
@@ -445,7 +457,7 @@ class LocalModel(nn.Module):
             self._step(optimizers[0], list(self.parameters()), scaler, grad_hook)
         if scaler is not None:
             scaler.update()
-        if metrics is not None:
+        if metrics is not None and self.task is None:
             metrics["accuracy"] = correct
         return losses if as_tensors else [loss.item() for loss in losses]
 
@@ -497,7 +509,7 @@ class LocalModel(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         if model_input is None and b == 0:
             model_input = inputs[0]
-        ctx = StepContext(self, y, criterion or nn.functional.cross_entropy, input=model_input, backward=backward)
+        ctx = StepContext(self, y, criterion or self.criterion, input=model_input, backward=backward)
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .convert import AnalyzedModel
 
 __all__ = [
+    "batch_step_peak_bytes",
     "BlockMemory",
     "MemoryLimitError",
     "MemoryReport",
@@ -109,6 +110,31 @@ def step_peak_bytes(module: nn.Module, step: Callable[[nn.Module, torch.optim.Op
         gc.collect()
         return peak
     tracker = _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, per_block)
+    return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+
+
+def batch_step_peak_bytes(local: LocalModel, x: torch.Tensor, y: torch.Tensor, optimizer: str = "sgd",
+                          per_block: bool = True) -> int:
+    """Peak bytes of one local training step of ``local`` itself on the real batch ``(x, y)``,
+    after a warm-up step (which creates the optimizer state), tracked as :func:`step_peak_bytes`
+    tracks a fake one. For objectives that fake tensors cannot run: a detector's loss matches
+    anchors to the batch's boxes by value. The warm-up and the tracked step train ``local``.
+
+    Args:
+        local: the model (on the device of ``x``).
+        x, y: a batch and its targets.
+        optimizer: ``sgd`` or ``adamw`` (their state counts).
+        per_block: one optimizer per block, as the trainer does by default.
+
+    Returns:
+        The step's peak, in bytes: weights, gradients, optimizer state and activations.
+    """
+    opt = make_step_optimizers(local, optimizer, per_block)
+    local_step(local, opt, x, y)
+    tracker = step_tracker_class()()
+    tracker.track_external(local, *(opt if per_block else [opt]))
+    with tracker:
+        local_step(local, opt, x, y)
     return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
 
 

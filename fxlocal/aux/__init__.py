@@ -4,7 +4,7 @@ its cut (:class:`HeadSpec`). The last block keeps the model's own head, so metho
 The contract is :mod:`fxlocal.aux.base`; each method is one module that registers itself.
 """
 
-from . import auglocal, dgl, infopro, man, mlaan, none  # noqa: F401  (methods register on import)
+from . import auglocal, dgl, glcan, infopro, man, mlaan, none  # noqa: F401  (methods register on import)
 from .base import (
     AuxHead,
     AuxMethod,
@@ -15,6 +15,7 @@ from .base import (
     head_loss,
     register_aux,
 )
+from .tasks import TaskSpec, available_tasks, get_task
 from .unit_copies import UnitLibrary
 
-__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "UnitLibrary", "register_aux", "get_aux", "available_aux", "combinations", "head_loss"]
+__all__ = ["AuxHead", "AuxMethod", "HeadSpec", "TaskSpec", "available_tasks", "get_task", "UnitLibrary", "register_aux", "get_aux", "available_aux", "combinations", "head_loss"]

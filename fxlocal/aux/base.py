@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UnknownAuxError
 from ..graph.cost import Cost, measure_module
+from .tasks import TaskSpec
 from .unit_copies import UnitLibrary, handed_on
 
 __all__ = ["AuxHead", "AuxMethod", "HeadSpec", "head_loss", "register_aux", "get_aux", "available_aux", "combinations"]
@@ -35,6 +36,9 @@ class HeadSpec:
     # see one (their copies take both); the others get one head per tensor (``JointHead``)
     carried: tuple[tuple[tuple[int, ...], str], ...] = ()
     input_shape: tuple[int, ...] = ()  # per-sample shape of the model's input (heads that reconstruct it)
+    # the task the model serves, when not classification: ``num_classes`` is then the width of
+    # its global target (what a plain head predicts), and task heads (GLCAN's) read the rest here
+    task: "TaskSpec | None" = None
 
     def on(self, shape: tuple[int, ...], layout: str) -> "HeadSpec":
         """The spec of a base head on a tensor a plug-in's path hands on, not the cut's own: same

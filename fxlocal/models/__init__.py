@@ -3,6 +3,7 @@ reference super-resolution network (registered with timm on import). Imports not
 
 from . import (
     cifar_resnet,  # noqa: F401  (registers resnet32_cifar, resnet110_cifar with timm)
+    dense,  # noqa: F401  (registers torchvision's detection and segmentation models as a source)
     sr,  # noqa: F401  (registers edsr_x2, the reference super-resolution network, with timm)
 )
 from .factory import (

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from ..local_model import LocalModel
 
 __all__ = ["isolation_violations", "export_mismatch"]
+
+
+def _stacked(predictions) -> torch.Tensor:
+    """Every tensor of a prediction (a tensor, or a detector's list of dicts) as one flat tensor."""
+    leaves, _ = tree_flatten(predictions)
+    return torch.cat([t.detach().float().flatten() for t in leaves]) if leaves else torch.zeros(0)
 
 
 def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, blocks=None) -> list[str]:
@@ -50,7 +57,14 @@ def export_mismatch(local: LocalModel, fresh: nn.Module, x: torch.Tensor | None 
     if x is None:
         return None
     with torch.no_grad():
-        want, got = local.eval()(x), fresh.eval()(x)
+        if local.task is not None:  # the predictions: a detector's boxes, a segmenter's logits
+            objective = local.final_objective
+            want = _stacked(objective.predict(local.eval()(x)))
+            got = _stacked(objective.original_predictions(fresh.eval(), x))
+            if want.shape != got.shape:
+                return f"eval predictions differ in shape: {tuple(want.shape)} against {tuple(got.shape)}"
+        else:
+            want, got = local.eval()(x), fresh.eval()(x)
     # bit-identical, NaN where NaN: an untrained net in eval mode (BatchNorm's running variance
     # still 1) can overflow, and then both compute the same NaNs (torchvision's mnasnet1_0)
     if not torch.allclose(want, got, rtol=0, atol=0, equal_nan=True):

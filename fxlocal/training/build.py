@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ..aux import get_aux
 from ..convert import convert
+from ..errors import TaskError
 from ..graph.plan import Plan
 from ..local_model import LocalModel
 from .checkpoint import load_weights
@@ -40,6 +41,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
         batch=recipe.batch_size, optimizer_states=states, per_block=per_block, pipeline=recipe.pipeline.enabled
     )
     classes = recipe.model.num_classes or info.num_classes or None
+    task = recipe_task(recipe)
     aux_options = dict(recipe.convert.aux_options)
     if get_aux(recipe.convert.aux, **aux_options).reconstructs_input:
         # the heads undo the data's normalisation to reconstruct the images (InfoPro's target)
@@ -64,6 +66,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             backbone_recompute=recipe.convert.backbone_recompute,
             cuts=recipe.convert.cuts if plan is None else None,
             replace=replace,
+            task=task,
             **aux_options,
         )
 
@@ -76,11 +79,26 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     # traced and analysed once for every K the search tries; the chosen K is then built afresh
     # (seeded), as a recipe that names that K would build it
     analyzed = analyze_model(recipe.model.name, size, classes, recipe.model.kwargs, timed=recipe.convert.balance == "time",
-                             replace=replace)
+                             replace=replace, task=task)
     optimizer = "adamw" if states == 2 else "sgd"
     k, _, _ = fit_to_memory(analyzed, recipe.convert.aux, recipe.convert.max_memory, lambda k: build(k, analyzed),
                             recipe.batch_size, optimizer, per_block=per_block)
     return build(k)
+
+
+def recipe_task(recipe: Recipe) -> str:
+    """The task a recipe trains for: ``model.task``, which must be its dataset's, else the dataset's.
+
+    Raises:
+        TaskError: ``model.task`` differs from what the dataset's targets are.
+    """
+    own = dataset_info(recipe.data.dataset).task
+    if recipe.model.task is not None and recipe.model.task != own:
+        raise TaskError(
+            f"model.task is {recipe.model.task} but {recipe.data.dataset}'s targets are for {own}: "
+            f"set model.task to {own}, or use a {recipe.model.task} dataset"
+        )
+    return own
 
 
 def model_from_checkpoint(state: dict) -> LocalModel:

@@ -7,8 +7,10 @@ than a quarter of the smaller one's box. An item's pixels brighter than
 :data:`FOREGROUND` are its foreground: they are pasted over what lies below, so a later item
 hides an earlier one where they overlap, and the mask and the image agree on every pixel.
 
-- ``fashion_mnist_detect``: the canvas and a COCO-style target (``boxes``, xyxy in pixels, the
-  tight box of each item's foreground; ``labels``, its class 0–9).
+- ``fashion_mnist_detect``: the canvas and its boxes, a (6, 5) tensor of rows ``label, x0, y0,
+  x1, y1`` (xyxy in pixels, the tight box of each item's foreground; ``label`` 1 + its class, 0
+  being the background as torchvision's detectors count), padded with label -1
+  (:func:`fxlocal.aux.tasks.detection_targets` gives torchvision's list of dicts).
 - ``fashion_mnist_segment``: the canvas and a per-pixel class mask (0 background, 1 + class).
 - ``fashion_mnist_sr``: the canvas downsampled ×2 (bicubic, antialiased) and the canvas itself.
 
@@ -31,7 +33,7 @@ FOREGROUND = 32  # uint8 intensity above which an item's pixel is the item's, no
 MAX_ITEMS = 6
 SCALES = (0.75, 2.0)
 MAX_SHARED = 0.25  # the most of the smaller box another item's box may cover
-TASKS = ("detect", "segment", "sr")
+TASKS = ("detection", "segmentation", "super_resolution")
 
 
 @dataclass(frozen=True)
@@ -123,16 +125,17 @@ class CanvasTask(torch.utils.data.Dataset):
 
     Items are ``(image, target)`` with ``image`` a float (channels, 128, 128) tensor in [0, 1]:
 
-    - ``detect``: ``target = {"boxes": (n, 4) float, "labels": (n,) long}`` (torchvision's
-      detection models' format);
-    - ``segment``: ``target`` the (128, 128) long mask, 0 background, 1 + class;
-    - ``sr``: ``image`` the (channels, 64, 64) input and ``target`` the (channels, 128, 128) canvas.
+    - ``detection``: ``target`` the (6, 5) float rows ``1 + class, x0, y0, x1, y1``, padded
+      with label -1 (one tensor, so the default collation batches it);
+    - ``segmentation``: ``target`` the (128, 128) long mask, 0 background, 1 + class;
+    - ``super_resolution``: ``image`` the (channels, 64, 64) input and ``target`` the
+      (channels, 128, 128) canvas.
 
     Args:
         images: the split's uint8 images, (N, 28, 28).
         labels: their classes.
         train: which split they are (it seeds the canvases).
-        task: ``detect``, ``segment`` or ``sr``.
+        task: ``detection``, ``segmentation`` or ``super_resolution``.
         channels: the image's channels (the grey canvas repeated).
         seed: the task's seed.
     """
@@ -153,9 +156,12 @@ class CanvasTask(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         canvas = self.canvas(index)
         image = canvas.image.float().div(255)[None].expand(self.channels, -1, -1).contiguous()
-        if self.task == "detect":
-            return image, {"boxes": canvas.boxes, "labels": canvas.labels}
-        if self.task == "segment":
+        if self.task == "detection":
+            rows = torch.full((MAX_ITEMS, 5), -1.0)
+            rows[: len(canvas.labels), 0] = canvas.labels.float() + 1
+            rows[: len(canvas.labels), 1:] = canvas.boxes
+            return image, rows
+        if self.task == "segmentation":
             return image, canvas.mask
         low = F.interpolate(image[None], scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)[0]
         return low.clamp(0, 1), image

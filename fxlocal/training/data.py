@@ -38,8 +38,9 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_root: str
     build: Callable[[str, bool, Callable, bool], torch.utils.data.Dataset]  # (root, train, transform, download)
-    # what an item's target is: a class (classification), or a canvas task's (fxlocal.training.canvas):
-    # "detect" (boxes and labels), "segment" (a class per pixel), "sr" (the image at twice the size)
+    # what an item's target is (fxlocal.aux.tasks): a class (classification), or a canvas task's
+    # (fxlocal.training.canvas): "detection" (padded boxes), "segmentation" (a class per pixel),
+    # "super_resolution" (the image at twice the size)
     task: str = "classification"
 
 
@@ -124,10 +125,11 @@ def _canvas_task(task: str) -> Callable[[str, bool, Callable, bool], torch.utils
     return build
 
 
-for _task, _size in (("detect", 128), ("segment", 128), ("sr", 64)):
-    # made from the full Fashion-MNIST (60 000 training / 10 000 test images), offline
-    register_dataset(DatasetInfo(f"fashion_mnist_{_task}", 10 if _task != "segment" else 11, 1, _size, (0.0,), (1.0,),
-                                 "data/fashion-mnist", _canvas_task(_task), task=_task))
+for _name, _task, _size in (("detect", "detection", 128), ("segment", "segmentation", 128), ("sr", "super_resolution", 64)):
+    # made from the full Fashion-MNIST (60 000 training / 10 000 test images), offline; the
+    # classes count the background (0) for detection and segmentation, as their models do
+    register_dataset(DatasetInfo(f"fashion_mnist_{_name}", 11 if _task != "super_resolution" else 0, 1, _size, (0.0,),
+                                 (1.0,), "data/fashion-mnist", _canvas_task(_task), task=_task))
 
 register_dataset(DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "data/imagenet",
                              lambda r, t, tf, d: torchvision.datasets.ImageFolder(os.path.join(r, "train" if t else "val"), transform=tf)))

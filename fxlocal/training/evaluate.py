@@ -1,5 +1,6 @@
 """Evaluation of a LocalModel: top-1 and top-5 of the whole model, and each aux head's top-1
-on its block's output."""
+on its block's output; under a task, the task's metric of the whole model (mAP, mIoU, PSNR and
+SSIM: :mod:`fxlocal.training.task_metrics`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from ..local_model import LocalModel
 from .runtime import autocast_context, batch_to
+from .task_metrics import task_metric
 
 
 @torch.no_grad()
@@ -21,8 +23,11 @@ def evaluate(local: LocalModel, loader, device: torch.device, amp: bool | str = 
 
     Returns:
         ``top1``, ``top5`` of the whole model and ``local_top1``, each aux head's top-1 on its
-        block's output.
+        block's output; under a task, the task's metrics (``map`` and ``map_50``, ``miou``,
+        ``psnr`` and ``ssim``). ``images``: how many were evaluated.
     """
+    if local.task is not None:
+        return evaluate_task(local, loader, device, amp, channels_last)
     was_training = local.training
     local.eval()
     correct1 = correct5 = total = 0
@@ -57,3 +62,22 @@ def evaluation_record(correct1: int, correct5: int, local_correct: list[int], to
         "local_top1": [c / max(total, 1) for c in local_correct],
         "images": total,
     }
+
+
+@torch.no_grad()
+def evaluate_task(local: LocalModel, loader, device: torch.device, amp: bool | str = False, channels_last: bool = False) -> dict:
+    """The task's metrics of ``local``'s predictions (its last block's objective turns the output
+    into them: the detector's own post-processing) on every batch of ``loader``."""
+    was_training = local.training
+    local.eval()
+    metric = task_metric(local.task.name)
+    autocast = autocast_context(device, amp)
+    total = 0
+    for x, y in loader:
+        x, y = batch_to(x, device, channels_last), y.to(device)
+        with autocast:
+            out = local(x)
+        metric.update(local.final_objective.predict(out), local.final_objective.metric_targets(y))
+        total += len(x)
+    local.train(was_training)
+    return {**metric.compute(), "images": total}

@@ -135,7 +135,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
                     "lower optimizer.lr or enable warm-up"
                 )
             sums += losses
-            accs += metrics["accuracy"]
+            accs += metrics.get("accuracy", 0.0)  # classification only: a task's metric is its test set's
             seen += len(y)
             reporter.step(epoch, step, losses, seen / max(time.perf_counter() - started, 1e-9))
         for sch in schedulers:
@@ -144,7 +144,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         record = {
             "epoch": epoch + 1,
             "train_loss": (sums / max(steps, 1)).round(5).tolist(),
-            "train_local_top1": (accs / max(steps, 1)).round(5).tolist(),
+            **({"train_local_top1": (accs / max(steps, 1)).round(5).tolist()} if local.task is None else {}),
             "images_per_s": round(seen * dist_.world / max(elapsed, 1e-9), 2),
             "lr": optimizers[0].param_groups[0]["lr"],
             "peak_memory_mib": round(peak_memory_mib(device), 1),

@@ -30,6 +30,8 @@ class ModelSection(_Section):
     name: str  # timm / torchvision name, "source:name", or "package.module:factory"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     num_classes: Optional[int] = Field(default=None, ge=1)
+    # what it is trained for (fxlocal.aux.tasks); default: the dataset's task
+    task: Optional[Literal["classification", "detection", "segmentation", "super_resolution"]] = None
 
 
 class ReplaceSection(_Section):

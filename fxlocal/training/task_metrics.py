@@ -1,6 +1,6 @@
 """The canvas tasks' metrics (:mod:`fxlocal.training.canvas`), from torchmetrics: COCO mAP for
 detection (pycocotools' evaluation), mean IoU for segmentation, PSNR and SSIM for
-super-resolution. A registry by task: ``task_metric("detect")`` gives a fresh accumulator with
+super-resolution. A registry by task: ``task_metric("detection")`` gives a fresh accumulator with
 ``update(predictions, targets)`` and ``compute() -> dict[str, float]``.
 """
 
@@ -85,14 +85,14 @@ class SuperResolutionQuality:
 
 
 TASK_METRICS: dict[str, Callable[[], TaskMetric]] = {
-    "detect": DetectionMAP,
-    "segment": SegmentationMIoU,
-    "sr": SuperResolutionQuality,
+    "detection": DetectionMAP,
+    "segmentation": SegmentationMIoU,
+    "super_resolution": SuperResolutionQuality,
 }
 
 
 def task_metric(task: str) -> TaskMetric:
-    """A fresh metric accumulator for ``task`` (``detect``, ``segment``, ``sr``)."""
+    """A fresh metric accumulator for ``task`` (``detection``, ``segmentation``, ``super_resolution``)."""
     if task not in TASK_METRICS:
         raise ValueError(f"no metric for task {task!r}; tasks: {', '.join(TASK_METRICS)}")
     return TASK_METRICS[task]()

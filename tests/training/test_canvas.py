@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxlocal.aux.tasks import detection_targets
 from fxlocal.training.canvas import (
     FOREGROUND,
     MAX_ITEMS,
@@ -69,14 +70,18 @@ def test_boxes_and_masks_match_the_pasted_items(split):
 
 def test_items_of_each_task(split):
     images, labels = split
-    det = CanvasTask(images, labels, False, "detect", channels=3)
+    det = CanvasTask(images, labels, False, "detection", channels=3)
     image, target = det[5]
     canvas = det.canvas(5)
     assert image.shape == (3, 128, 128) and torch.equal(image[1], canvas.image.float() / 255)
-    assert torch.equal(target["boxes"], canvas.boxes) and torch.equal(target["labels"], canvas.labels)
-    image, mask = CanvasTask(images, labels, False, "segment")[5]
+    n = len(canvas.labels)
+    assert target.shape == (MAX_ITEMS, 5) and (target[n:, 0] == -1).all()
+    assert torch.equal(target[:n, 1:], canvas.boxes) and torch.equal(target[:n, 0].long(), canvas.labels + 1)
+    (unpadded,) = detection_targets(target[None])
+    assert torch.equal(unpadded["boxes"], canvas.boxes) and torch.equal(unpadded["labels"], canvas.labels + 1)
+    image, mask = CanvasTask(images, labels, False, "segmentation")[5]
     assert image.shape == (1, 128, 128) and torch.equal(mask, canvas.mask)
-    low, high = CanvasTask(images, labels, False, "sr")[5]
+    low, high = CanvasTask(images, labels, False, "super_resolution")[5]
     assert low.shape == (1, 64, 64) and torch.equal(high[0], canvas.image.float() / 255)
     want = F.interpolate(high[None], scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
     assert torch.equal(low, want)
@@ -98,28 +103,28 @@ def test_registered_over_the_full_splits_with_clear_errors(tmp_path):
 
 def test_detection_map_matches_hand_computed_cases():
     truth = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([3])}]
-    perfect = task_metric("detect")
+    perfect = task_metric("detection")
     perfect.update([{**truth[0], "scores": torch.tensor([0.9])}], truth)
     assert perfect.compute() == {"map": pytest.approx(1.0), "map_50": pytest.approx(1.0)}
     # IoU 0.62: a match at the thresholds 0.50, 0.55 and 0.60 of the ten, each then AP 1
-    shifted = task_metric("detect")
+    shifted = task_metric("detection")
     shifted.update([{"boxes": torch.tensor([[0.0, 0.0, 10.0, 6.2]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])}], truth)
     assert shifted.compute() == {"map": pytest.approx(0.3), "map_50": pytest.approx(1.0)}
-    wrong_class = task_metric("detect")
+    wrong_class = task_metric("detection")
     wrong_class.update([{**truth[0], "scores": torch.tensor([0.9]), "labels": torch.tensor([4])}], truth)
     assert wrong_class.compute()["map_50"] == pytest.approx(0.0)
 
 
 def test_miou_psnr_ssim_match_hand_computed_cases():
-    miou = task_metric("segment")
+    miou = task_metric("segmentation")
     miou.update(torch.tensor([[[0, 1], [0, 1]]]), torch.tensor([[[0, 1], [1, 1]]]))
     # class 0: 1 shared of 2 pixels; class 1: 2 of 3; the other nine classes do not occur
     assert miou.compute()["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    sr = task_metric("sr")
+    sr = task_metric("super_resolution")
     target = torch.zeros(1, 1, 16, 16)
     sr.update(target + 0.1, target)
     assert sr.compute()["psnr"] == pytest.approx(10 * math.log10(1 / 0.01), rel=1e-5)
-    same = task_metric("sr")
+    same = task_metric("super_resolution")
     image = torch.rand(2, 1, 32, 32)
     same.update(image, image)
     assert same.compute()["ssim"] == pytest.approx(1.0, abs=1e-6)
@@ -129,7 +134,7 @@ def test_reference_sr_network_doubles_and_learns_the_sr_task(split):
     import fxlocal
 
     images, labels = split
-    data = CanvasTask(images, labels, False, "sr")
+    data = CanvasTask(images, labels, False, "super_resolution")
     low, high = (torch.stack(t) for t in zip(*(data[i] for i in range(4))))
     net = fxlocal.create_model("edsr_x2", None, (1, 64, 64), num_blocks=3, width=8)
     assert net(low).shape == (4, 1, 128, 128)
@@ -145,8 +150,8 @@ def test_reference_sr_network_doubles_and_learns_the_sr_task(split):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    quality = task_metric("sr")
+    quality = task_metric("super_resolution")
     quality.update(net(low).detach(), high)
-    bicubic = task_metric("sr")
+    bicubic = task_metric("super_resolution")
     bicubic.update(F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False), high)
     assert quality.compute()["psnr"] > 10 and bicubic.compute()["psnr"] > 15

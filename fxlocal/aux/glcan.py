@@ -1,0 +1,100 @@
+"""GLCAN heads (Zhu et al., "Global-Local Collaborative Auxiliary Networks", arXiv 2406.00446):
+task-specific aux heads for detection, segmentation and super-resolution, where a classifier
+head gives a detector's or an upscaler's early blocks the wrong signal.
+
+The paper's method section was not readable here; this is the design its abstract describes,
+built from the cut's tensor and the task (:class:`~fxlocal.aux.tasks.TaskSpec`):
+
+- a *local* branch: a light conv tower at the block's resolution (``depth`` × conv3×3, BN,
+  ReLU at ``width`` channels, at most the cut's) and a 1×1 conv predicting the task's dense target at that stride:
+  per-pixel classes (segmentation), per-location classes and box sides against FCOS's point
+  assignment (detection), the high-resolution image through a pixel shuffle of the remaining
+  scale (super-resolution);
+- a *global* branch: the pooled tensor through a hidden layer, predicting the image-level target
+  (the classes present; the target image pooled to 4×4) and *modulating* the local branch: the
+  hidden layer gives a per-channel scale and shift of the tower's features (FiLM);
+- the loss: the task's loss on the local branch plus ``global_weight`` × the global one.
+
+It can be a base (``--aux glcan+man``: MAN's ``LB + EMA`` path ends in a GLCAN head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TaskError
+from .base import AuxHead, AuxMethod, HeadSpec, register_aux
+from .unit_copies import handed_on
+
+__all__ = ["GLCAN", "GLCANHead"]
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class GLCANHead(AuxHead):
+    owns_loss = True
+
+    def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1):
+        super().__init__()
+        task = spec.task
+        if task is None or not task.rules.dense:
+            raise TaskError(
+                "glcan heads predict a dense task's target (detection, segmentation, super_resolution); "
+                "for classification use dgl or another classifier head"
+            )
+        if spec.layout not in ("nchw", "nhwc"):
+            raise TaskError(
+                f"glcan heads need a (batch, channels, height, width) map at each cut, but block {spec.block} "
+                f"ends in a {spec.layout} tensor of shape {spec.shape}; cut a convolutional model, or use dgl"
+            )
+        channels, h, w = spec.shape if spec.layout == "nchw" else (spec.shape[2], *spec.shape[:2])
+        width = min(width, channels)  # no wider than the block it trains: the tower runs at its full resolution
+        self.task, self.channels_last, self.global_weight = task, spec.layout == "nhwc", global_weight
+        target_h = task.target_shape[-2]
+        self.scale = target_h // h if task.name == "super_resolution" and target_h % h == 0 else 1
+        self.tower = nn.Sequential(*[m for i in range(depth) for m in _conv_bn_relu(channels if i == 0 else width, width)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.context = nn.Sequential(nn.Flatten(1), nn.Linear(channels, hidden), nn.ReLU(inplace=True))
+        self.global_out = nn.Linear(hidden, task.global_size)
+        self.modulation = nn.Linear(hidden, 2 * width)
+        nn.init.zeros_(self.modulation.weight)  # starts as the identity: scale 1, shift 0
+        nn.init.zeros_(self.modulation.bias)
+        out = task.rules.local_channels(task, self.scale)
+        self.local_out = nn.Sequential(nn.Conv2d(width, out, 1), *([nn.PixelShuffle(self.scale)] if self.scale > 1 else []))
+        self.summary = (
+            f"GLCAN {task.name}: local {depth}×conv3x3({width})→conv1x1({out})"
+            + (f"→shuffle×{self.scale}" if self.scale > 1 else "")
+            + f" at {h}×{w}; global pool→fc({hidden})→fc({task.global_size}), FiLM on the local branch"
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(local prediction, global prediction)`` from the cut's tensor."""
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        context = self.context(self.pool(x))
+        scale, shift = self.modulation(context)[..., None, None].chunk(2, dim=1)
+        local = self.tower(x) * (1 + scale) + shift
+        return self.local_out(local), self.global_out(context)
+
+    def local_loss(self, ctx, b: int, out):
+        local, global_ = self(handed_on(out)[0])
+        task = self.task.rules
+        loss = task.local_loss(local, ctx.target, self.task) + self.global_weight * task.global_loss(global_, ctx.target, self.task)
+        return loss, global_
+
+
+@register_aux("glcan")
+class GLCAN(AuxMethod):
+    can_be_base = True
+
+    def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1):
+        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight)
+
+    def build_head(self, spec: HeadSpec) -> nn.Module:
+        return GLCANHead(spec, **self.options)
+
+    def describe(self, head: nn.Module) -> str:
+        return head.summary

@@ -1,0 +1,125 @@
+"""The last block's objective under a task other than classification: the task's own loss on the
+model's output, and the model's predictions from that output for its metric. A registry by task.
+
+- segmentation: cross-entropy of the (N, classes, H, W) logits (torchvision's models return them
+  as ``{"out": logits}``) against the mask;
+- super-resolution: L1 of the output image against the high-resolution one (EDSR's loss);
+- detection: the detector's own training loss on its head's outputs (its anchor or point
+  assignment: :class:`fxlocal.models.dense.DetectorFamily`), and its own post-processing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TaskError
+from ..models.dense import AnchorLayout, anchor_layout, detector_family
+from .base import AuxHead
+from .tasks import TaskSpec, detection_targets
+
+__all__ = ["TaskObjective", "task_objective"]
+
+
+def model_output(out):
+    """The output tensor of a dense model: torchvision's segmentation models return ``{"out": ...}``."""
+    return out["out"] if isinstance(out, dict) else out
+
+
+class TaskObjective(AuxHead):
+    """The last block's loss under a task, and what its output predicts (:meth:`predict`)."""
+
+    owns_loss = True
+    summary = ""  # one line: what the last block is trained on (``fxlocal convert`` prints it)
+
+    def __init__(self, spec: TaskSpec):
+        super().__init__()
+        self.spec = spec
+
+    def predict(self, out) -> torch.Tensor | list[dict]:
+        """The model's predictions from its output, as the task's metric takes them."""
+        return model_output(out)
+
+    def metric_targets(self, target: torch.Tensor) -> torch.Tensor | list[dict]:
+        """A batch's targets as the task's metric takes them."""
+        return target
+
+    def original_predictions(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor | list[dict]:
+        """What the original model (the torchvision detector itself) predicts for ``x``, in the
+        form of :meth:`predict`: an exported backbone must give the same."""
+        return model_output(original(x))
+
+
+class SegmentationLoss(TaskObjective):
+    summary = "segmentation: cross-entropy of the model's per-pixel logits against the mask"
+
+    def local_loss(self, ctx, b, out):
+        logits = model_output(out)
+        return F.cross_entropy(logits, ctx.target), logits
+
+
+class SuperResolutionLoss(TaskObjective):
+    summary = "super-resolution: L1 of the model's output against the high-resolution image"
+
+    def local_loss(self, ctx, b, out):
+        image = model_output(out)
+        return F.l1_loss(image, ctx.target), image
+
+
+class DetectionLoss(TaskObjective):
+    """The detector's own loss (the sum of its terms) on its head's outputs; the anchors are the
+    detector's at the input size, computed once."""
+
+    def __init__(self, spec: TaskSpec, detector: nn.Module, layout: AnchorLayout):
+        super().__init__(spec)
+        self.family = detector_family(detector)
+        self.layout = layout
+        self.summary = (
+            f"detection: {type(detector).__name__}'s own loss on its head's outputs ({len(layout.anchors)} "
+            f"anchors on {len(layout.per_level)} levels), its post-processing for boxes"
+        )
+        object.__setattr__(self, "detector", detector)  # its state is the blocks': not held twice
+
+    def local_loss(self, ctx, b, out):
+        terms = self.family.loss(self.detector, detection_targets(ctx.target), out, self.layout)
+        return sum(terms.values()), out["cls_logits"]
+
+    def predict(self, out) -> list[dict]:
+        return self.family.predict(self.detector, out, self.layout)
+
+    def metric_targets(self, target: torch.Tensor) -> list[dict]:
+        return detection_targets(target)
+
+    def original_predictions(self, original: nn.Module, x: torch.Tensor) -> list[dict]:
+        return original(list(x))  # a detector takes a list of images
+
+
+def _detection(spec: TaskSpec, model: nn.Module, input_size: tuple[int, ...]) -> TaskObjective:
+    detector = model.detector  # a DetectionTrunk: convert traces the trunk of a detector
+    return DetectionLoss(spec, detector, anchor_layout(detector, input_size))
+
+
+_OBJECTIVES: dict[str, Callable[[TaskSpec, nn.Module, tuple[int, ...]], TaskObjective]] = {
+    "segmentation": lambda spec, model, size: SegmentationLoss(spec),
+    "super_resolution": lambda spec, model, size: SuperResolutionLoss(spec),
+    "detection": _detection,
+}
+
+
+def task_objective(spec: TaskSpec, model: nn.Module, input_size: tuple[int, ...]) -> TaskObjective:
+    """The last block's objective for ``spec``'s task.
+
+    Args:
+        spec: the task.
+        model: what was traced (a :class:`~fxlocal.models.dense.DetectionTrunk` for detection).
+        input_size: per-sample input shape.
+
+    Returns:
+        The :class:`TaskObjective`.
+    """
+    if spec.name not in _OBJECTIVES:
+        raise TaskError(f"task {spec.name!r} has no objective of its own: the last block's loss is cross-entropy")
+    return _OBJECTIVES[spec.name](spec, model, tuple(input_size))

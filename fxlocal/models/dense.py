@@ -1,0 +1,244 @@
+"""torchvision's detection and segmentation models by name (random init), and what of a detector
+fxlocal traces and trains.
+
+A detector's end-to-end forward is not symbolically traceable (its transform resizes image by
+image, its post-processing keeps a data-dependent number of boxes). What is traceable is its
+*trunk*: the backbone (body + FPN) and, for a one-stage detector, the head, which maps the
+images to the per-anchor class logits and box regressions. fxlocal traces and cuts the trunk;
+the detector's own loss (its anchor or point assignment) on the head's outputs is the last
+block's objective, and its own post-processing turns them into boxes (:class:`DetectorFamily`).
+
+Detectors are built for the input size they will see: their transform neither resizes (a fixed
+size equal to the input's) nor normalises (the data pipeline does), so the trunk on a batch
+computes what the detector computes on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import InputSizeError, TaskError
+
+__all__ = [
+    "DetectionTrunk", "DetectorFamily", "AnchorLayout", "anchor_layout", "detector_family",
+    "dense_task_of", "model_task", "DENSE_SOURCE",
+]
+
+
+def _detector_classes() -> dict[str, type]:
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.ssd import SSD
+
+    return {"retinanet": RetinaNet, "fcos": FCOS, "ssd": SSD, "two_stage": GeneralizedRCNN}
+
+
+def _dense_names() -> list[str]:
+    import torchvision
+
+    return [*torchvision.models.list_models(module=torchvision.models.detection),
+            *torchvision.models.list_models(module=torchvision.models.segmentation)]
+
+
+def _identity_transform(input_size: tuple[int, ...]) -> nn.Module:
+    """A detector transform that keeps the batch as it is: the input's fixed size (no resize),
+    mean 0 and std 1 (the data is normalised already)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    c, h, w = input_size
+    return GeneralizedRCNNTransform(min(h, w), max(h, w), [0.0] * c, [1.0] * c, size_divisible=1, fixed_size=(w, h))
+
+
+def _dense_create(name: str, num_classes: int | None, input_size: tuple[int, ...], **extra) -> nn.Module:
+    import torchvision
+
+    if input_size[0] != 3:
+        raise InputSizeError(f"torchvision's {name} takes 3-channel images, not {input_size[0]}: pass --input-size 3 H W")
+    kwargs: dict = {"weights": None, "weights_backbone": None, **extra}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = torchvision.models.get_model(name, **kwargs)
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        model.transform = _identity_transform(tuple(input_size))
+    return model
+
+
+def dense_task_of(model: nn.Module) -> str | None:
+    """``detection`` or ``segmentation`` for torchvision's detection and segmentation models
+    (and a :class:`DetectionTrunk`), else None."""
+    from torchvision.models import segmentation
+
+    if isinstance(model, (DetectionTrunk, *_detector_classes().values())):
+        return "detection"
+    if isinstance(model, (segmentation.FCN, segmentation.DeepLabV3, segmentation.LRASPP)):
+        return "segmentation"
+    return None
+
+
+@dataclass(frozen=True)
+class AnchorLayout:
+    """The anchors (or points) of a detector at one input size: they depend on the feature maps'
+    sizes alone, so they are computed once."""
+
+    anchors: torch.Tensor  # (total, 4) xyxy, for one image
+    per_level: tuple[int, ...]  # how many of them each feature level has, in order
+    image_size: tuple[int, int]  # (H, W)
+
+
+@dataclass(frozen=True)
+class DetectorFamily:
+    """How fxlocal trains and runs one class of torchvision detector from its head's outputs.
+
+    ``loss(detector, targets, head_outputs, layout)`` is the detector's training loss (a dict of
+    terms, as its forward returns), ``predict(detector, head_outputs, layout)`` its detections
+    (one dict of ``boxes``, ``scores``, ``labels`` per image), both on the trunk's output.
+    """
+
+    name: str
+    loss: Callable[..., dict[str, torch.Tensor]]
+    predict: Callable[..., list[dict[str, torch.Tensor]]]
+    anchors_per_location: Callable[[nn.Module], int]
+
+
+def _anchors(layout: AnchorLayout, n: int, like: torch.Tensor) -> list[torch.Tensor]:
+    return [layout.anchors.to(like.device, like.dtype)] * n
+
+
+def _split(head_outputs: dict, layout: AnchorLayout) -> tuple[dict, list]:
+    """Head outputs and anchors per feature level, as the detector's post-processing takes them."""
+    split = {k: list(v.split(list(layout.per_level), dim=1)) for k, v in head_outputs.items()}
+    anchors = [list(layout.anchors.to(next(iter(head_outputs.values())).device).split(list(layout.per_level)))]
+    return split, anchors
+
+
+def _predict_by_level(detector, head_outputs: dict, layout: AnchorLayout) -> list[dict]:
+    n = next(iter(head_outputs.values())).shape[0]
+    split, anchors = _split(head_outputs, layout)
+    sizes = [layout.image_size] * n
+    return detector.postprocess_detections(split, anchors * n, sizes)
+
+
+def _retinanet_loss(detector, targets, head_outputs, layout):
+    return detector.compute_loss(targets, head_outputs, _anchors(layout, len(targets), head_outputs["cls_logits"]))
+
+
+def _fcos_loss(detector, targets, head_outputs, layout):
+    anchors = _anchors(layout, len(targets), head_outputs["cls_logits"])
+    return detector.compute_loss(targets, head_outputs, anchors, list(layout.per_level))
+
+
+def _ssd_loss(detector, targets, head_outputs, layout):
+    from torchvision.ops import boxes as box_ops
+
+    anchors = _anchors(layout, len(targets), head_outputs["cls_logits"])
+    matched = []  # what SSD's forward matches before its compute_loss
+    for anchors_per_image, target in zip(anchors, targets):
+        if target["boxes"].numel() == 0:
+            matched.append(torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64, device=anchors_per_image.device))
+        else:
+            matched.append(detector.proposal_matcher(box_ops.box_iou(target["boxes"], anchors_per_image)))
+    return detector.compute_loss(targets, head_outputs, anchors, matched)
+
+
+def _ssd_predict(detector, head_outputs, layout):
+    n = head_outputs["cls_logits"].shape[0]
+    return detector.postprocess_detections(head_outputs, _anchors(layout, n, head_outputs["cls_logits"]),
+                                           [layout.image_size] * n)
+
+
+def _families() -> dict[type, DetectorFamily]:
+    classes = _detector_classes()
+    return {
+        classes["retinanet"]: DetectorFamily("retinanet", _retinanet_loss, _predict_by_level,
+                                             lambda d: d.anchor_generator.num_anchors_per_location()[0]),
+        classes["fcos"]: DetectorFamily("fcos", _fcos_loss, _predict_by_level, lambda d: 1),
+        classes["ssd"]: DetectorFamily("ssd", _ssd_loss, _ssd_predict, lambda d: 1),
+    }
+
+
+def detector_family(detector: nn.Module) -> DetectorFamily:
+    """The :class:`DetectorFamily` of a torchvision detector.
+
+    Raises:
+        TaskError: a detector whose head is not traceable (two-stage: Faster/Mask/Keypoint R-CNN).
+    """
+    families = _families()
+    for cls, family in families.items():
+        if isinstance(detector, cls):
+            return family
+    names = ", ".join(f.name for f in families.values())
+    raise TaskError(
+        f"{type(detector).__name__} is a two-stage detector (its region proposals are chosen per image), which "
+        f"fxlocal does not cut yet; use a one-stage detector ({names}: e.g. retinanet_resnet50_fpn, fcos_resnet50_fpn, "
+        "ssdlite320_mobilenet_v3_large)"
+    )
+
+
+class DetectionTrunk(nn.Module):
+    """What fxlocal traces of a one-stage detector: ``images -> head(backbone(images))``, the
+    per-anchor ``cls_logits`` and ``bbox_regression`` (and FCOS's ``bbox_ctrness``). Its
+    ``state_dict`` is the detector's own (same keys: its backbone and head are the detector's);
+    ``detector`` is the whole detector, for its loss and post-processing (not a submodule, so
+    its state is not held twice)."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        detector_family(detector)  # refuses a two-stage detector
+        self.backbone = detector.backbone
+        self.head = detector.head
+        object.__setattr__(self, "detector", detector)
+
+    def forward(self, images: torch.Tensor):
+        features = self.backbone(images)
+        if isinstance(features, torch.Tensor):
+            features = {"0": features}
+        return self.head(list(features.values()))
+
+
+@torch.no_grad()
+def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLayout:
+    """The anchors of ``detector`` for one image of ``input_size``, and their count per level:
+    its anchor generator on its backbone's feature maps (computed in eval mode, so that no
+    batch-norm statistic moves)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    c, h, w = input_size
+    param = next(detector.parameters())
+    images = torch.zeros(1, c, h, w, device=param.device, dtype=param.dtype)
+    was_training = detector.backbone.training
+    detector.backbone.eval()
+    try:
+        features = detector.backbone(images)
+    finally:
+        detector.backbone.train(was_training)
+    features = list(features.values()) if isinstance(features, dict) else [features]
+    anchors = detector.anchor_generator(ImageList(images, [(h, w)]), features)[0]
+    per_location = detector_family(detector).anchors_per_location(detector)
+    per_level = tuple(int(f.shape[-2] * f.shape[-1] * per_location) for f in features)
+    return AnchorLayout(anchors.detach().cpu(), per_level, (h, w))
+
+
+def _register() -> None:
+    from .factory import ModelSource, register_model_source
+
+    register_model_source(ModelSource("torchvision_dense", _dense_names, _dense_create))
+
+
+DENSE_SOURCE = "torchvision_dense"
+_register()
+
+
+def model_task(model: nn.Module) -> str:
+    """The task a model is made for: ``detection`` and ``segmentation`` for torchvision's
+    detection and segmentation models, ``super_resolution`` for fxlocal's EDSR, else
+    ``classification``."""
+    from .sr import EDSR
+
+    dense = dense_task_of(model)
+    if dense is not None:
+        return dense
+    return "super_resolution" if isinstance(model, EDSR) else "classification"

@@ -1,0 +1,195 @@
+"""Local learning beyond classification (issue 29): torchvision's detectors and segmenters and the
+reference SR network convert, isolate gradients, train and export back; the detectors' loss is
+their own; GLCAN heads; the task refusals."""
+
+import pytest
+import torch
+import yaml
+
+import fxlocal
+from fxlocal.aux import HeadSpec
+from fxlocal.aux.glcan import GLCANHead
+from fxlocal.aux.tasks import TaskSpec, detection_targets, point_targets, presence
+from fxlocal.errors import TaskError
+from fxlocal.models.dense import DetectionTrunk, anchor_layout, detector_family
+from fxlocal.tools.verify import export_mismatch, isolation_violations
+from helpers import REPO, SHARED, assert_one_line_error, run_cli
+
+SIZE = (3, 128, 128)
+# two images: two items and one (label 1 + class, x0, y0, x1, y1), padded with label -1
+BOXES = torch.tensor([
+    [[3, 10, 10, 50, 60], [5, 60, 60, 120, 100], [-1, 0, 0, 0, 0]],
+    [[1, 20, 30, 90, 90], [-1, 0, 0, 0, 0], [-1, 0, 0, 0, 0]],
+], dtype=torch.float)
+
+
+def _target(task: str, batch: int = 2):
+    if task == "detection":
+        return BOXES[:batch]
+    if task == "segmentation":
+        return torch.randint(0, 11, (batch, 128, 128))
+    return torch.rand(batch, 3, 128, 128)
+
+
+MODELS = [
+    ("retinanet_resnet50_fpn", "detection", SIZE),
+    ("fcos_resnet50_fpn", "detection", SIZE),
+    ("ssdlite320_mobilenet_v3_large", "detection", SIZE),
+    ("fcn_resnet50", "segmentation", SIZE),
+    ("deeplabv3_mobilenet_v3_large", "segmentation", SIZE),
+    ("edsr_x2", "super_resolution", (3, 64, 64)),
+]
+
+
+@pytest.mark.parametrize("name,task,size", MODELS, ids=[m[0] for m in MODELS])
+def test_task_model_converts_isolates_trains_and_exports_back(name, task, size):
+    classes = None if task == "super_resolution" else 11
+    local = fxlocal.convert(name, k=4, aux="glcan", input_size=size, num_classes=classes)
+    assert local.task.name == task and local.k == 4
+    x, y = torch.rand(2, *size), _target(task)
+    assert isolation_violations(local, x, y) == []
+    before = [[p.detach().clone() for p in local.block_parameters(b)] for b in range(local.k)]
+    losses = local.train_step(x, y, [torch.optim.SGD(list(local.block_parameters(b)), lr=0.01) for b in range(local.k)])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for b in range(local.k):
+        assert any(not torch.equal(p0, p1) for p0, p1 in zip(before[b], local.block_parameters(b))), f"block {b} did not train"
+    original = fxlocal.create_model(name, classes, size)
+    if task == "detection":
+        original.score_thresh = local.final_objective.detector.score_thresh = 0.0  # boxes to compare, untrained
+    assert export_mismatch(local, original, x) is None
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_detector_loss_and_boxes_are_the_detectors_own(name):
+    detector = fxlocal.create_model(name, 11, SIZE)
+    trunk, layout, family = DetectionTrunk(detector), anchor_layout(detector, SIZE), detector_family(detector)
+    x = torch.rand(2, *SIZE)
+    torch.manual_seed(1)  # SSD's hard negatives and FCOS's sampling are deterministic; seeded all the same
+    own = detector.train()(list(x), detection_targets(BOXES))
+    torch.manual_seed(1)
+    ours = family.loss(detector, detection_targets(BOXES), trunk(x), layout)
+    assert own.keys() == ours.keys()
+    for term in own:
+        assert torch.equal(own[term], ours[term]), term
+    detector.eval().score_thresh = 0.0
+    with torch.no_grad():
+        want, got = detector(list(x)), family.predict(detector, trunk(x), layout)
+    assert len(want[0]["boxes"]) > 0
+    for a, b in zip(want, got):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_last_block_trains_on_the_task_loss():
+    local = fxlocal.convert("edsr_x2", k=2, aux="glcan", input_size=(3, 64, 64))
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        want = torch.nn.functional.l1_loss(local.eval()(x), y)
+    assert torch.allclose(local.local_losses(x, y)[-1], want)
+    assert "L1" in local.plan.blocks[-1].head
+
+
+def test_point_assignment_takes_the_smallest_box_holding_each_location():
+    target = torch.tensor([[[2, 0, 0, 64, 64], [4, 30, 30, 60, 60], [-1, 0, 0, 0, 0]]], dtype=torch.float)
+    labels, boxes = point_targets(target, (4, 4), (32.0, 32.0))  # centres at 16, 48, 80, 112
+    assert labels[0].tolist() == [[2, 2, 0, 0], [2, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert boxes[0, 1, 1].tolist() == [30, 30, 60, 60] and boxes[0, 0, 0].tolist() == [0, 0, 64, 64]
+
+
+def test_presence_ignores_background_and_padding():
+    labels = torch.tensor([[0, 3, 3, -1], [5, 0, 0, 0]])
+    assert presence(labels, 6).tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1]]
+
+
+def test_glcan_head_predicts_the_dense_target_and_the_global_one():
+    seg = TaskSpec("segmentation", 11, (128, 128))
+    head = GLCANHead(HeadSpec((32, 16, 16), "nchw", seg.global_size, 0, 4, task=seg))
+    local, global_ = head(torch.randn(2, 32, 16, 16))
+    assert local.shape == (2, 11, 16, 16) and global_.shape == (2, 11)
+    sr = TaskSpec("super_resolution", 0, (3, 128, 128))
+    head = GLCANHead(HeadSpec((32, 64, 64), "nchw", sr.global_size, 0, 4, task=sr))
+    local, global_ = head(torch.randn(2, 32, 64, 64))
+    assert local.shape == (2, 3, 128, 128) and global_.shape == (2, 48)  # pixel shuffle ×2; 3 × 4×4 pooled
+    det = TaskSpec("detection", 11, (128, 128))
+    head = GLCANHead(HeadSpec((32, 16, 16), "nchw", det.global_size, 0, 4, task=det))
+    assert head(torch.randn(2, 32, 16, 16))[0].shape == (2, 15, 16, 16)  # classes + 4 box sides
+    # the global branch modulates the local one: starting as the identity, trained by the local loss
+    x = torch.randn(2, 32, 16, 16)
+    assert torch.equal(head.modulation(head.context(head.pool(x))), torch.zeros(2, 64))  # scale and shift of 32: the width is capped at the cut's
+    head(x)[0].square().mean().backward()
+    assert head.modulation.weight.grad.abs().sum() > 0
+
+
+def test_glcan_composes_with_man_and_plain_heads_learn_the_global_target():
+    local = fxlocal.convert("deeplabv3_mobilenet_v3_large", k=3, aux="glcan+man", input_size=SIZE, num_classes=11)
+    x, y = torch.rand(2, *SIZE), _target("segmentation")
+    assert isolation_violations(local, x, y) == []
+    assert "GLCAN" in local.plan.blocks[0].head
+    dgl = fxlocal.convert("deeplabv3_mobilenet_v3_large", k=3, aux="dgl", input_size=SIZE, num_classes=11)
+    with torch.no_grad():
+        logits = dgl.head_logits(0, dgl.blocks[0](x))
+    assert logits.shape == (2, 11)  # a classifier head over the classes present
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, presence(y, 11))
+    assert torch.allclose(dgl.local_losses(x, y)[0], want)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["convert", "resnet18", "--task", "detection"], ["is a classifier", "one-stage torchvision detector"]),
+    (["convert", "resnet18", "--aux", "glcan"], ["glcan heads predict a dense task", "use dgl"]),
+    (["convert", "edsr_x2", "--task", "classification", "--input-size", "3", "64", "64"], ["super_resolution model", "--task super_resolution"]),
+    (["convert", "fasterrcnn_mobilenet_v3_large_fpn", "--input-size", "3", "128", "128"], ["two-stage detector", "one-stage"]),
+    (["convert", "fcn_resnet50", "--aux", "mlaan", "--input-size", "3", "128", "128"], ["own loss over classes", "use glcan"]),
+    (["convert", "resnet18", "--task", "segmentation"], ["not a (channels, height, width) map", "dense output"]),
+    (["convert", "resnet18", "--task", "detectoin"], ["unknown task", "did you mean 'detection'"]),
+    (["memory", "edsr_x2", "--input-size", "3", "64", "64"], ["super_resolution model", "benchmarks/tasks.py"]),
+])
+def test_task_refusals_are_one_line(args, fragments):
+    assert_one_line_error(run_cli(args), *fragments)
+
+
+def test_cli_convert_and_inspect_say_what_was_traced():
+    result = run_cli(["convert", "ssdlite320_mobilenet_v3_large", "--k", "3", "--aux", "glcan", "--input-size", "3", "128", "128",
+                      "--num-classes", "11"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "task: detection, 11 classes (traced: the detector's trunk" in result.output
+    assert "SSD's own loss on its head's outputs" in result.output and "GLCAN detection" in result.output
+    result = run_cli(["inspect", "ssdlite320_mobilenet_v3_large", "--input-size", "3", "128", "128"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "is a detector: its trunk" in result.output
+
+
+RECIPES = sorted((REPO / "recipes").glob("fashion_mnist_*_*.yaml"))
+
+
+def test_every_task_recipe_builds():
+    from fxlocal.training.build import build_model
+    from fxlocal.training.recipe import load_recipe
+
+    assert len(RECIPES) == 9
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        local = build_model(recipe)
+        assert local.task.name == {"detect": "detection", "segment": "segmentation", "sr": "super_resolution"}[
+            path.stem.split("_")[2]], path.name
+        assert local.k == recipe.convert.k and local.plan.aux == recipe.convert.aux
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "sr"])
+def test_glcan_recipe_finishes_a_quick_run_and_evaluates(tmp_path, task):
+    recipe = REPO / "recipes" / f"fashion_mnist_{task}_k4_glcan.yaml"
+    root = SHARED / "datasets" / "fashion-mnist"
+    result = run_cli(["train", recipe, "--quick", "--set", f"data.root={root}", "--set", "batch_size=4", "-o", tmp_path / "run",
+                      "--set", "device=cpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    metric = {"detect": "mAP", "segment": "mIoU", "sr": "PSNR"}[task]
+    assert f"test {metric}" in result.output
+    result = run_cli(["evaluate", tmp_path / "run" / "last.pt"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "32 test images" in result.output and metric in result.output, result.output
+
+
+def test_train_refuses_a_task_its_data_is_not_for(tmp_path):
+    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert_one_line_error(run_cli(["train", recipe, "--task", "segmentation"]), "fashion_mnist_mini's targets are for classification")
+    with pytest.raises(TaskError, match="is a detection model"):
+        fxlocal.convert("ssdlite320_mobilenet_v3_large", k=2, input_size=SIZE, task="segmentation")
