@@ -131,7 +131,7 @@ def analyze_model(
     if task_name == "classification":
         _num_classes(gm, num_classes, model_name)  # refuse a feature encoder before analysing it
     else:
-        task_spec = _task_spec(gm, task_name, model_name, input_size)
+        task_spec = _task_spec(gm, model, task_name, model_name, input_size)
     replacement = None
     if replace is not None:
         replacement = _replace_units(model, gm, replace)
@@ -156,19 +156,19 @@ def _checked_task(model: nn.Module, task: str | None, model_name: str) -> str:
         raise TaskError(f"{model_name} is a {own} model, not one for {task}: use --task {own} (or leave --task out)")
     if task == "detection":
         raise TaskError(
-            f"{model_name} is a classifier: --task detection needs a one-stage torchvision detector "
-            "(retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large)"
+            f"{model_name} is a classifier: --task detection needs a torchvision detector "
+            "(retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large, fasterrcnn_mobilenet_v3_large_fpn)"
         )
     return task  # segmentation or super-resolution of any model with a dense output (checked on its trace)
 
 
-def _task_spec(gm: fx.GraphModule, task: str, model_name: str, input_size: tuple[int, ...]) -> TaskSpec:
+def _task_spec(gm: fx.GraphModule, model: nn.Module, task: str, model_name: str, input_size: tuple[int, ...]) -> TaskSpec:
     """What the heads and the last block's objective need to know of the task, read from the
     traced output: a dense task needs a (batch, channels, height, width) output."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     values = {k: v.meta.get("val") for k, v in out.items()} if isinstance(out, dict) else {"": getattr(out, "meta", {}).get("val")}
-    if task == "detection":
-        return TaskSpec(task, int(values["cls_logits"].shape[-1]), tuple(input_size[1:]))
+    if task == "detection":  # traced: the detector's trunk
+        return TaskSpec(task, model.num_classes, tuple(input_size[1:]))
     val = values.get("out", values.get(""))
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         shape = tuple(val.shape[1:]) if isinstance(val, torch.Tensor) else type(val).__name__

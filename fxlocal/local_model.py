@@ -306,12 +306,15 @@ class LocalModel(nn.Module):
                     out[key] = getattr(self.blocks[where[1]].get_submodule(where[2]), where[3]).detach().clone()
             else:
                 out[key] = block_states[where[1]][where[2]] if where[0] == "block" else untraced[where[1]]
+        if isinstance(self.final_objective, AuxHead):
+            out.update(self.final_objective.exported_state())
         # each module's _version, as nn.Module.state_dict() records it: MNASNet refuses to load without
         out._metadata = OrderedDict(getattr(self.untraced, "metadata", {}))
         return out
 
     def block_parameters(self, b: int) -> Iterator[nn.Parameter]:
-        """Parameters block ``b``'s optimizer steps: the block's and its head's.
+        """Parameters block ``b``'s optimizer steps: the block's and its head's (the last block's
+        objective's, for the last).
 
         A parameter several blocks hold (*tied*: a table each of them recomputes is made from it,
         see :func:`~fxlocal.split_graph`) is trained by each of their losses and stepped by the
@@ -322,6 +325,8 @@ class LocalModel(nn.Module):
         yield from (p for p in self.blocks[b].parameters() if holders[id(p)][-1] == b and p.requires_grad)
         if b < len(self.heads):
             yield from (p for p in self.heads[b].parameters() if p.requires_grad)
+        elif self.final_objective is not None:  # the parameters it holds (a detector's box heads) train with it
+            yield from (p for p in self.final_objective.parameters() if p.requires_grad)
 
     def tied_parameters(self) -> dict[str, list[int]]:
         """Parameters held by more than one block, by name, with the blocks that hold them."""

@@ -159,6 +159,12 @@ class AuxHead(nn.Module):
     def after_backward(self) -> None:
         """Called once block ``b``'s loss is backpropagated (EMA twins follow the backbone here)."""
 
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        """State of the original model this objective holds, under the original's keys (a
+        two-stage detector's region proposal network and box heads, which the last block's
+        objective runs): part of the exported backbone. Nothing by default."""
+        return {}
+
 
 def head_loss(head: nn.Module, ctx, b: int, features) -> tuple[torch.Tensor, torch.Tensor]:
     """A head's loss and logits on ``features`` (a tensor, or the tuple a unit hands on): its own

@@ -77,15 +77,23 @@ class DetectionLoss(TaskObjective):
         super().__init__(spec)
         self.family = detector_family(detector)
         self.layout = layout
-        self.summary = (
-            f"detection: {type(detector).__name__}'s own loss on its head's outputs ({len(layout.anchors)} "
-            f"anchors on {len(layout.per_level)} levels), its post-processing for boxes"
-        )
+        if self.family.two_stage:  # trained with the last block: they are the detector's, not the trunk's
+            self.rpn, self.roi_heads = detector.rpn, detector.roi_heads
+            self.summary = (f"detection: {type(detector).__name__}'s region proposals and box heads on the backbone's "
+                            "features, trained with this block by its own loss")
+        else:
+            self.summary = (
+                f"detection: {type(detector).__name__}'s own loss on its head's outputs ({len(layout.anchors)} "
+                f"anchors on {len(layout.per_level)} levels), its post-processing for boxes"
+            )
         object.__setattr__(self, "detector", detector)  # its state is the blocks': not held twice
 
     def local_loss(self, ctx, b, out):
         terms = self.family.loss(self.detector, detection_targets(ctx.target), out, self.layout)
-        return sum(terms.values()), out["cls_logits"]
+        return sum(terms.values()), next(iter(out.values()))
+
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict()) if self.family.two_stage else {}
 
     def predict(self, out) -> list[dict]:
         return self.family.predict(self.detector, out, self.layout)

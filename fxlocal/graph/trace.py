@@ -221,6 +221,22 @@ def _prune_dead_values(graph: fx.Graph) -> None:
                 changed = True
 
 
+def _hoist_shape_reads(graph: fx.Graph) -> None:
+    """Move each read of a tensor's shape (``x.shape``, ``x.size()``, ``x.dim()``) to right after
+    the tensor: shapes are fixed at trace time, and a read at the end of the forward
+    (torchvision's LRASPP upsamples to ``input.shape[-2:]``) would otherwise keep the whole
+    tensor live to there, and no point in between could be cut."""
+    for n in list(graph.nodes):
+        shape_read = (n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",)) or (
+            n.op == "call_method" and n.target in ("size", "dim")
+        )
+        if not shape_read or not isinstance(n.args[0], fx.Node) or n.kwargs:
+            continue
+        if any(isinstance(a, fx.Node) for a in n.args[1:]) or n.args[0].op == "output":
+            continue
+        n.args[0].append(n)
+
+
 def _trace_once(model: nn.Module, tracer: LocalTracer, concrete: dict[str, Any]) -> fx.Graph:
     try:
         return tracer.trace(model, concrete_args=concrete or None)
@@ -282,6 +298,7 @@ def trace(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> fx.G
     report.root_branches_on_mode = tracer.root_branches_on_mode
     _drop_specialised_placeholders(graph)
     _prune_dead_values(graph)
+    _hoist_shape_reads(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.meta["fxlocal_trace"] = report
     gm.meta["fxlocal_unit_atoms"] = unit_atoms(model)

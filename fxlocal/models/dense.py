@@ -3,10 +3,12 @@ fxlocal traces and trains.
 
 A detector's end-to-end forward is not symbolically traceable (its transform resizes image by
 image, its post-processing keeps a data-dependent number of boxes). What is traceable is its
-*trunk*: the backbone (body + FPN) and, for a one-stage detector, the head, which maps the
-images to the per-anchor class logits and box regressions. fxlocal traces and cuts the trunk;
-the detector's own loss (its anchor or point assignment) on the head's outputs is the last
-block's objective, and its own post-processing turns them into boxes (:class:`DetectorFamily`).
+*trunk*: the backbone (body + FPN) and, for a one-stage detector (RetinaNet, FCOS, SSD), the
+head, which maps the images to the per-anchor class logits and box regressions. fxlocal traces
+and cuts the trunk; the detector's own loss (its anchor or point assignment) on the head's
+outputs is the last block's objective, and its own post-processing turns them into boxes
+(:class:`DetectorFamily`). A two-stage detector's (Faster R-CNN's) region proposal network and
+box heads pick proposals per image: they run, and are trained, in the last block's objective.
 
 Detectors are built for the input size they will see: their transform neither resizes (a fixed
 size equal to the input's) nor normalises (the data pipeline does), so the trunk on a batch
@@ -68,13 +70,15 @@ def _dense_create(name: str, num_classes: int | None, input_size: tuple[int, ...
 
 
 def dense_task_of(model: nn.Module) -> str | None:
-    """``detection`` or ``segmentation`` for torchvision's detection and segmentation models
-    (and a :class:`DetectionTrunk`), else None."""
+    """``detection`` or ``segmentation`` for torchvision's detection and segmentation models (and
+    a :class:`DetectionTrunk`, a :class:`~fxlocal.models.segmenter.SimpleSegmenter`), else None."""
     from torchvision.models import segmentation
+
+    from .segmenter import SimpleSegmenter
 
     if isinstance(model, (DetectionTrunk, *_detector_classes().values())):
         return "detection"
-    if isinstance(model, (segmentation.FCN, segmentation.DeepLabV3, segmentation.LRASPP)):
+    if isinstance(model, (segmentation.FCN, segmentation.DeepLabV3, segmentation.LRASPP, SimpleSegmenter)):
         return "segmentation"
     return None
 
@@ -84,24 +88,30 @@ class AnchorLayout:
     """The anchors (or points) of a detector at one input size: they depend on the feature maps'
     sizes alone, so they are computed once."""
 
-    anchors: torch.Tensor  # (total, 4) xyxy, for one image
+    anchors: torch.Tensor  # (total, 4) xyxy, for one image (none for a two-stage detector: its RPN places its own)
     per_level: tuple[int, ...]  # how many of them each feature level has, in order
     image_size: tuple[int, int]  # (H, W)
+    channels: int = 3
 
 
 @dataclass(frozen=True)
 class DetectorFamily:
-    """How fxlocal trains and runs one class of torchvision detector from its head's outputs.
+    """How fxlocal trains and runs one class of torchvision detector from its trunk's output (the
+    head's outputs; a two-stage detector's backbone features).
 
-    ``loss(detector, targets, head_outputs, layout)`` is the detector's training loss (a dict of
-    terms, as its forward returns), ``predict(detector, head_outputs, layout)`` its detections
-    (one dict of ``boxes``, ``scores``, ``labels`` per image), both on the trunk's output.
+    ``loss(detector, targets, trunk_output, layout)`` is the detector's training loss (a dict of
+    terms, as its forward returns), ``predict(detector, trunk_output, layout)`` its detections
+    (one dict of ``boxes``, ``scores``, ``labels`` per image).
     """
 
     name: str
     loss: Callable[..., dict[str, torch.Tensor]]
     predict: Callable[..., list[dict[str, torch.Tensor]]]
     anchors_per_location: Callable[[nn.Module], int]
+    num_classes: Callable[[nn.Module], int]  # the classes its boxes are scored over, the background included
+    #: the trunk is the backbone alone: the region proposal network and the box heads choose
+    #: proposals per image, so they run in the objective (which trains them with the last block)
+    two_stage: bool = False
 
 
 def _anchors(layout: AnchorLayout, n: int, like: torch.Tensor) -> list[torch.Tensor]:
@@ -150,13 +160,43 @@ def _ssd_predict(detector, head_outputs, layout):
                                            [layout.image_size] * n)
 
 
+def _image_list(features: dict, layout: AnchorLayout):
+    """The batch's ImageList as a two-stage detector's RPN reads it: its shape, device and sizes
+    (an expanded scalar: no image is needed, only what its anchors are placed on)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    like = next(iter(features.values()))
+    images = like.new_zeros(()).expand(like.shape[0], layout.channels, *layout.image_size)
+    return ImageList(images, [layout.image_size] * like.shape[0])
+
+
+def _two_stage_loss(detector, targets, features, layout):
+    images = _image_list(features, layout)
+    proposals, rpn_losses = detector.rpn(images, features, targets)
+    _, box_losses = detector.roi_heads(features, proposals, images.image_sizes, targets)
+    return {**rpn_losses, **box_losses}
+
+
+def _two_stage_predict(detector, features, layout):
+    images = _image_list(features, layout)
+    proposals, _ = detector.rpn(images, features)
+    detections, _ = detector.roi_heads(features, proposals, images.image_sizes)
+    return detector.transform.postprocess(detections, images.image_sizes, images.image_sizes)
+
+
 def _families() -> dict[type, DetectorFamily]:
     classes = _detector_classes()
     return {
         classes["retinanet"]: DetectorFamily("retinanet", _retinanet_loss, _predict_by_level,
-                                             lambda d: d.anchor_generator.num_anchors_per_location()[0]),
-        classes["fcos"]: DetectorFamily("fcos", _fcos_loss, _predict_by_level, lambda d: 1),
-        classes["ssd"]: DetectorFamily("ssd", _ssd_loss, _ssd_predict, lambda d: 1),
+                                             lambda d: d.anchor_generator.num_anchors_per_location()[0],
+                                             lambda d: d.head.classification_head.num_classes),
+        classes["fcos"]: DetectorFamily("fcos", _fcos_loss, _predict_by_level, lambda d: 1,
+                                        lambda d: d.head.classification_head.num_classes),
+        classes["ssd"]: DetectorFamily("ssd", _ssd_loss, _ssd_predict, lambda d: 1,
+                                       lambda d: d.head.classification_head.num_columns),
+        # Faster R-CNN (and its GeneralizedRCNN kin without mask or keypoint heads)
+        classes["two_stage"]: DetectorFamily("two-stage", _two_stage_loss, _two_stage_predict, lambda d: 0,
+                                             lambda d: d.roi_heads.box_predictor.cls_score.out_features, two_stage=True),
     }
 
 
@@ -166,36 +206,45 @@ def detector_family(detector: nn.Module) -> DetectorFamily:
     Raises:
         TaskError: a detector whose head is not traceable (two-stage: Faster/Mask/Keypoint R-CNN).
     """
-    families = _families()
-    for cls, family in families.items():
+    if getattr(detector, "roi_heads", None) is not None and (detector.roi_heads.has_mask() or detector.roi_heads.has_keypoint()):
+        raise TaskError(
+            f"{type(detector).__name__} predicts masks or keypoints beside boxes, which the detection task's targets do "
+            "not have: use a box detector (fasterrcnn_*, retinanet_*, fcos_*, ssd*)"
+        )
+    for cls, family in _families().items():
         if isinstance(detector, cls):
             return family
-    names = ", ".join(f.name for f in families.values())
-    raise TaskError(
-        f"{type(detector).__name__} is a two-stage detector (its region proposals are chosen per image), which "
-        f"fxlocal does not cut yet; use a one-stage detector ({names}: e.g. retinanet_resnet50_fpn, fcos_resnet50_fpn, "
-        "ssdlite320_mobilenet_v3_large)"
-    )
+    raise TaskError(f"{type(detector).__name__} is no torchvision detector fxlocal knows: use fasterrcnn_*, retinanet_*, fcos_* or ssd*")
 
 
 class DetectionTrunk(nn.Module):
-    """What fxlocal traces of a one-stage detector: ``images -> head(backbone(images))``, the
-    per-anchor ``cls_logits`` and ``bbox_regression`` (and FCOS's ``bbox_ctrness``). Its
-    ``state_dict`` is the detector's own (same keys: its backbone and head are the detector's);
-    ``detector`` is the whole detector, for its loss and post-processing (not a submodule, so
-    its state is not held twice)."""
+    """What fxlocal traces of a detector: for a one-stage one ``images -> head(backbone(images))``,
+    the per-anchor ``cls_logits`` and ``bbox_regression`` (and FCOS's ``bbox_ctrness``); for a
+    two-stage one the backbone's features (its region proposal network and box heads choose
+    proposals per image: they run in the last block's objective). Its ``state_dict`` is the
+    detector's own under the same keys (a two-stage one's RPN and box heads' are the
+    objective's); ``detector`` is the whole detector, for its loss and post-processing (not a
+    submodule, so its state is not held twice)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
-        detector_family(detector)  # refuses a two-stage detector
+        self.two_stage = detector_family(detector).two_stage
         self.backbone = detector.backbone
-        self.head = detector.head
+        if not self.two_stage:
+            self.head = detector.head
         object.__setattr__(self, "detector", detector)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes its boxes are scored over, the background included."""
+        return int(detector_family(self.detector).num_classes(self.detector))
 
     def forward(self, images: torch.Tensor):
         features = self.backbone(images)
         if isinstance(features, torch.Tensor):
             features = {"0": features}
+        if self.two_stage:
+            return features
         return self.head(list(features.values()))
 
 
@@ -207,6 +256,8 @@ def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLay
     from torchvision.models.detection.image_list import ImageList
 
     c, h, w = input_size
+    if detector_family(detector).two_stage:
+        return AnchorLayout(torch.zeros(0, 4), (), (h, w), c)
     param = next(detector.parameters())
     images = torch.zeros(1, c, h, w, device=param.device, dtype=param.dtype)
     was_training = detector.backbone.training
@@ -219,7 +270,7 @@ def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLay
     anchors = detector.anchor_generator(ImageList(images, [(h, w)]), features)[0]
     per_location = detector_family(detector).anchors_per_location(detector)
     per_level = tuple(int(f.shape[-2] * f.shape[-1] * per_location) for f in features)
-    return AnchorLayout(anchors.detach().cpu(), per_level, (h, w))
+    return AnchorLayout(anchors.detach().cpu(), per_level, (h, w), c)
 
 
 def _register() -> None:

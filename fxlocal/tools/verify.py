@@ -36,7 +36,8 @@ def isolation_violations(local: LocalModel, x: torch.Tensor, y: torch.Tensor, bl
         local.zero_grad(set_to_none=True)
         losses[j].backward(retain_graph=True)
         got = {id(p) for p in local.parameters() if p.grad is not None}
-        own = {id(p) for p in local.heads[j].parameters()} if j < len(local.heads) else set()
+        objective = local.heads[j] if j < len(local.heads) else local.final_objective
+        own = {id(p) for p in objective.parameters()} if objective is not None else set()
         own |= {id(p) for b in range(max(0, j - window + 1), j + 1) for p in local.blocks[b].parameters()}
         own &= trainable  # a frozen one (a replaced unit's stand-in original) gets no gradient
         for what, ids in (("reaches foreign", got - own), ("misses own", own - got)):

@@ -93,6 +93,8 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     """
     if local.input_window > 1:
         return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    if local.task is not None:  # the stages report top-1 and pass class targets on
+        return f"it is trained for {local.task.name}, and pipeline stages train classifiers (train it without --pipeline)"
     for b, block in enumerate(local.blocks):
         own = {id(p) for p in block.parameters()}
         reads = [blend for blend in blends(block) if any(id(getattr(s, blend.name)) not in own for s in blend.sources)]
