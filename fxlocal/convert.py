@@ -152,7 +152,7 @@ def _checked_task(model: nn.Module, task: str | None, model_name: str) -> str:
     get_task(task)  # an unknown name: the closest one
     if task == own:
         return task
-    if own in ("detection", "segmentation", "super_resolution"):
+    if get_task(own).dense:
         raise TaskError(f"{model_name} is a {own} model, not one for {task}: use --task {own} (or leave --task out)")
     if task == "detection":
         raise TaskError(
@@ -165,11 +165,12 @@ def _checked_task(model: nn.Module, task: str | None, model_name: str) -> str:
 def _task_spec(gm: fx.GraphModule, model: nn.Module, task: str, model_name: str, input_size: tuple[int, ...]) -> TaskSpec:
     """What the heads and the last block's objective need to know of the task, read from the
     traced output: a dense task needs a (batch, channels, height, width) output."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    values = {k: v.meta.get("val") for k, v in out.items()} if isinstance(out, dict) else {"": getattr(out, "meta", {}).get("val")}
     if task == "detection":  # traced: the detector's trunk
         return TaskSpec(task, model.num_classes, tuple(input_size[1:]))
-    val = values.get("out", values.get(""))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if isinstance(out, dict):  # torchvision's segmenters: {"out": logits}
+        out = out.get("out")
+    val = out.meta.get("val") if isinstance(out, fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         shape = tuple(val.shape[1:]) if isinstance(val, torch.Tensor) else type(val).__name__
         raise TaskError(
