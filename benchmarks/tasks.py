@@ -21,6 +21,8 @@ Targets (issue 29): GLCAN within 10% (relative) of end to end on each task's met
     python benchmarks/tasks.py                  # train what is missing (resumable), print the table
     python benchmarks/tasks.py --table          # the table from the results only
     python benchmarks/tasks.py --tasks sr --methods glcan --seeds 0 1
+    python benchmarks/tasks.py --tasks detect --methods glcan --validation 500 --tag depth4 \
+        --set convert.aux_options.depth=4    # a variant, on canvases held out of training
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ LABELS = {"map": "mAP", "map_50": "mAP@.5", "miou": "mIoU", "psnr": "PSNR (dB)",
 
 
 def run_key(args, task: str, method: str, seed: int) -> str:
-    return f"tasks-{task}-{method}-n{args.train_subset}-e{args.epochs}-b{args.batch_size}-s{seed}"
+    held_out = f"-val{args.validation}" if args.validation else ""
+    tag = f"-{args.tag}" if args.tag else ""
+    return f"tasks-{task}-{method}{tag}-n{args.train_subset}-e{args.epochs}-b{args.batch_size}{held_out}-s{seed}"
 
 
 def train_one(args, task: str, method: str, seed: int) -> dict:
@@ -62,6 +66,7 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
         f"data.root={args.data_root}", f"epochs={args.epochs}", f"data.train_subset={args.train_subset}",
         f"data.test_subset={args.test_subset}", f"batch_size={args.batch_size}", "workers=0", "device=cpu",
         f"seed={seed}", f"output_dir={Path(args.runs) / key}", *TASKS[task]["overrides"],
+        *([f"data.validation={args.validation}"] if args.validation else []), *args.set,
     ])
     started = time.perf_counter()
     resume = (Path(recipe.output_dir) / "last.pt").exists()
@@ -76,6 +81,7 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
         **provenance("cpu"), "benchmark": "tasks", "key": key, "task": task, "method": method,
         "aux": recipe.convert.aux, "k": built.k, "seed": seed, "model": recipe.model.name, "overrides": TASKS[task]["overrides"],
         "train_subset": args.train_subset, "test_subset": args.test_subset, "epochs": len(history),
+        "validation": args.validation, "tag": args.tag, "set": args.set, "evaluated_on": last.get("evaluated_on", "test"),
         "metrics": {m: last[f"test_{m}"] for m in TASKS[task]["metrics"]},
         "metrics_per_epoch": [{m: r[f"test_{m}"] for m in TASKS[task]["metrics"]} for r in history if f"test_{TASKS[task]['metrics'][0]}" in r],
         "train_loss": last["train_loss"], "images_per_s": statistics.median(r["images_per_s"] for r in history),
@@ -94,8 +100,9 @@ def table(rows: list[dict], args) -> str:
     for task, spec in TASKS.items():
         by_method = {}
         for method in METHODS:
-            runs = [r for r in rows if r["task"] == task and r["method"] == method
-                    and r["train_subset"] == args.train_subset and r["epochs"] == args.epochs]
+            runs = [r for r in rows if r["task"] == task and r["method"] == method and (r.get("tag") or "") == args.tag
+                    and r.get("validation") == args.validation and r["train_subset"] == args.train_subset
+                    and r["epochs"] == args.epochs]
             if runs:
                 by_method[method] = runs
         if "e2e" not in by_method:
@@ -128,6 +135,10 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench-tasks"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tasks.jsonl"))
     parser.add_argument("--table", action="store_true", help="print the table from the results only")
+    parser.add_argument("--validation", type=int, default=None,
+                        help="hold out the last N training canvases and evaluate on them (to choose options on)")
+    parser.add_argument("--set", nargs="*", default=[], help="recipe overrides for a variant (with --tag)")
+    parser.add_argument("--tag", default="", help="names a variant's rows")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if not args.table:
