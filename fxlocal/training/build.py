@@ -53,7 +53,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
 
     def build(k: int, model: AnalyzedModel | None = None) -> LocalModel:
         torch.manual_seed(recipe.seed)
-        return convert(
+        return with_bn_momentum(convert(
             model if model is not None else recipe.model.name,
             k=k,
             plan=plan,
@@ -68,7 +68,7 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
             replace=replace,
             task=task,
             **aux_options,
-        )
+        ), recipe.model.bn_momentum)
 
     if plan is not None:
         return build(plan.k)
@@ -84,6 +84,16 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     k, _, _ = fit_to_memory(analyzed, recipe.convert.aux, recipe.convert.max_memory, lambda k: build(k, analyzed),
                             recipe.batch_size, optimizer, per_block=per_block)
     return build(k)
+
+
+def with_bn_momentum(local: LocalModel, momentum: float | None) -> LocalModel:
+    """``local`` with every BatchNorm's momentum set to ``momentum`` (``model.bn_momentum``);
+    as it is when None."""
+    if momentum is not None:
+        for module in local.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)):
+                module.momentum = momentum
+    return local
 
 
 def recipe_task(recipe: Recipe) -> str:

@@ -32,6 +32,10 @@ class ModelSection(_Section):
     num_classes: Optional[int] = Field(default=None, ge=1)
     # what it is trained for (fxlocal.aux.tasks); default: the dataset's task
     task: Optional[Literal["classification", "detection", "segmentation", "super_resolution"]] = None
+    # every BatchNorm's momentum (timm's --bn-momentum), heads' included: torchvision's
+    # MobileNetV3 uses 0.01, whose running statistics lag a short run's weights far enough to
+    # break evaluation (a segmenter that predicts background everywhere in eval mode)
+    bn_momentum: Optional[float] = Field(default=None, gt=0, le=1)
 
 
 class ReplaceSection(_Section):

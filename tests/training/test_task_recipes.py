@@ -1,6 +1,7 @@
 """The task recipes (issue 29): every one builds, finishes a ``--quick`` run and is evaluated back."""
 
 import pytest
+import torch
 
 from helpers import REPO, SHARED, run_cli
 
@@ -18,6 +19,9 @@ def test_every_task_recipe_builds():
         assert local.task.name == {"detect": "detection", "segment": "segmentation", "sr": "super_resolution"}[
             path.stem.split("_")[2]], path.name
         assert local.k == recipe.convert.k and local.plan.aux == recipe.convert.aux
+        if recipe.model.bn_momentum is not None:  # every BatchNorm's, the heads' included
+            norms = [m for m in local.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            assert norms and all(m.momentum == recipe.model.bn_momentum for m in norms)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
