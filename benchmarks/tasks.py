@@ -100,7 +100,8 @@ def table(rows: list[dict], args) -> str:
     for task, spec in TASKS.items():
         by_method = {}
         for method in METHODS:
-            runs = [r for r in rows if r["task"] == task and r["method"] == method and (r.get("tag") or "") == args.tag
+            tag = "" if method == "e2e" else args.tag  # a variant is measured against plain end to end
+            runs = [r for r in rows if r["task"] == task and r["method"] == method and (r.get("tag") or "") == tag
                     and r.get("validation") == args.validation and r["train_subset"] == args.train_subset
                     and r["epochs"] == args.epochs]
             if runs:
