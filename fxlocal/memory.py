@@ -130,11 +130,7 @@ def batch_step_peak_bytes(local: LocalModel, x: torch.Tensor, y: torch.Tensor, o
         The step's peak, in bytes: weights, gradients, optimizer state and activations.
     """
     opt = make_step_optimizers(local, optimizer, per_block)
-    local_step(local, opt, x, y)
-    tracker = step_tracker_class()()
-    tracker.track_external(local, *(opt if per_block else [opt]))
-    with tracker:
-        local_step(local, opt, x, y)
+    tracker = _tracked_step(local, local_step, opt, x, y, per_block)
     return int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
 
 
@@ -202,7 +198,6 @@ def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, 
     """The tracker of one ``step`` of a fake copy of ``module``, after a warm-up step (which
     creates the optimizer state); ``prepare(fake)`` before it; with ``phase`` (a :class:`_Phase`
     the step updates), ``tracker.phase_peaks`` holds the peak seen in each block's part."""
-    _StepTracker = step_tracker_class()
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
         fake = copy.deepcopy(module)
@@ -212,11 +207,17 @@ def _fake_tracked_step(module, step, batch, input_size, num_classes, optimizer, 
         opt = make_step_optimizers(fake, optimizer, per_block)
         x = torch.randn(batch, *input_size)
         y = torch.randint(0, num_classes, (batch,))
-        step(fake, opt, x, y)
-        tracker = _StepTracker(phase)
-        tracker.track_external(fake, *(opt if per_block else [opt]))
-        with tracker:
-            step(fake, opt, x, y)
+        return _tracked_step(fake, step, opt, x, y, per_block, phase)
+
+
+def _tracked_step(module, step, opt, x, y, per_block: bool, phase=None):
+    """The tracker of one ``step(module, opt, x, y)`` after a warm-up one (which creates the
+    optimizer state), real or fake tensors alike."""
+    step(module, opt, x, y)
+    tracker = step_tracker_class()(phase)
+    tracker.track_external(module, *(opt if per_block else [opt]))
+    with tracker:
+        step(module, opt, x, y)
     return tracker
 
 

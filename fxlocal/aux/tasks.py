@@ -29,7 +29,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from ..errors import TaskError
 
 __all__ = [
-    "TaskSpec", "Task", "get_task", "available_tasks", "boxes_of", "detection_targets", "point_targets",
+    "TaskSpec", "Task", "get_task", "available_tasks", "detection_targets", "point_targets",
     "POOLED_GRID",
 ]
 
@@ -63,18 +63,18 @@ class TaskSpec:
         return self.rules.global_size(self)
 
 
-def boxes_of(target: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A padded detection target, (N, M, 5), as each image's (boxes (n, 4), labels (n,))."""
-    out = []
-    for rows in target:
-        real = rows[rows[:, 0] >= 0]
-        out.append((real[:, 1:].float(), real[:, 0].long()))
-    return out
-
-
 def detection_targets(target: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """A padded detection target as torchvision's detectors take it: one dict per image."""
-    return [{"boxes": boxes, "labels": labels} for boxes, labels in boxes_of(target)]
+    """A padded detection target, (N, M, 5), as torchvision's detectors take it: one dict of
+    ``boxes`` (n, 4) and ``labels`` (n,) per image, the padding rows (label -1) dropped."""
+    real = [rows[rows[:, 0] >= 0] for rows in target]
+    return [{"boxes": rows[:, 1:].float(), "labels": rows[:, 0].long()} for rows in real]
+
+
+def _centres(size: tuple[int, int], stride: tuple[float, float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) pixel centres of an (h, w) grid of the given stride, each (h, w)."""
+    ys = (torch.arange(size[0], device=device, dtype=torch.float32) + 0.5) * stride[0]
+    xs = (torch.arange(size[1], device=device, dtype=torch.float32) + 0.5) * stride[1]
+    return torch.meshgrid(ys, xs, indexing="ij")
 
 
 def point_targets(target: torch.Tensor, size: tuple[int, int], stride: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +89,7 @@ def point_targets(target: torch.Tensor, size: tuple[int, int], stride: tuple[flo
     Returns:
         ``(labels, boxes)``: (N, h, w) labels (0 where no box), (N, h, w, 4) the assigned boxes.
     """
-    h, w = size
-    ys = (torch.arange(h, device=target.device, dtype=torch.float32) + 0.5) * stride[0]
-    xs = (torch.arange(w, device=target.device, dtype=torch.float32) + 0.5) * stride[1]
-    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    cy, cx = _centres(size, stride, target.device)
     labels, boxes = target[..., 0].long(), target[..., 1:].float()  # (N, M), (N, M, 4)
     x0, y0, x1, y1 = (boxes[..., i][:, :, None, None] for i in range(4))  # (N, M, 1, 1)
     inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1) & (labels >= 0)[:, :, None, None]
@@ -120,8 +117,9 @@ class Task:
         raise NotImplementedError
 
     def global_loss(self, prediction: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-        """Loss of (N, global_size) predictions against the batch's task target."""
-        raise NotImplementedError
+        """Loss of (N, global_size) predictions against the batch's task target; by default
+        binary cross-entropy against the classes present (:meth:`global_target`)."""
+        return F.binary_cross_entropy_with_logits(prediction, self.global_target(target, spec))
 
     def local_loss(self, prediction: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
         """Loss of a dense prediction at a block's resolution (a task head's local branch)."""
@@ -184,9 +182,6 @@ class Segmentation(Task):
     def global_target(self, target, spec):
         return presence(target, spec.num_classes)
 
-    def global_loss(self, prediction, target, spec):
-        return F.binary_cross_entropy_with_logits(prediction, self.global_target(target, spec))
-
     def local_channels(self, spec, scale):
         return spec.num_classes
 
@@ -207,9 +202,6 @@ class Detection(Task):
     def global_target(self, target, spec):
         return presence(target[..., 0], spec.num_classes)
 
-    def global_loss(self, prediction, target, spec):
-        return F.binary_cross_entropy_with_logits(prediction, self.global_target(target, spec))
-
     def local_channels(self, spec, scale):
         return spec.num_classes + 4
 
@@ -225,9 +217,7 @@ class Detection(Task):
         classes[..., 0] = 0.0  # the background is no class to score
         loss = sigmoid_focal_loss(logits.permute(0, 2, 3, 1), classes, reduction="sum") / num_positive
         if positive.any():
-            ys = (torch.arange(h, device=prediction.device) + 0.5) * stride[0]
-            xs = (torch.arange(w, device=prediction.device) + 0.5) * stride[1]
-            cy, cx = (g.expand(n, h, w) for g in torch.meshgrid(ys, xs, indexing="ij"))
+            cy, cx = (g.expand(n, h, w) for g in _centres((h, w), stride, prediction.device))
             ltrb = F.relu(distances.permute(0, 2, 3, 1)) * stride[1]  # in strides -> pixels
             predicted = torch.stack([cx - ltrb[..., 0], cy - ltrb[..., 1], cx + ltrb[..., 2], cy + ltrb[..., 3]], -1)
             loss = loss + generalized_box_iou_loss(predicted[positive], boxes[positive], reduction="mean")

@@ -27,7 +27,7 @@ from ..errors import InputSizeError, TaskError
 
 __all__ = [
     "DetectionTrunk", "DetectorFamily", "AnchorLayout", "anchor_layout", "detector_family",
-    "dense_task_of", "model_task", "DENSE_SOURCE",
+    "model_task",
 ]
 
 
@@ -67,20 +67,6 @@ def _dense_create(name: str, num_classes: int | None, input_size: tuple[int, ...
     if name in torchvision.models.list_models(module=torchvision.models.detection):
         model.transform = _identity_transform(tuple(input_size))
     return model
-
-
-def dense_task_of(model: nn.Module) -> str | None:
-    """``detection`` or ``segmentation`` for torchvision's detection and segmentation models (and
-    a :class:`DetectionTrunk`, a :class:`~fxlocal.models.segmenter.SimpleSegmenter`), else None."""
-    from torchvision.models import segmentation
-
-    from .segmenter import SimpleSegmenter
-
-    if isinstance(model, (DetectionTrunk, *_detector_classes().values())):
-        return "detection"
-    if isinstance(model, (segmentation.FCN, segmentation.DeepLabV3, segmentation.LRASPP, SimpleSegmenter)):
-        return "segmentation"
-    return None
 
 
 @dataclass(frozen=True)
@@ -279,17 +265,21 @@ def _register() -> None:
     register_model_source(ModelSource("torchvision_dense", _dense_names, _dense_create))
 
 
-DENSE_SOURCE = "torchvision_dense"
 _register()
 
 
 def model_task(model: nn.Module) -> str:
-    """The task a model is made for: ``detection`` and ``segmentation`` for torchvision's
-    detection and segmentation models, ``super_resolution`` for fxlocal's EDSR, else
-    ``classification``."""
+    """The task a model is made for: ``detection`` for torchvision's detectors (and a
+    :class:`DetectionTrunk`), ``segmentation`` for its segmenters (and a
+    :class:`~fxlocal.models.segmenter.SimpleSegmenter`), ``super_resolution`` for fxlocal's EDSR,
+    else ``classification``."""
+    from torchvision.models import segmentation
+
+    from .segmenter import SimpleSegmenter
     from .sr import EDSR
 
-    dense = dense_task_of(model)
-    if dense is not None:
-        return dense
+    if isinstance(model, (DetectionTrunk, *_detector_classes().values())):
+        return "detection"
+    if isinstance(model, (segmentation.FCN, segmentation.DeepLabV3, segmentation.LRASPP, SimpleSegmenter)):
+        return "segmentation"
     return "super_resolution" if isinstance(model, EDSR) else "classification"

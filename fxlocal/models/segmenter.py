@@ -1,5 +1,6 @@
-"""Any timm CNN as a segmenter: its last feature map through a simple decoder (FCN's head: a
-conv3×3, BN, ReLU and a conv1×1 to the classes), upsampled bilinearly to the input's size.
+"""Any timm backbone as a segmenter: its last feature map (timm's ``forward_intermediates``, which
+gives a ViT's tokens as a map too) through a simple decoder (FCN's head: a conv3×3, BN, ReLU and a
+conv1×1 to the classes), upsampled bilinearly to the input's size.
 Made by name through the ``segment`` model source: ``segment:resnet18``, ``segment:convnext_atto``.
 """
 
@@ -16,8 +17,7 @@ class SimpleSegmenter(nn.Module):
     """``images -> {"out": (N, classes, H, W) logits}``, as torchvision's segmentation models return them.
 
     Args:
-        backbone: a timm model name (random init); its ``forward_features`` must give a
-            (N, C, h, w) map (CNNs; not a ViT's tokens).
+        backbone: a timm model name (random init) that has ``forward_intermediates``.
         num_classes: the classes, background included.
         in_chans: the images' channels.
         decoder_width: channels of the decoder's conv3×3.
@@ -29,14 +29,15 @@ class SimpleSegmenter(nn.Module):
         import timm
 
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
-        channels = self.backbone.num_features
+        channels = self.backbone.feature_info[-1]["num_chs"]
         self.decoder = nn.Sequential(
             nn.Conv2d(channels, decoder_width, 3, padding=1, bias=False), nn.BatchNorm2d(decoder_width), nn.ReLU(inplace=True),
             nn.Conv2d(decoder_width, num_classes, 1),
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.decoder(self.backbone.forward_features(x))
+        features = self.backbone.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+        logits = self.decoder(features)
         return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 

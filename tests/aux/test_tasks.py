@@ -175,3 +175,30 @@ def test_train_refuses_a_task_its_data_is_not_for(tmp_path):
 
     local = fxlocal.convert("edsr_x2", k=2, aux="dgl", input_size=(3, 64, 64))
     assert "pipeline stages train classifiers" in pipeline_obstacle(local)
+
+
+def test_segment_source_takes_a_vit_through_timms_feature_maps():
+    # forward_intermediates gives the ViT's tokens as a (192, 8, 8) map for the decoder; its cuts
+    # are token sequences, where plain heads train on the classes present (GLCAN needs maps)
+    local = fxlocal.convert("segment:vit_tiny_patch16_224", k=3, aux="dgl", input_size=SIZE, num_classes=11,
+                            model_kwargs={"img_size": 128})
+    x, y = torch.rand(2, *SIZE), _target("segmentation")
+    assert local.task.name == "segmentation" and isolation_violations(local, x, y) == []
+    with torch.no_grad():
+        assert local.eval()(x)["out"].shape == (2, 11, 128, 128)
+    with pytest.raises(TaskError, match="need a \\(batch, channels, height, width\\) map"):
+        fxlocal.convert("segment:vit_tiny_patch16_224", k=3, aux="glcan", input_size=SIZE, num_classes=11,
+                        model_kwargs={"img_size": 128})
+
+
+def test_real_batch_step_peak_counts_the_step_and_drops_with_blocks():
+    from fxlocal.memory import batch_step_peak_bytes
+
+    size, kwargs = (3, 32, 32), {"num_blocks": 6, "width": 16}
+    x, y = torch.rand(8, *size), torch.rand(8, 3, 64, 64)
+    e2e = fxlocal.convert("edsr_x2", k=1, aux="none", input_size=size, model_kwargs=kwargs)
+    weights = sum(p.numel() * 4 for p in e2e.parameters())
+    e2e_peak = batch_step_peak_bytes(e2e, x, y, "adamw")
+    local_peak = batch_step_peak_bytes(fxlocal.convert("edsr_x2", k=4, aux="dgl", input_size=size, model_kwargs=kwargs), x, y, "adamw")
+    assert e2e_peak > 4 * weights  # weights, gradients, two AdamW states, and the activations on top
+    assert local_peak < e2e_peak
