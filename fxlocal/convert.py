@@ -324,19 +324,32 @@ class _Heads:
 
     def specs(self, position: int, block: int) -> list[HeadSpec]:
         """A method that copies units gets the cut's tensor and the one it carries if any (its
-        copies take both); any other one spec per tensor, and a head for each (``JointHead``)."""
+        copies take both); any other one spec per tensor, and a head for each (``JointHead``),
+        except for a carried tensor the cut's own is computed from: the head on the cut's tensor
+        reaches whatever computes it, and a head of its own would train nothing more (in EDSR,
+        whose long skip is carried across every cut, the skip's copy of a head would train
+        nothing at all after the first block, at the memory of a second head)."""
         c = self.analysis.candidates[position]
         carried = tuple((t.shape, t.layout) for t in c.carried)
         unit = self.unit_at.get(position)
         if self.method.cuts_at_units:
             return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried, self.input_shape,
                              task=self.task)]
-        return [HeadSpec(shape, layout, self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape,
+        tensors = [(c.shape, c.layout), *((t.shape, t.layout) for t in c.carried)]
+        return [HeadSpec(*tensors[i], self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape,
                          task=self.task)
-                for shape, layout in [(c.shape, c.layout), *carried]]
+                for i in self.headed(position)]
+
+    def headed(self, position: int) -> tuple[int, ...]:
+        """Which of the tensors crossing the cut at ``position`` get a head of their own."""
+        if self.method.cuts_at_units:
+            return (0,)
+        return (0, *(i for i, t in enumerate(self.analysis.candidates[position].carried, 1) if not t.feeds_cut))
 
     def build(self, position: int, block: int) -> nn.Module:
-        return one_per_tensor([self.method.build_head(s) for s in self.specs(position, block)])
+        heads = [self.method.build_head(s) for s in self.specs(position, block)]
+        crossing = 1 if self.method.cuts_at_units else 1 + len(self.analysis.candidates[position].carried)
+        return one_per_tensor(heads, self.headed(position), crossing)
 
     def _cost(self, position: int, block: int = 0) -> Cost:
         return sum((self.method.head_cost(s) for s in self.specs(position, block)), Cost())

@@ -5,8 +5,9 @@ head gives a detector's or an upscaler's early blocks the wrong signal.
 The paper's method section was not readable here; this is the design its abstract describes,
 built from the cut's tensor and the task (:class:`~fxlocal.aux.tasks.TaskSpec`):
 
-- a *local* branch: a light conv tower at the block's resolution (``depth`` × conv3×3, BN,
-  ReLU at ``width`` channels, at most the cut's) and a 1×1 conv predicting the task's dense target at that stride:
+- a *local* branch: a light conv tower at the block's resolution, or ``stride`` times coarser
+  (``depth`` × conv3×3, BN, ReLU at ``width`` channels; its maps no larger than the cut's
+  tensor) and a 1×1 conv predicting the task's dense target at that stride:
   per-pixel classes (segmentation), per-location classes and box sides against FCOS's point
   assignment (detection), the high-resolution image through a pixel shuffle of the remaining
   scale (super-resolution);
@@ -30,14 +31,15 @@ from .unit_copies import handed_on
 __all__ = ["GLCAN", "GLCANHead"]
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class GLCANHead(AuxHead):
     owns_loss = True
 
-    def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1):
+    def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1,
+                 stride: int = 1):
         super().__init__()
         task = spec.task
         if task is None or not task.rules.dense:
@@ -51,11 +53,16 @@ class GLCANHead(AuxHead):
                 f"ends in a {spec.layout} tensor of shape {spec.shape}; cut a convolutional model, or use dgl"
             )
         channels, h, w = spec.shape if spec.layout == "nchw" else (spec.shape[2], *spec.shape[:2])
-        width = min(width, channels)  # no wider than the block it trains: the tower runs at its full resolution
+        if stride < 1:
+            raise TaskError(f"glcan's stride is how much coarser than the cut its local branch runs: 1 or more, not {stride}")
+        # its maps no larger than the cut's tensor: a tower costs no more memory than the block it trains
+        width = min(width, channels * stride**2)
+        h, w = -(-h // stride), -(-w // stride)  # a 3×3 conv of stride s, padded by 1
         self.task, self.channels_last, self.global_weight = task, spec.layout == "nhwc", global_weight
         target_h = task.target_shape[-2]
         self.scale = target_h // h if task.name == "super_resolution" and target_h % h == 0 else 1
-        self.tower = nn.Sequential(*[m for i in range(depth) for m in _conv_bn_relu(channels if i == 0 else width, width)])
+        self.tower = nn.Sequential(*[m for i in range(depth)
+                                     for m in _conv_bn_relu(channels if i == 0 else width, width, stride if i == 0 else 1)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.context = nn.Sequential(nn.Flatten(1), nn.Linear(channels, hidden), nn.ReLU(inplace=True))
         self.global_out = nn.Linear(hidden, task.global_size)
@@ -65,7 +72,7 @@ class GLCANHead(AuxHead):
         out = task.rules.local_channels(task, self.scale)
         self.local_out = nn.Sequential(nn.Conv2d(width, out, 1), *([nn.PixelShuffle(self.scale)] if self.scale > 1 else []))
         self.summary = (
-            f"GLCAN {task.name}: local {depth}×conv3x3({width})→conv1x1({out})"
+            f"GLCAN {task.name}: local {depth}×conv3x3({width}{f', stride {stride} first' if stride > 1 else ''})→conv1x1({out})"
             + (f"→shuffle×{self.scale}" if self.scale > 1 else "")
             + f" at {h}×{w}; global pool→fc({hidden})→fc({task.global_size}), FiLM on the local branch"
         )
@@ -90,8 +97,8 @@ class GLCANHead(AuxHead):
 class GLCAN(AuxMethod):
     can_be_base = True
 
-    def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1):
-        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight)
+    def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1):
+        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         return GLCANHead(spec, **self.options)

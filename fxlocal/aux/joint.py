@@ -2,7 +2,8 @@
 side by side: CrossViT's token streams, NASNet's cell inputs). Their logits are averaged, as
 CrossViT's own head averages its branches', so the local loss reaches every parameter of the
 block, whichever branch it feeds. Heads that compute their block's loss themselves (InfoPro's)
-each compute theirs on their tensor, and the block's loss is the mean."""
+each compute theirs on their tensor, and the block's loss is the mean. A tensor that the cut's
+own is computed from (EDSR's long skip) gets no head: the others' reach whatever computes it."""
 
 from __future__ import annotations
 
@@ -16,20 +17,28 @@ __all__ = ["JointHead", "one_per_tensor"]
 
 
 class JointHead(AuxHead):
-    def __init__(self, heads: list[nn.Module]):
+    """``heads[i]`` on tensor ``takes[i]`` of those crossing the cut (default: one per tensor)."""
+
+    def __init__(self, heads: list[nn.Module], takes: tuple[int, ...] | None = None):
         super().__init__()
         self.heads = nn.ModuleList(heads)
+        self.takes = tuple(range(len(heads))) if takes is None else tuple(takes)
+        if len(self.takes) != len(heads):
+            raise ValueError(f"{len(heads)} heads but {len(self.takes)} tensor positions for them")
         # the block's loss is the heads' own when any computes its own
         self.owns_loss = any(isinstance(h, AuxHead) and h.owns_loss for h in heads)
         self.needs_model_input = any(isinstance(h, AuxHead) and h.needs_model_input for h in heads)
 
+    def _taken(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if len(tensors) <= max(self.takes):
+            raise ValueError(f"the heads take tensors {list(self.takes)} of those crossing the cut, got {len(tensors)}")
+        return [tensors[i] for i in self.takes]
+
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        if len(tensors) != len(self.heads):
-            raise ValueError(f"{len(self.heads)} heads take {len(self.heads)} tensors, got {len(tensors)}")
-        return torch.stack([head(t) for head, t in zip(self.heads, tensors)]).mean(0)
+        return torch.stack([head(t) for head, t in zip(self.heads, self._taken(tensors))]).mean(0)
 
     def local_loss(self, ctx, b: int, out):
-        parts = [head_loss(head, ctx, b, t) for head, t in zip(self.heads, handed_on(out))]
+        parts = [head_loss(head, ctx, b, t) for head, t in zip(self.heads, self._taken(handed_on(out)))]
         return torch.stack([loss for loss, _ in parts]).mean(), torch.stack([logits for _, logits in parts]).mean(0)
 
     def after_backward(self) -> None:
@@ -39,9 +48,21 @@ class JointHead(AuxHead):
 
     def describe(self, describe_head) -> str:
         """What the heads are, each as ``describe_head`` says, and how their logits combine."""
+        if len(self.heads) == 1:
+            return f"{describe_head(self.heads[0])} (on the cut's tensor, computed from the one carried beside it)"
         return " + ".join(describe_head(h) for h in self.heads) + ", logits averaged"
 
 
-def one_per_tensor(heads: list[nn.Module]) -> nn.Module:
-    """The head for a cut from one head per tensor crossing it: that head, or their JointHead."""
-    return heads[0] if len(heads) == 1 else JointHead(heads)
+def one_per_tensor(heads: list[nn.Module], takes: tuple[int, ...] | None = None, crossing: int | None = None) -> nn.Module:
+    """The head for a cut from one head per tensor crossing it.
+
+    Args:
+        heads: the heads, in the order of the tensors they take.
+        takes: which of the tensors crossing the cut each head takes (default: one each, in order).
+        crossing: how many tensors cross the cut (default: as many as heads).
+
+    Returns:
+        The one head where one tensor crosses, else their :class:`JointHead`.
+    """
+    crossing = len(heads) if crossing is None else crossing
+    return heads[0] if crossing == 1 else JointHead(heads, takes)

@@ -17,7 +17,8 @@ unit copies and per-sample costs all read dim 0 as the batch, and a head there w
 Where two branches run side by side from one block to the next (CrossViT's two token streams,
 the two cell inputs of NASNet), no point leaves a single tensor live; there a block's last node
 is a candidate that *carries* the one other live tensor across the cut as well
-(:attr:`CutCandidate.carried`): both are detached, and a head is trained on both. Not where the
+(:attr:`CutCandidate.carried`): both are detached, and a head is trained on both, or on the cut
+node's own alone where that is computed from the other (:attr:`CarriedTensor.feeds_cut`). Not where the
 other tensor is a skip that the enclosing block itself still uses (a residual block's identity,
 an inception block's input): that would cut the block in two.
 
@@ -58,6 +59,9 @@ class CarriedTensor:
     node: str
     shape: tuple[int, ...]  # per sample
     layout: str
+    # the cut's own tensor is computed from it (EDSR's long skip, NASNet's previous cell output):
+    # whatever computes it also reaches the cut's tensor, so a head there trains it already
+    feeds_cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,10 +263,26 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
                 nbytes=sum(_per_sample_bytes(n) for n in [node, *others]),
                 layout=tensor_layout(node),
                 closes=closes,
-                carried=tuple(CarriedTensor(n.name, _per_sample_shape(n), tensor_layout(n)) for n in others),
+                carried=tuple(
+                    CarriedTensor(n.name, _per_sample_shape(n), tensor_layout(n), _computed_from(node, n, index)) for n in others
+                ),
             )
         )
     return _batch_first(gm, candidates, batch)
+
+
+def _computed_from(node: fx.Node, source: fx.Node, index: dict[fx.Node, int]) -> bool:
+    """Whether ``source`` is among the nodes ``node`` is computed from."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        for arg in current.all_input_nodes:
+            if arg is source:
+                return True
+            if arg not in seen and index[arg] > index[source]:  # nothing earlier than it leads back to it
+                seen.add(arg)
+                frontier.append(arg)
+    return False
 
 
 def _crossable(node: fx.Node, batch: int) -> bool:

@@ -126,6 +126,36 @@ def test_glcan_head_predicts_the_dense_target_and_the_global_one():
     assert head.modulation.weight.grad.abs().sum() > 0
 
 
+def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolution():
+    sr = TaskSpec("super_resolution", 0, (3, 128, 128))
+    head = GLCANHead(HeadSpec((32, 64, 64), "nchw", sr.global_size, 0, 4, task=sr), stride=2)
+    local, _ = head(torch.randn(2, 32, 64, 64))
+    assert local.shape == (2, 3, 128, 128) and head.scale == 4  # a 32×32 tower, shuffled ×4
+    assert "conv3x3(64, stride 2 first)" in head.summary and "at 32×32" in head.summary  # maps as large as the cut's: 4×32 channels allowed
+    seg = TaskSpec("segmentation", 11, (128, 128))
+    head = GLCANHead(HeadSpec((8, 15, 15), "nchw", seg.global_size, 0, 4, task=seg), width=64, stride=2)
+    assert head(torch.randn(2, 8, 15, 15))[0].shape == (2, 11, 8, 8) and "conv3x3(32," in head.summary  # 8 × 2² channels
+    head.local_loss(type("Ctx", (), {"target": _target("segmentation")})(), 0, torch.randn(2, 8, 15, 15))[0].backward()
+    with pytest.raises(TaskError, match="1 or more"):
+        GLCANHead(HeadSpec((8, 16, 16), "nchw", seg.global_size, 0, 4, task=seg), stride=0)
+
+
+def test_a_carried_tensor_the_cuts_own_is_computed_from_gets_no_head_of_its_own():
+    """EDSR's long skip crosses every cut beside the body's tensor, which is computed from it: a
+    head on the skip would train nothing after the first block (and only what the body's head
+    reaches already in it), so each cut gets the body's head alone, which trains every block."""
+    size = (3, 32, 32)
+    local = fxlocal.convert("edsr_x2", k=3, aux="dgl", input_size=size, model_kwargs={"num_blocks": 4, "width": 8})
+    carrying = [b for b in local.plan.blocks[:-1] if "carried beside it" in b.head]
+    assert carrying and not any("logits averaged" in b.head for b in local.plan.blocks)
+    x, y = torch.rand(2, *size), torch.rand(2, 3, 64, 64)
+    assert isolation_violations(local, x, y) == []
+    before = [[p.detach().clone() for p in local.block_parameters(b)] for b in range(local.k)]
+    local.train_step(x, y, [torch.optim.SGD(list(local.block_parameters(b)), lr=0.1) for b in range(local.k)])
+    for b in range(local.k):
+        assert all(not torch.equal(p0, p1) for p0, p1 in zip(before[b], local.block_parameters(b))), f"block {b}: a parameter did not train"
+
+
 def test_glcan_composes_with_man_and_plain_heads_learn_the_global_target():
     local = fxlocal.convert("deeplabv3_mobilenet_v3_large", k=3, aux="glcan+man", input_size=SIZE, num_classes=11)
     x, y = torch.rand(2, *SIZE), _target("segmentation")
