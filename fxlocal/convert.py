@@ -31,7 +31,7 @@ from .errors import (
     TaskError,
 )
 from .graph.analyze import GraphAnalysis, analyze
-from .graph.candidates import find_cut_candidates
+from .graph.candidates import find_cut_candidates, hands_on_carried
 from .graph.cost import Cost, MemoryModel, checked_balance, model_device
 from .graph.partition import partition, plan_from_cuts
 from .graph.plan import Plan
@@ -314,50 +314,56 @@ class _Heads:
         self._costs = lru_cache(maxsize=None)(self._cost)
         self._first_parts = lru_cache(maxsize=None)(self._first_part_cost)
 
-    def cost(self, position: int, block: int = 0) -> Cost:
+    def cost(self, position: int, block: int = 0, hands_on: bool = False) -> Cost:
         """What the head at candidate ``position`` training block ``block`` costs (nothing for
-        ``aux="none"``, which has no heads)."""
-        return self._costs(position, block) if self.method.name != "none" else Cost()
+        ``aux="none"``, which has no heads); ``hands_on``: see :meth:`headed`."""
+        return self._costs(position, block, hands_on) if self.method.name != "none" else Cost()
 
-    def first_part_cost(self, position: int, block: int = 0) -> Cost:
-        return self._first_parts(position, block)
+    def handing_on_cost(self, position: int, block: int = 0) -> Cost:
+        """:meth:`cost` for a block that only hands on the tensor its cut carries."""
+        return self.cost(position, block, True)
 
-    def specs(self, position: int, block: int) -> list[HeadSpec]:
+    def first_part_cost(self, position: int, block: int = 0, hands_on: bool = False) -> Cost:
+        return self._first_parts(position, block, hands_on)
+
+    def headed(self, position: int, hands_on: bool = False) -> tuple[int, ...]:
+        """Which of the tensors crossing the cut at ``position`` get a head of their own.
+
+        The cut's own tensor always does; a carried one (a second branch) unless the block
+        ``hands_on`` it (:func:`~fxlocal.graph.candidates.hands_on_carried`): a head on a tensor
+        the block did not compute trains none of its parameters. Methods that copy units take
+        all tensors in one head."""
+        if self.method.cuts_at_units:
+            return (0,)
+        return (0,) if hands_on else tuple(range(1 + len(self.analysis.candidates[position].carried)))
+
+    def specs(self, position: int, block: int, hands_on: bool = False) -> list[HeadSpec]:
         """A method that copies units gets the cut's tensor and the one it carries if any (its
-        copies take both); any other one spec per tensor, and a head for each (``JointHead``),
-        except for a carried tensor the cut's own is computed from: the head on the cut's tensor
-        reaches whatever computes it, and a head of its own would train nothing more (in EDSR,
-        whose long skip is carried across every cut, the skip's copy of a head would train
-        nothing at all after the first block, at the memory of a second head)."""
+        copies take both); any other one spec per tensor that gets a head (:meth:`headed`), and
+        a head for each (``JointHead``)."""
         c = self.analysis.candidates[position]
         carried = tuple((t.shape, t.layout) for t in c.carried)
         unit = self.unit_at.get(position)
         if self.method.cuts_at_units:
             return [HeadSpec(c.shape, c.layout, self.num_classes, block, self.k, unit, self.units, carried, self.input_shape,
                              task=self.task)]
-        tensors = [(c.shape, c.layout), *((t.shape, t.layout) for t in c.carried)]
+        tensors = [(c.shape, c.layout), *carried]
         return [HeadSpec(*tensors[i], self.num_classes, block, self.k, unit, self.units, input_shape=self.input_shape,
                          task=self.task)
-                for i in self.headed(position)]
+                for i in self.headed(position, hands_on)]
 
-    def headed(self, position: int) -> tuple[int, ...]:
-        """Which of the tensors crossing the cut at ``position`` get a head of their own."""
-        if self.method.cuts_at_units:
-            return (0,)
-        return (0, *(i for i, t in enumerate(self.analysis.candidates[position].carried, 1) if not t.feeds_cut))
-
-    def build(self, position: int, block: int) -> nn.Module:
-        heads = [self.method.build_head(s) for s in self.specs(position, block)]
+    def build(self, position: int, block: int, hands_on: bool = False) -> nn.Module:
+        heads = [self.method.build_head(s) for s in self.specs(position, block, hands_on)]
         crossing = 1 if self.method.cuts_at_units else 1 + len(self.analysis.candidates[position].carried)
-        return one_per_tensor(heads, self.headed(position), crossing)
+        return one_per_tensor(heads, self.headed(position, hands_on), crossing)
 
-    def _cost(self, position: int, block: int = 0) -> Cost:
-        return sum((self.method.head_cost(s) for s in self.specs(position, block)), Cost())
+    def _cost(self, position: int, block: int = 0, hands_on: bool = False) -> Cost:
+        return sum((self.method.head_cost(s) for s in self.specs(position, block, hands_on)), Cost())
 
-    def _first_part_cost(self, position: int, block: int = 0) -> Cost:
+    def _first_part_cost(self, position: int, block: int = 0, hands_on: bool = False) -> Cost:
         """What the head's first part holds through its first backward, which keeps the block's
         graph (a method whose heads backpropagate their block twice: MLAAN's independent head)."""
-        return sum((self.method.first_part_cost(s) for s in self.specs(position, block)), Cost())
+        return sum((self.method.first_part_cost(s) for s in self.specs(position, block, hands_on)), Cost())
 
 
 def convert(
@@ -453,6 +459,7 @@ def convert(
     if plan is None and cuts is None:
         plan = partition(
             gm, k, balance, analysis=analysis, head_cost=heads.cost, allowed=allowed,
+            head_cost_handing_on=None if method.cuts_at_units else heads.handing_on_cost,
             heads_vary_by_block=method.heads_vary_by_block,
             first_part_cost=heads.first_part_cost if method.backpropagates_blocks_twice else None, **priced,
         )
@@ -494,9 +501,10 @@ def _plan_at(cut_nodes: list[str], gm, analyzed: AnalyzedModel, heads: _Heads, a
     cut_idx = [position[c] for c in cut_nodes]
     head_costs = [Cost()] * len(analysis.candidates)
     first_parts = [Cost()] * len(analysis.candidates)
-    for b, i in enumerate(cut_idx):
-        head_costs[i] = heads.cost(i, b)
-        first_parts[i] = heads.first_part_cost(i, b)
+    for b, (after, i) in enumerate(zip([None, *cut_idx], cut_idx)):
+        hands_on = hands_on_carried(analysis.candidates, i, after)
+        head_costs[i] = heads.cost(i, b, hands_on)
+        first_parts[i] = heads.first_part_cost(i, b, hands_on)
     twice = heads.method.backpropagates_blocks_twice
     return plan_from_cuts(gm, analysis, cut_idx, balance, head_costs, first_parts=first_parts if twice else None, **priced)
 
@@ -511,8 +519,10 @@ def _assemble(analyzed: AnalyzedModel, plan: Plan, heads: _Heads, aux: str, aux_
     detach_other_blocks(model, blocks)
     built = []
     for b, block_plan in enumerate(plan.blocks[:-1]):
+        after = position[plan.blocks[b - 1].cut_node] if b else None
+        hands_on = hands_on_carried(analysis.candidates, position[block_plan.cut_node], after)
         with model_device(model):  # heads live with the weights (the meta device for a sweep)
-            head = heads.build(position[block_plan.cut_node], b)
+            head = heads.build(position[block_plan.cut_node], b, hands_on)
         describe = heads.method.describe
         block_plan.head = head.describe(describe) if isinstance(head, JointHead) else describe(head)
         built.append(head)

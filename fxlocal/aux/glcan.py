@@ -31,15 +31,16 @@ from .unit_copies import handed_on
 __all__ = ["GLCAN", "GLCANHead"]
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_relu(cin: int, cout: int, stride: int, norm: bool) -> list[nn.Module]:
+    conv = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=not norm)
+    return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)] if norm else [conv, nn.ReLU(inplace=True)]
 
 
 class GLCANHead(AuxHead):
     owns_loss = True
 
     def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1,
-                 stride: int = 1):
+                 stride: int = 1, norm: bool | None = None):
         super().__init__()
         task = spec.task
         if task is None or not task.rules.dense:
@@ -61,8 +62,9 @@ class GLCANHead(AuxHead):
         self.task, self.channels_last, self.global_weight = task, spec.layout == "nhwc", global_weight
         target_h = task.target_shape[-2]
         self.scale = target_h // h if task.name == "super_resolution" and target_h % h == 0 else 1
+        norm = task.rules.head_norm if norm is None else norm
         self.tower = nn.Sequential(*[m for i in range(depth)
-                                     for m in _conv_bn_relu(channels if i == 0 else width, width, stride if i == 0 else 1)])
+                                     for m in _conv_relu(channels if i == 0 else width, width, stride if i == 0 else 1, norm)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.context = nn.Sequential(nn.Flatten(1), nn.Linear(channels, hidden), nn.ReLU(inplace=True))
         self.global_out = nn.Linear(hidden, task.global_size)
@@ -72,7 +74,8 @@ class GLCANHead(AuxHead):
         out = task.rules.local_channels(task, self.scale)
         self.local_out = nn.Sequential(nn.Conv2d(width, out, 1), *([nn.PixelShuffle(self.scale)] if self.scale > 1 else []))
         self.summary = (
-            f"GLCAN {task.name}: local {depth}×conv3x3({width}{f', stride {stride} first' if stride > 1 else ''})→conv1x1({out})"
+            f"GLCAN {task.name}: local {depth}×conv3x3({width}{f', stride {stride} first' if stride > 1 else ''}"
+            f"{'' if norm else ', no norm'})→conv1x1({out})"
             + (f"→shuffle×{self.scale}" if self.scale > 1 else "")
             + f" at {h}×{w}; global pool→fc({hidden})→fc({task.global_size}), FiLM on the local branch"
         )
@@ -82,9 +85,17 @@ class GLCANHead(AuxHead):
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
         context = self.context(self.pool(x))
-        scale, shift = self.modulation(context)[..., None, None].chunk(2, dim=1)
-        local = self.tower(x) * (1 + scale) + shift
-        return self.local_out(local), self.global_out(context)
+        scale, shift = self.modulation(context).chunk(2, dim=1)  # (N, width) each
+        features = self.tower(x)
+        # FiLM, conv1x1(features * (1 + scale) + shift), folded into a per-sample conv1x1: the
+        # same values, without keeping the modulated map (as large as the tower's) for backward
+        conv = self.local_out[0]
+        weight = conv.weight.flatten(1)  # (out, width)
+        per_sample = weight * (1 + scale)[:, None, :]
+        bias = shift @ weight.T + conv.bias
+        n, _, h, w = features.shape
+        local = torch.baddbmm(bias[..., None], per_sample, features.flatten(2)).view(n, -1, h, w)
+        return self.local_out[1:](local), self.global_out(context)
 
     def local_loss(self, ctx, b: int, out):
         local, global_ = self(handed_on(out)[0])
@@ -97,8 +108,9 @@ class GLCANHead(AuxHead):
 class GLCAN(AuxMethod):
     can_be_base = True
 
-    def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1):
-        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride)
+    def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1,
+                 norm: bool | None = None):
+        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride, norm=norm)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         return GLCANHead(spec, **self.options)

@@ -2,8 +2,9 @@
 side by side: CrossViT's token streams, NASNet's cell inputs). Their logits are averaged, as
 CrossViT's own head averages its branches', so the local loss reaches every parameter of the
 block, whichever branch it feeds. Heads that compute their block's loss themselves (InfoPro's)
-each compute theirs on their tensor, and the block's loss is the mean. A tensor that the cut's
-own is computed from (EDSR's long skip) gets no head: the others' reach whatever computes it."""
+each compute theirs on their tensor, and the block's loss is the mean. A tensor the block only
+hands on (EDSR's long skip, after the block that computes it) gets no head: it would train
+nothing of the block."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class JointHead(AuxHead):
     def describe(self, describe_head) -> str:
         """What the heads are, each as ``describe_head`` says, and how their logits combine."""
         if len(self.heads) == 1:
-            return f"{describe_head(self.heads[0])} (on the cut's tensor, computed from the one carried beside it)"
+            return f"{describe_head(self.heads[0])} (on the cut's tensor; the one carried beside it is handed on unchanged)"
         return " + ".join(describe_head(h) for h in self.heads) + ", logits averaged"
 
 

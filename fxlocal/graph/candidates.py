@@ -17,8 +17,9 @@ unit copies and per-sample costs all read dim 0 as the batch, and a head there w
 Where two branches run side by side from one block to the next (CrossViT's two token streams,
 the two cell inputs of NASNet), no point leaves a single tensor live; there a block's last node
 is a candidate that *carries* the one other live tensor across the cut as well
-(:attr:`CutCandidate.carried`): both are detached, and a head is trained on both, or on the cut
-node's own alone where that is computed from the other (:attr:`CarriedTensor.feeds_cut`). Not where the
+(:attr:`CutCandidate.carried`): both are detached, and a head is trained on both (on the other
+only in a block that computes it: EDSR's long skip, carried across every cut, is computed in the
+first). Not where the
 other tensor is a skip that the enclosing block itself still uses (a residual block's identity,
 an inception block's input): that would cut the block in two.
 
@@ -47,6 +48,7 @@ __all__ = [
     "recomputable_values",
     "covered_module_paths",
     "tensor_layout",
+    "hands_on_carried",
 ]
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -59,9 +61,7 @@ class CarriedTensor:
     node: str
     shape: tuple[int, ...]  # per sample
     layout: str
-    # the cut's own tensor is computed from it (EDSR's long skip, NASNet's previous cell output):
-    # whatever computes it also reaches the cut's tensor, so a head there trains it already
-    feeds_cut: bool = False
+    index: int = -1  # its node's position in the graph's topological order (where it is computed)
 
 
 @dataclass(frozen=True)
@@ -264,25 +264,29 @@ def find_cut_candidates(gm: fx.GraphModule) -> list[CutCandidate]:
                 layout=tensor_layout(node),
                 closes=closes,
                 carried=tuple(
-                    CarriedTensor(n.name, _per_sample_shape(n), tensor_layout(n), _computed_from(node, n, index)) for n in others
+                    CarriedTensor(n.name, _per_sample_shape(n), tensor_layout(n), index[n]) for n in others
                 ),
             )
         )
     return _batch_first(gm, candidates, batch)
 
 
-def _computed_from(node: fx.Node, source: fx.Node, index: dict[fx.Node, int]) -> bool:
-    """Whether ``source`` is among the nodes ``node`` is computed from."""
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop()
-        for arg in current.all_input_nodes:
-            if arg is source:
-                return True
-            if arg not in seen and index[arg] > index[source]:  # nothing earlier than it leads back to it
-                seen.add(arg)
-                frontier.append(arg)
-    return False
+def hands_on_carried(candidates: list[CutCandidate], position: int, after: int | None) -> bool:
+    """Whether a block that ends at candidate ``position`` and starts after candidate ``after``
+    (None: at the model's input) only hands on what its end carries beside its own tensor: it was
+    computed before the block starts (EDSR's long skip, after the first block), so a head on it
+    would train nothing of the block.
+
+    Args:
+        candidates: the graph's cut candidates.
+        position: the index of the block's last cut candidate.
+        after: the index of the candidate before the block, or None for the first block.
+
+    Returns:
+        False where the cut carries nothing.
+    """
+    carried = candidates[position].carried
+    return bool(carried) and after is not None and all(t.index <= candidates[after].index for t in carried)
 
 
 def _crossable(node: fx.Node, batch: int) -> bool:

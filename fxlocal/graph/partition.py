@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..errors import KOutOfRangeError, PartitionError
 from .analyze import GraphAnalysis, analyze
-from .candidates import covered_module_paths
+from .candidates import covered_module_paths, hands_on_carried
 from .cost import Cost, MemoryModel, checked_balance
 from .plan import BlockPlan, Plan
 from .trace import traced_input_size
@@ -72,6 +72,17 @@ class CascadePrices:
 
 
 @dataclass
+class HandingOnPrices:
+    """The head at a cut that carries a second tensor, for a block that only hands that tensor
+    on (it was computed before the block starts: EDSR's long skip after the first block), which
+    gets no head of its own there. Laid out as :class:`BlockPrices`' per-cut arguments."""
+
+    cut_costs: PerCut
+    head_peaks: PerCut | None
+    from_segment: Sequence[int]  # per cut: the first segment a block may start at to hand the tensor on
+
+
+@dataclass
 class BlockPrices:
     """A block's price from plain numbers: segment ``i`` ends at cut candidate ``i`` (the last
     segment ends at the output), and a block of segments ``a..b`` (block ``j`` of the split)
@@ -91,7 +102,9 @@ class BlockPrices:
       and the re-run of the block before, plus what the block before still holds.
 
     Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not end a
-    module cost 1), then the smaller sum of squared block prices (more even).
+    module cost 1; cuts that carry a second tensor 2: twice the boundary, and where the block
+    only hands the second one on, as between a residual branch and its add, its head sees the
+    branch alone), then the smaller sum of squared block prices (more even).
     """
 
     segment_costs: Sequence[float]
@@ -102,12 +115,16 @@ class BlockPrices:
     head_peaks: PerCut | None = None
     retained_heads: PerCut | None = None
     cascade: CascadePrices | None = None
+    handing_on: "HandingOnPrices | None" = None
     n: int = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.n = len(self.segment_costs)
         self._rows = _per_block_rows(self.cut_costs, n)
         self._head_rows = _per_block_rows(self.head_peaks, n)
+        if self.handing_on is not None:
+            h = self.handing_on
+            self._rows_on, self._head_rows_on = _per_block_rows(h.cut_costs, n), _per_block_rows(h.head_peaks, n)
         self._retained_rows = _per_block_rows(self.retained_heads, n) if self.retained_heads is not None else None
         self._penalty = list(self.cut_penalties) if self.cut_penalties is not None else [0] * (n - 1)
         self._starts = list(self.start_costs) if self.start_costs is not None else [0.0] * n
@@ -129,8 +146,11 @@ class BlockPrices:
             value = grown.retained + self._at_cut(self._retained_rows, j, b)
         else:
             value = grown.value
-        peak = max(value, grown.total + self._at_cut(self._head_rows, j, b))
-        return self._prefix[b + 1] - self._prefix[a] + self._at_cut(self._rows, j, b) + peak + self._starts[a]
+        rows, head_rows = self._rows, self._head_rows
+        if self.handing_on is not None and b < self.n - 1 and a >= self.handing_on.from_segment[b]:
+            rows, head_rows = self._rows_on, self._head_rows_on
+        peak = max(value, grown.total + self._at_cut(head_rows, j, b))
+        return self._prefix[b + 1] - self._prefix[a] + self._at_cut(rows, j, b) + peak + self._starts[a]
 
     def _rerun_peak(self, p: int, e: int) -> float:
         """Segments ``p..e`` re-run and backpropagated once, as a cascade does the block before."""
@@ -342,6 +362,7 @@ def partition(
     heads_vary_by_block: bool = False,
     first_part_cost: Callable[[int], Cost] | None = None,
     input_window: int = 1,
+    head_cost_handing_on: Callable[[int], Cost] | None = None,
 ) -> Plan:
     """Balanced K-way partition of a traced graph.
 
@@ -361,6 +382,9 @@ def partition(
         first_part_cost: laid out as ``head_cost``: what a head that backpropagates its block twice
             holds through the first backward (see :class:`BlockPrices`).
         input_window: above 1, a block's loss re-runs the blocks before it.
+        head_cost_handing_on: laid out as ``head_cost``: the head at a cut that carries a second
+            tensor for a block that only hands it on (:func:`~fxlocal.graph.candidates.hands_on_carried`);
+            default: as ``head_cost``.
 
     Returns:
         The :class:`Plan`, each block priced with the head that will train it.
@@ -398,16 +422,19 @@ def partition(
 
     heads = rows(head_cost) or [{i: Cost() for i in allowed}]
     firsts = rows(first_part_cost)
-    prices = _block_prices(analysis, balance, memory, groups, heads, firsts, input_window)
+    carrying = any(analysis.candidates[i].carried for i in allowed)
+    handing = rows(head_cost_handing_on) if carrying else None
+    prices = _block_prices(analysis, balance, memory, groups, heads, firsts, input_window, handing)
     cut_idx = [allowed[c] for c in prices.best_cuts(k)]
 
-    def at_cuts(rows: list[dict[int, Cost]]) -> list[Cost]:
+    def at_cuts(rows: list[dict[int, Cost]], handing_rows: list[dict[int, Cost]] | None = None) -> list[Cost]:
         costs = [Cost()] * len(analysis.candidates)
-        for b, i in enumerate(cut_idx):
-            costs[i] = rows[min(b, len(rows) - 1)][i]
+        for b, (after, i) in enumerate(zip([None, *cut_idx], cut_idx)):
+            chosen = handing_rows if handing_rows and hands_on_carried(analysis.candidates, i, after) else rows
+            costs[i] = chosen[min(b, len(chosen) - 1)][i]
         return costs
 
-    return plan_from_cuts(gm, analysis, cut_idx, balance, at_cuts(heads), model_name=model_name, aux=aux, memory=memory,
+    return plan_from_cuts(gm, analysis, cut_idx, balance, at_cuts(heads, handing), model_name=model_name, aux=aux, memory=memory,
                           first_parts=firsts and at_cuts(firsts), input_window=input_window)
 
 
@@ -481,11 +508,13 @@ def _block_prices(
     heads: Sequence[Mapping[int, Cost]],
     first_parts: Sequence[Mapping[int, Cost]] | None,
     input_window: int,
+    handing_on: Sequence[Mapping[int, Cost]] | None = None,
 ) -> BlockPrices:
     """:class:`BlockPrices` for ``analysis`` cut only between ``groups`` of consecutive segments,
     ``heads`` holding (one row per block, or one for all) the head at each cut's candidate, and
     ``first_parts`` likewise what a head that backpropagates its block twice holds through the
-    first backward (see :func:`partition`)."""
+    first backward (see :func:`partition`), ``handing_on`` the head at each cut for a block that
+    only hands on what the cut carries."""
     prices = _segment_prices(analysis, balance, memory)
     priced = balance == "memory"
     model = memory or MemoryModel()
@@ -510,20 +539,33 @@ def _block_prices(
             head_held=per_cut(lambda head, i: head.param_bytes if model.per_block else 0.0),
             rerun_costs=per_cut(lambda head, i: resident(head) + output(i)),
         )
-    return BlockPrices(
-        [sum(prices.scores[s] for s in g) for g in groups],
-        per_cut(lambda head, i: (resident(head) if recomputed else _score(head, balance, memory, head=True)) + output(i)),
-        [0 if analysis.candidates[i].closes else 1 for i in ends],
-        start_costs=[prices.starts[g[0]] for g in groups],
-        regions=prices.backward.merged(groups),
+    def cut_costs(rows) -> list[list[float]]:
+        return per_cut(lambda head, i: (resident(head) if recomputed else _score(head, balance, memory, head=True)) + output(i), rows)
+
+    def head_peaks(rows) -> list[list[float]] | None:
         # beside all the block keeps: what the head holds while it trains (with the blocks
         # recomputed, its activations, else priced additively above) and its backward's transient
-        head_peaks=per_cut(lambda head, i: model.transient(head) + (model.batch * head.activation_bytes if recomputed else 0.0))
-        if priced else None,
+        return per_cut(lambda head, i: model.transient(head) + (model.batch * head.activation_bytes if recomputed else 0.0),
+                       rows) if priced else None
+
+    handing = None
+    if handing_on is not None:
+        # a block of groups a..b hands on what cut b carries when the cut before it (after group a - 1) is past where that was computed
+        from_segment = [next((a for a in range(1, b + 1) if hands_on_carried(analysis.candidates, end, ends[a - 1])), len(groups))
+                        for b, end in enumerate(ends)]
+        handing = HandingOnPrices(cut_costs(handing_on), head_peaks(handing_on), from_segment)
+    return BlockPrices(
+        [sum(prices.scores[s] for s in g) for g in groups],
+        cut_costs(heads),
+        [(0 if analysis.candidates[i].closes else 1) + (2 if analysis.candidates[i].carried else 0) for i in ends],
+        start_costs=[prices.starts[g[0]] for g in groups],
+        regions=prices.backward.merged(groups),
+        head_peaks=head_peaks(heads),
         # stored, a head's activations are priced additively above already
         retained_heads=per_cut(lambda part, i: model.batch * part.activation_bytes if recomputed else 0.0, first_parts)
         if priced and first_parts is not None else None,
         cascade=cascade,
+        handing_on=handing,
     )
 
 

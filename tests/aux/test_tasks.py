@@ -126,12 +126,30 @@ def test_glcan_head_predicts_the_dense_target_and_the_global_one():
     assert head.modulation.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("task,shape", [(TaskSpec("segmentation", 11, (128, 128)), (32, 16, 16)),
+                                        (TaskSpec("super_resolution", 0, (3, 128, 128)), (32, 64, 64))])
+def test_glcan_film_is_folded_into_the_prediction_exactly(task, shape):
+    """The FiLM-modulated map is never made (it would be kept for backward, as large as the
+    tower's): a per-sample 1×1 conv gives what conv1x1(tower(x) · (1 + scale) + shift) gives."""
+    torch.manual_seed(0)
+    head = GLCANHead(HeadSpec(shape, "nchw", task.global_size, 0, 4, task=task))
+    torch.nn.init.normal_(head.modulation.weight)
+    torch.nn.init.normal_(head.modulation.bias)
+    x = torch.randn(2, *shape)
+    scale, shift = head.modulation(head.context(head.pool(x)))[..., None, None].chunk(2, dim=1)
+    want = head.local_out(head.tower(x) * (1 + scale) + shift)
+    assert torch.allclose(head(x)[0], want, atol=1e-5)
+    # the tower normalises as the task's networks do: BatchNorm, but none for super-resolution
+    has_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in head.tower)
+    assert has_norm == (task.name != "super_resolution") and ("no norm" in head.summary) != has_norm
+
+
 def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolution():
     sr = TaskSpec("super_resolution", 0, (3, 128, 128))
     head = GLCANHead(HeadSpec((32, 64, 64), "nchw", sr.global_size, 0, 4, task=sr), stride=2)
     local, _ = head(torch.randn(2, 32, 64, 64))
     assert local.shape == (2, 3, 128, 128) and head.scale == 4  # a 32×32 tower, shuffled ×4
-    assert "conv3x3(64, stride 2 first)" in head.summary and "at 32×32" in head.summary  # maps as large as the cut's: 4×32 channels allowed
+    assert "conv3x3(64, stride 2 first, no norm)" in head.summary and "at 32×32" in head.summary  # maps as large as the cut's: 4×32 channels allowed
     seg = TaskSpec("segmentation", 11, (128, 128))
     head = GLCANHead(HeadSpec((8, 15, 15), "nchw", seg.global_size, 0, 4, task=seg), width=64, stride=2)
     assert head(torch.randn(2, 8, 15, 15))[0].shape == (2, 11, 8, 8) and "conv3x3(32," in head.summary  # 8 × 2² channels
@@ -140,14 +158,16 @@ def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolut
         GLCANHead(HeadSpec((8, 16, 16), "nchw", seg.global_size, 0, 4, task=seg), stride=0)
 
 
-def test_a_carried_tensor_the_cuts_own_is_computed_from_gets_no_head_of_its_own():
-    """EDSR's long skip crosses every cut beside the body's tensor, which is computed from it: a
-    head on the skip would train nothing after the first block (and only what the body's head
-    reaches already in it), so each cut gets the body's head alone, which trains every block."""
+def test_a_carried_tensor_gets_a_head_only_in_the_block_that_computes_it():
+    """EDSR's long skip crosses every cut beside the body's tensor: the first block computes it
+    and gets a head on each, a later one only hands it on, and a head there would train nothing
+    of the block; the plan prices the heads built."""
     size = (3, 32, 32)
-    local = fxlocal.convert("edsr_x2", k=3, aux="dgl", input_size=size, model_kwargs={"num_blocks": 4, "width": 8})
-    carrying = [b for b in local.plan.blocks[:-1] if "carried beside it" in b.head]
-    assert carrying and not any("logits averaged" in b.head for b in local.plan.blocks)
+    local = fxlocal.convert("edsr_x2", k=3, aux="dgl", input_size=size, model_kwargs={"num_blocks": 4, "width": 8},
+                            cuts=["body.0", "body.2"])
+    first, second = local.plan.blocks[:2]
+    assert first.head.endswith("logits averaged") and "handed on unchanged" in second.head
+    assert second.head_params * 2 == first.head_params  # one DGL head of the two, alike
     x, y = torch.rand(2, *size), torch.rand(2, 3, 64, 64)
     assert isolation_violations(local, x, y) == []
     before = [[p.detach().clone() for p in local.block_parameters(b)] for b in range(local.k)]
