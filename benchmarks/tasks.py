@@ -92,7 +92,9 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
 
 
 def table(rows: list[dict], args) -> str:
-    """Per task: each method's metrics (mean over seeds), relative to end to end, and its peak."""
+    """Per task: each method's metrics (mean over seeds), relative to end to end, and its peak;
+    of rows with the same key (a run measured again at a later commit), the last."""
+    rows = list({r["key"]: r for r in rows}.values())
     lines = [
         "| task | method | seeds | " + " | ".join(["metric", "vs e2e", "step peak (MiB)", "vs e2e"]) + " |",
         "|---|---|---|---|---|---|---|",

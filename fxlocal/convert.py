@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .aux import AuxMethod, HeadSpec, TaskSpec, UnitLibrary, get_aux, get_task
 from .aux.joint import JointHead, one_per_tensor
-from .aux.task_objectives import task_objective
+from .aux.task_objectives import detector_assignment, task_objective
 from .backbone import map_backbone
 from .errors import (
     FxLocalError,
@@ -166,7 +166,7 @@ def _task_spec(gm: fx.GraphModule, model: nn.Module, task: str, model_name: str,
     """What the heads and the last block's objective need to know of the task, read from the
     traced output: a dense task needs a (batch, channels, height, width) output."""
     if task == "detection":  # traced: the detector's trunk
-        return TaskSpec(task, model.num_classes, tuple(input_size[1:]))
+        return TaskSpec(task, model.num_classes, tuple(input_size[1:]), detector_assignment(model, input_size))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if isinstance(out, dict):  # torchvision's segmenters: {"out": logits}
         out = out.get("out")

@@ -21,6 +21,8 @@ It can be a base (``--aux glcan+man``: MAN's ``LB + EMA`` path ends in a GLCAN h
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -28,7 +30,12 @@ from ..errors import TaskError
 from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .unit_copies import handed_on
 
-__all__ = ["GLCAN", "GLCANHead"]
+__all__ = ["GLCAN", "GLCANHead", "ASSIGNMENTS"]
+
+#: what a detection head's local branch predicts against: FCOS's points whatever the detector
+#: (``points``), or the detector's own first-level anchors, matching and loss at the block's
+#: grid (``model``: a one-stage detector's; a two-stage one falls back to points)
+ASSIGNMENTS = ("points", "model")
 
 
 def _conv_relu(cin: int, cout: int, stride: int, norm: bool) -> list[nn.Module]:
@@ -40,7 +47,7 @@ class GLCANHead(AuxHead):
     owns_loss = True
 
     def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1,
-                 stride: int = 1, norm: bool | None = None):
+                 stride: int = 1, norm: bool | None = None, assign: str = "points"):
         super().__init__()
         task = spec.task
         if task is None or not task.rules.dense:
@@ -53,6 +60,10 @@ class GLCANHead(AuxHead):
                 f"glcan heads need a (batch, channels, height, width) map at each cut, but block {spec.block} "
                 f"ends in a {spec.layout} tensor of shape {spec.shape}; cut a convolutional model, or use dgl"
             )
+        if assign not in ASSIGNMENTS:
+            raise TaskError(f"glcan's assign is one of {', '.join(ASSIGNMENTS)}, not {assign!r}")
+        if assign == "points" or task.assignment is None:  # the task's own (FCOS's points for detection)
+            task = replace(task, assignment=None)
         channels, h, w = spec.shape if spec.layout == "nchw" else (spec.shape[2], *spec.shape[:2])
         if stride < 1:
             raise TaskError(f"glcan's stride is how much coarser than the cut its local branch runs: 1 or more, not {stride}")
@@ -77,6 +88,7 @@ class GLCANHead(AuxHead):
             f"GLCAN {task.name}: local {depth}×conv3x3({width}{f', stride {stride} first' if stride > 1 else ''}"
             f"{'' if norm else ', no norm'})→conv1x1({out})"
             + (f"→shuffle×{self.scale}" if self.scale > 1 else "")
+            + (" against the detector's own anchors" if task.assignment is not None else "")
             + f" at {h}×{w}; global pool→fc({hidden})→fc({task.global_size}), FiLM on the local branch"
         )
 
@@ -109,8 +121,9 @@ class GLCAN(AuxMethod):
     can_be_base = True
 
     def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1,
-                 norm: bool | None = None):
-        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride, norm=norm)
+                 norm: bool | None = None, assign: str = "points"):
+        self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride, norm=norm,
+                            assign=assign)
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         return GLCANHead(spec, **self.options)

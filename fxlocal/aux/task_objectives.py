@@ -17,11 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TaskError
-from ..models.dense import AnchorLayout, anchor_layout, detector_family
+from ..models.dense import (
+    AnchorLayout,
+    anchor_layout,
+    detector_family,
+    level_anchors_per_location,
+    level_layout,
+)
 from .base import AuxHead
 from .tasks import TaskSpec, detection_targets
 
-__all__ = ["TaskObjective", "task_objective"]
+__all__ = ["TaskObjective", "task_objective", "DetectorAssignment", "detector_assignment"]
 
 
 def model_output(out):
@@ -108,6 +114,49 @@ class DetectionLoss(TaskObjective):
 def _detection(spec: TaskSpec, model: nn.Module, input_size: tuple[int, ...]) -> TaskObjective:
     detector = model.detector  # a DetectionTrunk: convert traces the trunk of a detector
     return DetectionLoss(spec, detector, anchor_layout(detector, input_size))
+
+
+class DetectorAssignment:
+    """A one-stage detector's own assignment at any block's resolution (a
+    :class:`~fxlocal.aux.tasks.DenseAssignment`): its first level's anchors (FCOS: points) on the
+    block's grid, matched and scored by the detector's own loss, on a prediction laid out as its
+    head lays out its own (per anchor: the class logits, the box regression, FCOS's
+    centre-ness). It refers to the detector's loss machinery and holds no state of its own, so
+    copies of a head share it."""
+
+    def __init__(self, detector: nn.Module, image_size: tuple[int, int]):
+        self.family = detector_family(detector)
+        self.per_location = level_anchors_per_location(detector)
+        self.centreness = self.family.name == "fcos"
+        self.image_size = tuple(image_size)
+        self.detector = detector
+        self._layouts: dict[tuple[int, int], AnchorLayout] = {}
+
+    def __deepcopy__(self, memo) -> "DetectorAssignment":
+        return self
+
+    def channels(self, num_classes: int) -> int:
+        return self.per_location * (num_classes + 4 + int(self.centreness))
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = prediction.shape
+        if (h, w) not in self._layouts:
+            self._layouts[(h, w)] = level_layout(self.detector, (h, w), self.image_size)
+        layout = self._layouts[(h, w)]
+        per_anchor = prediction.view(n, self.per_location, -1, h, w).permute(0, 3, 4, 1, 2).flatten(1, 3)
+        classes = per_anchor.shape[-1] - 4 - int(self.centreness)
+        outputs = {"cls_logits": per_anchor[..., :classes], "bbox_regression": per_anchor[..., classes:classes + 4]}
+        if self.centreness:
+            outputs["bbox_ctrness"] = per_anchor[..., classes + 4:]
+        layout = AnchorLayout(layout.anchors.to(prediction.device, prediction.dtype), layout.per_level, layout.image_size)
+        return sum(self.family.loss(self.detector, detection_targets(target), outputs, layout).values())
+
+
+def detector_assignment(model: nn.Module, input_size: tuple[int, ...]) -> DetectorAssignment | None:
+    """The own assignment of the detector whose trunk ``model`` is, where it has one to place on
+    any grid (a one-stage detector's; a two-stage one's RPN anchors are not its box loss's)."""
+    detector = model.detector
+    return None if detector_family(detector).two_stage else DetectorAssignment(detector, tuple(input_size[1:]))
 
 
 _OBJECTIVES: dict[str, Callable[[TaskSpec, nn.Module, tuple[int, ...]], TaskObjective]] = {

@@ -19,8 +19,8 @@ also predict the dense target at their block's resolution.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,23 @@ from ..errors import TaskError
 
 __all__ = [
     "TaskSpec", "Task", "get_task", "available_tasks", "detection_targets", "point_targets",
-    "POOLED_GRID",
+    "POOLED_GRID", "DenseAssignment",
 ]
 
 POOLED_GRID = 4  # super-resolution's global target: the target image average-pooled to 4×4
+
+
+class DenseAssignment(Protocol):
+    """A model's own way to score a dense prediction at any block's resolution (a one-stage
+    detector's anchors, matching and loss), for task heads' local branches."""
+
+    def channels(self, num_classes: int) -> int:
+        """Values predicted per location."""
+        ...
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of an (N, channels, h, w) prediction against the batch's task target."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,11 +59,14 @@ class TaskSpec:
             (background included for segmentation and detection); 0 for super-resolution.
         target_shape: per-sample shape of the dense target: (H, W) for a mask or the boxes'
             image, (C, H, W) for the high-resolution image; () for classification.
+        assignment: the model's own assignment at any resolution, where it has one (one-stage
+            detectors); task heads may predict against it instead of the task's default.
     """
 
     name: str
     num_classes: int
     target_shape: tuple[int, ...] = ()
+    assignment: DenseAssignment | None = field(default=None, compare=False, repr=False)
 
     @property
     def rules(self) -> "Task":
@@ -206,9 +222,11 @@ class Detection(Task):
         return presence(target[..., 0], spec.num_classes)
 
     def local_channels(self, spec, scale):
-        return spec.num_classes + 4
+        return spec.assignment.channels(spec.num_classes) if spec.assignment is not None else spec.num_classes + 4
 
     def local_loss(self, prediction, target, spec):
+        if spec.assignment is not None:  # the detector's own anchors, matching and loss at this grid
+            return spec.assignment.loss(prediction, target)
         n, _, h, w = prediction.shape
         image_h, image_w = spec.target_shape[-2:]
         stride = (image_h / h, image_w / w)

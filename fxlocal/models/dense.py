@@ -27,7 +27,7 @@ from ..errors import InputSizeError, TaskError
 
 __all__ = [
     "DetectionTrunk", "DetectorFamily", "AnchorLayout", "anchor_layout", "detector_family",
-    "model_task",
+    "level_anchors_per_location", "level_layout", "model_task",
 ]
 
 
@@ -257,6 +257,49 @@ def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLay
     per_location = detector_family(detector).anchors_per_location(detector)
     per_level = tuple(int(f.shape[-2] * f.shape[-1] * per_location) for f in features)
     return AnchorLayout(anchors.detach().cpu(), per_level, (h, w), c)
+
+
+def _first_level_generator(detector: nn.Module) -> nn.Module:
+    """A one-stage detector's anchor generator reduced to its first (finest) level's anchor
+    shapes, free of where that level's anchors sit: placed on any grid, it puts them at the
+    grid's stride."""
+    from torchvision.models.detection.anchor_utils import (
+        AnchorGenerator,
+        DefaultBoxGenerator,
+    )
+
+    generator = detector.anchor_generator
+    if isinstance(generator, DefaultBoxGenerator):  # SSD: the first map's default boxes, no fixed steps
+        return DefaultBoxGenerator([generator.aspect_ratios[0]], scales=generator.scales[:2], steps=None, clip=generator.clip)
+    return AnchorGenerator(sizes=(generator.sizes[0],), aspect_ratios=(generator.aspect_ratios[0],))
+
+
+def level_anchors_per_location(detector: nn.Module) -> int:
+    """How many anchors a one-stage detector's first level has per location (1 for FCOS's points)."""
+    return int(_first_level_generator(detector).num_anchors_per_location()[0])
+
+
+@torch.no_grad()
+def level_layout(detector: nn.Module, grid: tuple[int, int], image_size: tuple[int, int]) -> AnchorLayout:
+    """The anchors (FCOS: points) a one-stage detector's first level would have on a feature map
+    of ``grid`` size over an image of ``image_size``: what a block's aux head at that resolution
+    predicts against, with the detector's own matching and loss (:class:`DetectorFamily`).
+
+    Args:
+        detector: a RetinaNet, FCOS or SSD.
+        grid: the feature map's (h, w).
+        image_size: the image's (H, W).
+
+    Returns:
+        One level's :class:`AnchorLayout`, anchors ordered as the detector's heads flatten their
+        outputs (by location, then anchor).
+    """
+    from torchvision.models.detection.image_list import ImageList
+
+    generator = _first_level_generator(detector)
+    images = torch.zeros(1, 1, *image_size)
+    anchors = generator(ImageList(images, [tuple(image_size)]), [torch.zeros(1, 1, *grid)])[0]
+    return AnchorLayout(anchors, (int(anchors.shape[0]),), tuple(image_size))
 
 
 def _register() -> None:
