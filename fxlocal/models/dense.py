@@ -93,7 +93,6 @@ class DetectorFamily:
     name: str
     loss: Callable[..., dict[str, torch.Tensor]]
     predict: Callable[..., list[dict[str, torch.Tensor]]]
-    anchors_per_location: Callable[[nn.Module], int]
     num_classes: Callable[[nn.Module], int]  # the classes its boxes are scored over, the background included
     #: the trunk is the backbone alone: the region proposal network and the box heads choose
     #: proposals per image, so they run in the objective (which trains them with the last block)
@@ -174,14 +173,11 @@ def _families() -> dict[type, DetectorFamily]:
     classes = _detector_classes()
     return {
         classes["retinanet"]: DetectorFamily("retinanet", _retinanet_loss, _predict_by_level,
-                                             lambda d: d.anchor_generator.num_anchors_per_location()[0],
                                              lambda d: d.head.classification_head.num_classes),
-        classes["fcos"]: DetectorFamily("fcos", _fcos_loss, _predict_by_level, lambda d: 1,
-                                        lambda d: d.head.classification_head.num_classes),
-        classes["ssd"]: DetectorFamily("ssd", _ssd_loss, _ssd_predict, lambda d: 1,
-                                       lambda d: d.head.classification_head.num_columns),
+        classes["fcos"]: DetectorFamily("fcos", _fcos_loss, _predict_by_level, lambda d: d.head.classification_head.num_classes),
+        classes["ssd"]: DetectorFamily("ssd", _ssd_loss, _ssd_predict, lambda d: d.head.classification_head.num_columns),
         # Faster R-CNN (and its GeneralizedRCNN kin without mask or keypoint heads)
-        classes["two_stage"]: DetectorFamily("two-stage", _two_stage_loss, _two_stage_predict, lambda d: 0,
+        classes["two_stage"]: DetectorFamily("two-stage", _two_stage_loss, _two_stage_predict,
                                              lambda d: d.roi_heads.box_predictor.cls_score.out_features, two_stage=True),
     }
 
@@ -254,8 +250,8 @@ def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLay
         detector.backbone.train(was_training)
     features = list(features.values()) if isinstance(features, dict) else [features]
     anchors = detector.anchor_generator(ImageList(images, [(h, w)]), features)[0]
-    per_location = detector_family(detector).anchors_per_location(detector)
-    per_level = tuple(int(f.shape[-2] * f.shape[-1] * per_location) for f in features)
+    per_location = detector.anchor_generator.num_anchors_per_location()  # per level (SSD300's vary)
+    per_level = tuple(int(f.shape[-2] * f.shape[-1] * a) for f, a in zip(features, per_location))
     return AnchorLayout(anchors.detach().cpu(), per_level, (h, w), c)
 
 

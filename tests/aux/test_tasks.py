@@ -102,6 +102,31 @@ def test_point_assignment_takes_the_smallest_box_holding_each_location():
     assert boxes[0, 1, 1].tolist() == [30, 30, 60, 60] and boxes[0, 0, 0].tolist() == [0, 0, 64, 64]
 
 
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_a_detectors_own_assignment_at_a_blocks_grid_is_its_first_levels(name):
+    """``assign=model``: a head predicts against the detector's first-level anchors placed on its
+    block's grid; on the grid of the detector's own first level they are that level's anchors,
+    and the head's loss there is the detector's own loss on those anchors."""
+    from fxlocal.aux.task_objectives import detector_assignment
+    from fxlocal.models.dense import level_anchors_per_location, level_layout
+
+    detector = fxlocal.create_model(name, 11, SIZE)
+    own = anchor_layout(detector, SIZE)
+    side = int((own.per_level[0] // level_anchors_per_location(detector)) ** 0.5)  # a square first level
+    level = level_layout(detector, (side, side), SIZE[1:])
+    assert len(level.anchors) == own.per_level[0] and torch.allclose(level.anchors, own.anchors[: own.per_level[0]])
+    local = fxlocal.convert(name, k=3, aux="glcan", input_size=SIZE, num_classes=11, assign="model")
+    assert all("the detector's own anchors" in b.head for b in local.plan.blocks[:-1])
+    x, y = torch.rand(2, *SIZE), _target("detection")
+    assert isolation_violations(local, x, y) == []
+    assignment = detector_assignment(DetectionTrunk(detector), SIZE)
+    channels = assignment.channels(11)
+    prediction = torch.randn(2, channels, 8, 8, requires_grad=True)
+    loss = assignment.loss(prediction, y)
+    loss.backward()
+    assert torch.isfinite(loss) and prediction.grad.abs().sum() > 0
+
+
 def test_presence_ignores_background_and_padding():
     labels = torch.tensor([[0, 3, 3, -1], [5, 0, 0, 0]])
     assert presence(labels, 6).tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1]]
