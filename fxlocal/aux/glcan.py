@@ -47,7 +47,7 @@ class GLCANHead(AuxHead):
     owns_loss = True
 
     def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1,
-                 stride: int = 1, norm: bool | None = None, assign: str = "points"):
+                 stride: int = 1, norm: bool = True, assign: str = "points"):
         super().__init__()
         task = spec.task
         if task is None or not task.rules.dense:
@@ -73,7 +73,6 @@ class GLCANHead(AuxHead):
         self.task, self.channels_last, self.global_weight = task, spec.layout == "nhwc", global_weight
         target_h = task.target_shape[-2]
         self.scale = target_h // h if task.name == "super_resolution" and target_h % h == 0 else 1
-        norm = task.rules.head_norm if norm is None else norm
         self.tower = nn.Sequential(*[m for i in range(depth)
                                      for m in _conv_relu(channels if i == 0 else width, width, stride if i == 0 else 1, norm)])
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -121,7 +120,7 @@ class GLCAN(AuxMethod):
     can_be_base = True
 
     def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1,
-                 norm: bool | None = None, assign: str = "points"):
+                 norm: bool = True, assign: str = "points"):
         self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride, norm=norm,
                             assign=assign)
 

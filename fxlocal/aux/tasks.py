@@ -123,9 +123,6 @@ class Task:
 
     name: str = ""
     dense: bool = True  # the target is a map (or boxes) over the image, not one class
-    # a task head's conv tower normalises (BatchNorm) by default; super-resolution's does not,
-    # as SR networks since EDSR do not: normalising a map discards the intensities to restore
-    head_norm: bool = True
 
     def global_size(self, spec: TaskSpec) -> int:
         """Values per image of the global target."""
@@ -248,7 +245,6 @@ class Detection(Task):
 @register_task
 class SuperResolution(Task):
     name = "super_resolution"
-    head_norm = False
 
     def global_size(self, spec):
         return spec.target_shape[0] * POOLED_GRID**2

@@ -164,9 +164,11 @@ def test_glcan_film_is_folded_into_the_prediction_exactly(task, shape):
     scale, shift = head.modulation(head.context(head.pool(x)))[..., None, None].chunk(2, dim=1)
     want = head.local_out(head.tower(x) * (1 + scale) + shift)
     assert torch.allclose(head(x)[0], want, atol=1e-5)
-    # the tower normalises as the task's networks do: BatchNorm, but none for super-resolution
-    has_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in head.tower)
-    assert has_norm == (task.name != "super_resolution") and ("no norm" in head.summary) != has_norm
+    # BatchNorm in the tower unless asked not to (norm=false), super-resolution's too: without it
+    # the SR head learned 2.3 dB worse on held-out canvases (docs/tasks.md)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in head.tower) and "no norm" not in head.summary
+    bare = GLCANHead(HeadSpec(shape, "nchw", task.global_size, 0, 4, task=task), norm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bare.tower) and "no norm" in bare.summary
 
 
 def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolution():
@@ -174,7 +176,7 @@ def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolut
     head = GLCANHead(HeadSpec((32, 64, 64), "nchw", sr.global_size, 0, 4, task=sr), stride=2)
     local, _ = head(torch.randn(2, 32, 64, 64))
     assert local.shape == (2, 3, 128, 128) and head.scale == 4  # a 32×32 tower, shuffled ×4
-    assert "conv3x3(64, stride 2 first, no norm)" in head.summary and "at 32×32" in head.summary  # maps as large as the cut's: 4×32 channels allowed
+    assert "conv3x3(64, stride 2 first)" in head.summary and "at 32×32" in head.summary  # maps as large as the cut's: 4×32 channels allowed
     seg = TaskSpec("segmentation", 11, (128, 128))
     head = GLCANHead(HeadSpec((8, 15, 15), "nchw", seg.global_size, 0, 4, task=seg), width=64, stride=2)
     assert head(torch.randn(2, 8, 15, 15))[0].shape == (2, 11, 8, 8) and "conv3x3(32," in head.summary  # 8 × 2² channels
