@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
+from ..graph.cost import Cost
 from .base import AuxHead, AuxMethod, HeadSpec, register_aux
 from .unit_copies import handed_on
 
@@ -82,6 +83,7 @@ class GLCANHead(AuxHead):
         nn.init.zeros_(self.modulation.weight)  # starts as the identity: scale 1, shift 0
         nn.init.zeros_(self.modulation.bias)
         out = task.rules.local_channels(task, self.scale)
+        self.prediction_numel = out * h * w  # per sample (a pixel shuffle keeps it)
         self.local_out = nn.Sequential(nn.Conv2d(width, out, 1), *([nn.PixelShuffle(self.scale)] if self.scale > 1 else []))
         self.summary = (
             f"GLCAN {task.name}: local {depth}×conv3x3({width}{f', stride {stride} first' if stride > 1 else ''}"
@@ -105,7 +107,10 @@ class GLCANHead(AuxHead):
         per_sample = weight * (1 + scale)[:, None, :]
         bias = shift @ weight.T + conv.bias
         n, _, h, w = features.shape
-        local = torch.baddbmm(bias[..., None], per_sample, features.flatten(2)).view(n, -1, h, w)
+        # computed location by location, (N, h·w, out), and seen as (N, out, h, w) without a copy:
+        # a detector's loss reads it per location and anchor, as its own head lays out its outputs
+        local = torch.baddbmm(bias[:, None, :], features.flatten(2).transpose(1, 2), per_sample.transpose(1, 2))
+        local = local.view(n, h, w, -1).permute(0, 3, 1, 2)
         return self.local_out[1:](local), self.global_out(context)
 
     def local_loss(self, ctx, b: int, out):
@@ -126,6 +131,16 @@ class GLCAN(AuxMethod):
 
     def build_head(self, spec: HeadSpec) -> nn.Module:
         return GLCANHead(spec, **self.options)
+
+    def head_cost(self, spec: HeadSpec) -> Cost:
+        """The head's module, and its loss on its dense prediction: the loss keeps the prediction
+        and about as much again (a log-softmax, the matched targets), which at a detector's
+        anchors on a fine grid outweighs the tower (six anchors of 15 values per location)."""
+        cost = super().head_cost(spec)
+        with torch.device("meta"):
+            predicted = 4.0 * self.build_head(spec).prediction_numel
+        return replace(cost, activation_bytes=cost.activation_bytes + 2 * predicted,
+                       largest_activation_bytes=max(cost.largest_activation_bytes, predicted))
 
     def describe(self, head: nn.Module) -> str:
         return head.summary

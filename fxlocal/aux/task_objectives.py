@@ -143,7 +143,9 @@ class DetectorAssignment:
         if (h, w) not in self._layouts:
             self._layouts[(h, w)] = level_layout(self.detector, (h, w), self.image_size)
         layout = self._layouts[(h, w)]
-        per_anchor = prediction.view(n, self.per_location, -1, h, w).permute(0, 3, 4, 1, 2).flatten(1, 3)
+        # (N, anchors·values, h, w) -> (N, h·w·anchors, values): location, then anchor, as the
+        # detector's head and anchors are laid out (a view where the prediction is channels-last)
+        per_anchor = prediction.permute(0, 2, 3, 1).reshape(n, h * w * self.per_location, -1)
         classes = per_anchor.shape[-1] - 4 - int(self.centreness)
         outputs = {"cls_logits": per_anchor[..., :classes], "bbox_regression": per_anchor[..., classes:classes + 4]}
         if self.centreness:
