@@ -266,3 +266,31 @@ def test_the_last_block_always_has_something_to_train():
     assert any(True for _ in local.blocks[-1].parameters()) and "b" in local.plan.blocks[-1].module_paths
     with pytest.raises(PartitionError, match=f"k can be 1 to {max_k}"):
         fxlocal.convert(_ScaledHead(), k=max_k + 1, aux="dgl", input_size=(8,), num_classes=4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_block_that_only_hands_a_carried_tensor_on_is_priced_with_the_cuts_own_head(seed):
+    """Where a cut carries a second tensor computed before the block starts (EDSR's long skip),
+    the block's head is the cut's own alone: the DP prices each block by where it starts, and its
+    split is the best by brute force."""
+    from fxlocal.graph.partition import BlockPrices, HandingOnPrices
+
+    rng = random.Random(900 + seed)
+    n = rng.randint(2, 8)
+    k = rng.randint(1, n)
+    costs = [rng.randint(0, 10) for _ in range(n)]
+    both = [rng.randint(0, 60) for _ in range(n - 1)]
+    own_only = [rng.randint(0, c) for c in both]
+    from_segment = [rng.randint(1, n) for _ in range(n - 1)]  # a block starting there or later hands it on
+    prices = BlockPrices(costs, [both], handing_on=HandingOnPrices([own_only], None, from_segment))
+
+    def by_definition(cuts):
+        bounds = [-1, *cuts, n - 1]
+        blocks = [range(bounds[i] + 1, bounds[i + 1] + 1) for i in range(len(bounds) - 1)]
+        return [sum(costs[s] for s in segs) + (0 if segs[-1] == n - 1 else
+                                                (own_only if segs[0] >= from_segment[segs[-1]] else both)[segs[-1]])
+                for segs in blocks]
+
+    best = prices.best_cuts(k)
+    assert prices.block_prices(best) == by_definition(best)
+    assert max(by_definition(best)) == min(max(by_definition(list(c))) for c in itertools.combinations(range(n - 1), k - 1))
