@@ -8,9 +8,11 @@ built from the cut's tensor and the task (:class:`~fxlocal.aux.tasks.TaskSpec`):
 - a *local* branch: a light conv tower at the block's resolution, or ``stride`` times coarser
   (``depth`` × conv3×3, BN, ReLU at ``width`` channels; its maps no larger than the cut's
   tensor) and a 1×1 conv predicting the task's dense target at that stride:
-  per-pixel classes (segmentation), per-location classes and box sides against FCOS's point
-  assignment (detection), the high-resolution image through a pixel shuffle of the remaining
-  scale (super-resolution);
+  per-pixel classes (segmentation); for detection, what the detector's own head predicts,
+  against its own assignment: its first level's anchors placed on the block's grid, matched and
+  scored by its own loss (a one-stage detector; else, or with ``assign=points``, per-location
+  classes and box sides against FCOS's point assignment); the high-resolution image through a
+  pixel shuffle of the remaining scale (super-resolution);
 - a *global* branch: the pooled tensor through a hidden layer, predicting the image-level target
   (the classes present; the target image pooled to 4×4) and *modulating* the local branch: the
   hidden layer gives a per-channel scale and shift of the tower's features (FiLM);
@@ -33,9 +35,11 @@ from .unit_copies import handed_on
 
 __all__ = ["GLCAN", "GLCANHead", "ASSIGNMENTS"]
 
-#: what a detection head's local branch predicts against: FCOS's points whatever the detector
-#: (``points``), or the detector's own first-level anchors, matching and loss at the block's
-#: grid (``model``: a one-stage detector's; a two-stage one falls back to points)
+#: what a detection head's local branch predicts against: the detector's own first-level anchors,
+#: matching and loss at the block's grid (``model``, the default: a one-stage detector's; a
+#: two-stage one falls back to points), or FCOS's points whatever the detector (``points``).
+#: On held-out canvases (SSDlite, K=4) ``model`` detected as well as end to end, ``points``
+#: 15% worse (docs/tasks.md)
 ASSIGNMENTS = ("points", "model")
 
 
@@ -48,7 +52,7 @@ class GLCANHead(AuxHead):
     owns_loss = True
 
     def __init__(self, spec: HeadSpec, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1,
-                 stride: int = 1, norm: bool = True, assign: str = "points"):
+                 stride: int = 1, norm: bool = True, assign: str = "model"):
         super().__init__()
         task = spec.task
         if task is None or not task.rules.dense:
@@ -125,7 +129,7 @@ class GLCAN(AuxMethod):
     can_be_base = True
 
     def __init__(self, width: int = 64, depth: int = 2, hidden: int = 128, global_weight: float = 0.1, stride: int = 1,
-                 norm: bool = True, assign: str = "points"):
+                 norm: bool = True, assign: str = "model"):
         self.options = dict(width=width, depth=depth, hidden=hidden, global_weight=global_weight, stride=stride, norm=norm,
                             assign=assign)
 

@@ -209,9 +209,10 @@ class Segmentation(Task):
 
 @register_task
 class Detection(Task):
-    """The local branch predicts, at each location, the classes (sigmoid, focal loss) and the
-    distances to the four sides of the box it lies in (GIoU loss), against FCOS's point
-    assignment: the same whatever the detector's own head assigns by (anchors or points)."""
+    """Where the spec has no model's own assignment (a two-stage detector, or GLCAN's
+    ``assign=points``), the local branch predicts, at each location, the classes (sigmoid, focal
+    loss) and the distances to the four sides of the box it lies in (GIoU loss), against FCOS's
+    point assignment; else the detector's own anchors, matching and loss at its grid."""
 
     name = "detection"
 
