@@ -70,8 +70,9 @@ class GLCANHead(AuxHead):
         if assign == "points" or task.assignment is None:  # the task's own (FCOS's points for detection)
             task = replace(task, assignment=None)
         channels, h, w = spec.shape if spec.layout == "nchw" else (spec.shape[2], *spec.shape[:2])
-        if stride < 1:
-            raise TaskError(f"glcan's stride is how much coarser than the cut its local branch runs: 1 or more, not {stride}")
+        if stride < 1 or depth < 1:
+            raise TaskError(f"glcan's local tower needs depth 1 or more and stride 1 or more (how much coarser than the cut "
+                            f"it runs), not depth {depth}, stride {stride}")
         # its maps no larger than the cut's tensor: a tower costs no more memory than the block it trains
         width = min(width, channels * stride**2)
         h, w = -(-h // stride), -(-w // stride)  # a 3×3 conv of stride s, padded by 1

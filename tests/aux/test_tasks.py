@@ -183,8 +183,9 @@ def test_glcan_stride_runs_the_local_branch_coarser_and_keeps_the_target_resolut
     head = GLCANHead(HeadSpec((8, 15, 15), "nchw", seg.global_size, 0, 4, task=seg), width=64, stride=2)
     assert head(torch.randn(2, 8, 15, 15))[0].shape == (2, 11, 8, 8) and "conv3x3(32," in head.summary  # 8 × 2² channels
     head.local_loss(type("Ctx", (), {"target": _target("segmentation")})(), 0, torch.randn(2, 8, 15, 15))[0].backward()
-    with pytest.raises(TaskError, match="1 or more"):
-        GLCANHead(HeadSpec((8, 16, 16), "nchw", seg.global_size, 0, 4, task=seg), stride=0)
+    for bad in ({"stride": 0}, {"depth": 0}):
+        with pytest.raises(TaskError, match="1 or more"):
+            GLCANHead(HeadSpec((8, 16, 16), "nchw", seg.global_size, 0, 4, task=seg), **bad)
 
 
 def test_a_carried_tensor_gets_a_head_only_in_the_block_that_computes_it():
