@@ -143,7 +143,7 @@ class GLCAN(AuxMethod):
         anchors on a fine grid outweighs the tower (six anchors of 15 values per location)."""
         cost = super().head_cost(spec)
         with torch.device("meta"):
-            predicted = 4.0 * self.build_head(spec).prediction_numel
+            predicted = torch.get_default_dtype().itemsize * float(self.build_head(spec).prediction_numel)
         return replace(cost, activation_bytes=cost.activation_bytes + 2 * predicted,
                        largest_activation_bytes=max(cost.largest_activation_bytes, predicted))
 

@@ -255,10 +255,11 @@ def anchor_layout(detector: nn.Module, input_size: tuple[int, ...]) -> AnchorLay
     return AnchorLayout(anchors.detach().cpu(), per_level, (h, w), c)
 
 
-def _first_level_generator(detector: nn.Module) -> nn.Module:
+def _first_level_generator(detector: nn.Module, stride: int | None = None) -> nn.Module:
     """A one-stage detector's anchor generator reduced to its first (finest) level's anchor
     shapes, free of where that level's anchors sit: placed on any grid, it puts them at the
-    grid's stride."""
+    grid's stride. FCOS's points are sized as their level's stride (its centre sampling and box
+    scale read that size), so on a grid of ``stride`` they are that large."""
     from torchvision.models.detection.anchor_utils import (
         AnchorGenerator,
         DefaultBoxGenerator,
@@ -267,6 +268,8 @@ def _first_level_generator(detector: nn.Module) -> nn.Module:
     generator = detector.anchor_generator
     if isinstance(generator, DefaultBoxGenerator):  # SSD: the first map's default boxes, no fixed steps
         return DefaultBoxGenerator([generator.aspect_ratios[0]], scales=generator.scales[:2], steps=None, clip=generator.clip)
+    if detector_family(detector).name == "fcos" and stride is not None:
+        return AnchorGenerator(sizes=((stride,),), aspect_ratios=(generator.aspect_ratios[0],))
     return AnchorGenerator(sizes=(generator.sizes[0],), aspect_ratios=(generator.aspect_ratios[0],))
 
 
@@ -292,7 +295,7 @@ def level_layout(detector: nn.Module, grid: tuple[int, int], image_size: tuple[i
     """
     from torchvision.models.detection.image_list import ImageList
 
-    generator = _first_level_generator(detector)
+    generator = _first_level_generator(detector, image_size[0] // grid[0])
     images = torch.zeros(1, 1, *image_size)
     anchors = generator(ImageList(images, [tuple(image_size)]), [torch.zeros(1, 1, *grid)])[0]
     return AnchorLayout(anchors, (int(anchors.shape[0]),), tuple(image_size))

@@ -115,6 +115,9 @@ def test_a_detectors_own_assignment_at_a_blocks_grid_is_its_first_levels(name):
     side = int((own.per_level[0] // level_anchors_per_location(detector)) ** 0.5)  # a square first level
     level = level_layout(detector, (side, side), SIZE[1:])
     assert len(level.anchors) == own.per_level[0] and torch.allclose(level.anchors, own.anchors[: own.per_level[0]])
+    if name.startswith("fcos"):  # its points are as large as their grid's stride (its centre sampling reads it)
+        coarse = level_layout(detector, (4, 4), SIZE[1:]).anchors
+        assert torch.equal(coarse[:, 2] - coarse[:, 0], torch.full((16,), 32.0))
     local = fxlocal.convert(name, k=3, aux="glcan", input_size=SIZE, num_classes=11)  # assign=model, the default
     assert all("the detector's own anchors" in b.head for b in local.plan.blocks[:-1])
     points = fxlocal.convert(name, k=3, aux="glcan", input_size=SIZE, num_classes=11, assign="points", plan=local.plan)
