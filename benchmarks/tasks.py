@@ -20,6 +20,7 @@ Targets (issue 29): GLCAN within 10% (relative) of end to end on each task's met
 
     python benchmarks/tasks.py                  # train what is missing (resumable), print the table
     python benchmarks/tasks.py --table          # the table from the results only
+    python benchmarks/tasks.py --peaks --seeds 0 1   # the step peaks measured again at this commit
     python benchmarks/tasks.py --tasks sr --methods glcan --seeds 0 1
     python benchmarks/tasks.py --tasks detect --methods glcan --validation 500 --tag depth4 \
         --set convert.aux_options.depth=4    # a variant, on canvases held out of training
@@ -50,32 +51,59 @@ def run_key(args, task: str, method: str, seed: int) -> str:
     return f"tasks-{task}-{method}{tag}-n{args.train_subset}-e{args.epochs}-b{args.batch_size}{held_out}-s{seed}"
 
 
-def train_one(args, task: str, method: str, seed: int) -> dict:
-    """Train one run (resuming its checkpoint if there is one) and return its record."""
-    import torch
-
-    from fxlocal.memory import batch_step_peak_bytes
-    from fxlocal.training.build import build_model
-    from fxlocal.training.loaders import train_and_evaluation_sets
-    from fxlocal.training.loop import fit
+def run_recipe(args, task: str, method: str, seed: int):
+    """The recipe of one run."""
     from fxlocal.training.recipe import load_recipe
 
     key = run_key(args, task, method, seed)
     path = ROOT / "recipes" / f"fashion_mnist_{task}_{METHODS[method]}.yaml"
-    recipe = load_recipe(path, [
+    return load_recipe(path, [
         f"data.root={args.data_root}", f"epochs={args.epochs}", f"data.train_subset={args.train_subset}",
         f"data.test_subset={args.test_subset}", f"batch_size={args.batch_size}", "workers=0", "device=cpu",
         f"seed={seed}", f"output_dir={Path(args.runs) / key}", *TASKS[task]["overrides"],
         *([f"data.validation={args.validation}"] if args.validation else []), *args.set,
     ])
-    started = time.perf_counter()
-    resume = (Path(recipe.output_dir) / "last.pt").exists()
-    history = fit(recipe, resume=resume).history
-    built = build_model(recipe)  # afresh, seeded: the step a run starts with
+
+
+def step_peak(recipe):
+    """The model a recipe builds (afresh, seeded: the step a run starts with) and the peak of its
+    training step on the first batch of its training set, in MiB. The peak depends on shapes,
+    not on the weights' values (a detector matches anchors to boxes, not to predictions), so it
+    is the same at any point of the run."""
+    import torch
+
+    from fxlocal.memory import batch_step_peak_bytes
+    from fxlocal.training.build import build_model
+    from fxlocal.training.loaders import train_and_evaluation_sets
+
+    built = build_model(recipe)
     train, _ = train_and_evaluation_sets(recipe.data)
     x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=recipe.batch_size)))
     optimizer = "adamw" if recipe.optimizer.name.startswith("adam") else "sgd"
-    peak = batch_step_peak_bytes(built, x, y, optimizer, recipe.optimizer.per_block) / 2**20
+    return built, batch_step_peak_bytes(built, x, y, optimizer, recipe.optimizer.per_block) / 2**20
+
+
+def peak_one(args, task: str, method: str, seed: int) -> dict:
+    """The step peak of one run's model measured again, at this commit, without training."""
+    recipe = run_recipe(args, task, method, seed)
+    built, peak = step_peak(recipe)
+    return {
+        **provenance("cpu"), "benchmark": "tasks-peak", "key": run_key(args, task, method, seed), "task": task,
+        "method": method, "step_peak_mib": peak, "heads": [b.head for b in built.plan.blocks],
+        "cuts": built.plan.cuts,
+    }
+
+
+def train_one(args, task: str, method: str, seed: int) -> dict:
+    """Train one run (resuming its checkpoint if there is one) and return its record."""
+    from fxlocal.training.loop import fit
+
+    key = run_key(args, task, method, seed)
+    recipe = run_recipe(args, task, method, seed)
+    started = time.perf_counter()
+    resume = (Path(recipe.output_dir) / "last.pt").exists()
+    history = fit(recipe, resume=resume).history
+    built, peak = step_peak(recipe)
     last = history[-1]
     return {
         **provenance("cpu"), "benchmark": "tasks", "key": key, "task": task, "method": method,
@@ -91,10 +119,12 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
     }
 
 
-def table(rows: list[dict], args) -> str:
+def table(rows: list[dict], args, peaks: list[dict] = ()) -> str:
     """Per task: each method's metrics (mean over seeds), relative to end to end, and its peak;
-    of rows with the same key (a run measured again at a later commit), the last."""
-    rows = list({r["key"]: r for r in rows}.values())
+    of rows with the same key (a run measured again at a later commit), the last; a run's peak
+    the last one ``--peaks`` measured again, if any."""
+    latest_peak = {p["key"]: p["step_peak_mib"] for p in peaks}
+    rows = [{**r, "step_peak_mib": latest_peak.get(r["key"], r["step_peak_mib"])} for r in {r["key"]: r for r in rows}.values()]
     lines = [
         "| task | method | seeds | " + " | ".join(["metric", "vs e2e", "step peak (MiB)", "vs e2e"]) + " |",
         "|---|---|---|---|---|---|---|",
@@ -137,14 +167,23 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench-tasks"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tasks.jsonl"))
+    parser.add_argument("--peaks-results", default=str(ROOT / "benchmarks" / "results" / "tasks_peaks.jsonl"))
     parser.add_argument("--table", action="store_true", help="print the table from the results only")
+    parser.add_argument("--peaks", action="store_true",
+                        help="measure the selected runs' step peaks again at this commit (no training), then print the table")
     parser.add_argument("--validation", type=int, default=None,
                         help="hold out the last N training canvases and evaluate on them (to choose options on)")
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides for a variant (with --tag)")
     parser.add_argument("--tag", default="", help="names a variant's rows")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    if not args.table:
+    if args.peaks:
+        for seed in args.seeds:
+            for task in args.tasks:
+                for method in args.methods:
+                    print(f"measuring the step peak of {run_key(args, task, method, seed)}", flush=True)
+                    append_rows(args.peaks_results, [peak_one(args, task, method, seed)])
+    elif not args.table:
         done = {r["key"] for r in read_rows(args.results)}
         for seed in args.seeds:
             for task in args.tasks:
@@ -153,7 +192,7 @@ def main() -> None:
                     if key not in done:
                         print(f"training {key}", flush=True)
                         append_rows(args.results, [train_one(args, task, method, seed)])
-    print(table(read_rows(args.results), args))
+    print(table(read_rows(args.results), args, read_rows(args.peaks_results)))
 
 
 if __name__ == "__main__":

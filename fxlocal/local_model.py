@@ -396,11 +396,12 @@ class LocalModel(nn.Module):
                             inputs[i] = v.detach().requires_grad_()
                             ctx.input_leaves.append(inputs[i])
             # the block alone holds its input: freed once used, unless its graph saved it
-            out = _run_taking(self.training_block(b), inputs)
-            # (loss, logits) are held by the caller alone, not here through the next block's step
-            yield (b, *self._objective(b)(ctx, b, out))
-            carried = out if b < len(self.heads) else ()
-            del out
+            outs = [_run_taking(self.training_block(b), inputs)]
+            carried = outs[0] if b < len(self.heads) else ()
+            # (loss, logits) are held by the caller alone, and the last block's output (the
+            # model's: a segmenter's full-resolution logits) by nothing here while the caller
+            # backpropagates: its loss's graph keeps what it needs (log-softmax its own output)
+            yield (b, *self._objective(b)(ctx, b, outs.pop()))
 
     def local_losses(self, x: torch.Tensor, y: torch.Tensor, criterion: Criterion | None = None) -> list[torch.Tensor]:
         """Every block's local loss for one batch, graphs kept (for evaluation and tests)."""
@@ -444,11 +445,12 @@ class LocalModel(nn.Module):
         backward = _scaled_backward(scaler)
 
         for b, loss, logits in self.iter_block_losses(x, y, criterion, backward):
+            if metrics is not None and self.task is None:  # a task's metric needs its whole test set
+                correct.append((logits.detach().argmax(-1) == y).float().mean().item())
+            del logits  # not kept through the backward: a dense task's can be the block's largest tensor
             backward(loss)
             self._after_backward(b)
             losses.append(loss.detach())
-            if metrics is not None and self.task is None:  # a task's metric needs its whole test set
-                correct.append((logits.detach().argmax(-1) == y).float().mean().item())
             # A block's gradient is complete once the last loss reaching it (a cascade reaches
             # input_window - 1 blocks back) is backpropagated; it is stepped then, not before,
             # since the cascade recomputes it with the weights of this step.
@@ -457,7 +459,7 @@ class LocalModel(nn.Module):
                 self._step(optimizers[stepped], list(self.block_parameters(stepped)), scaler, grad_hook)
                 optimizers[stepped].zero_grad(set_to_none=True)
                 stepped += 1
-            del loss, logits
+            del loss
         if not per_block:
             self._step(optimizers[0], list(self.parameters()), scaler, grad_hook)
         if scaler is not None:

@@ -210,6 +210,27 @@ def test_a_blocks_input_is_freed_as_soon_as_the_block_is_done_with_it():
     assert freed == [True]
 
 
+@pytest.mark.parametrize("metrics", [None, {}])
+def test_the_models_output_is_freed_before_its_loss_is_backpropagated(metrics):
+    """Cross-entropy keeps its log-softmax, not the logits: train_step (and its block
+    iterator) hold no reference to the last block's output while the loss backpropagates,
+    which for a dense task's full-resolution logits is the block's largest tensor."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    local = fxlocal.convert(model, k=2, input_size=(8,))
+    output = {}
+    local.blocks[-1].register_forward_hook(lambda m, i, out: output.update(storage=weakref.ref(out.untyped_storage())))
+    freed = []
+    weight = next(local.blocks[-1].parameters())
+    weight.register_hook(lambda grad: freed.append(output["storage"]() is None))
+    local.train_step(torch.randn(4, 8), torch.randint(0, 4, (4,)), torch.optim.SGD(local.parameters(), lr=0.1),
+                     metrics=metrics)
+    assert freed == [True]
+    if metrics is not None:
+        assert len(metrics["accuracy"]) == 2
+
+
 def test_an_analysed_model_converts_again_like_its_name_without_sharing_weights(tmp_path):
     size = (3, 32, 32)
     torch.manual_seed(0)
