@@ -150,7 +150,7 @@ def table(rows: list[dict], args, peaks: list[dict] = ()) -> str:
             peak = statistics.mean(r["step_peak_mib"] for r in runs)
             lines.append(
                 f"| {task} ({runs[0]['model']}) | {method} | {len(runs)} | {shown} | "
-                f"{'—' if method == 'e2e' else f'{relative:+.1f}%'} | {peak:.0f} | {peak / e2e_peak:.2f}× |"
+                f"{'—' if method == 'e2e' else f'{relative:+.1f}%'} | {peak:.0f} | {peak / e2e_peak:.3f}× |"
             )
     return "\n".join(lines)
 

@@ -326,7 +326,9 @@ class _CostInterpreter(fx.Interpreter):
             self.depends_on_params[n] = n.op == "get_attr" and bool(node_parameters(self.module, n))
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        needs_grad = {id(self.env[p]): self.depends_on_params[p] for p in n.all_input_nodes}
+        # through a floating-point tensor only: a shape read from a parameter's output (DINOv3's
+        # RoPE grid, built from the patch grid's size) carries no gradient to what it sizes
+        needs_grad = {id(self.env[p]): self.depends_on_params[p] and _holds_float_tensor(self.env[p]) for p in n.all_input_nodes}
         as_leaf = lambda v: _trainable_leaf(self.meter, v, needs_grad.get(id(v), False))  # noqa: E731
         args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
         self.depends_on_params[n] = any(needs_grad.values()) or bool(node_parameters(self.module, n))
@@ -334,6 +336,11 @@ class _CostInterpreter(fx.Interpreter):
         out, measured.output = measured.output, None
         self.node_costs[n.name] = measured
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+
+
+def _holds_float_tensor(value: Any) -> bool:
+    """Whether ``value`` (a tensor, or a tuple or dict of values) holds a floating-point tensor."""
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in tree_flatten(value)[0])
 
 
 def model_device(module: nn.Module) -> torch.device:

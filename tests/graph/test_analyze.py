@@ -240,3 +240,32 @@ def test_a_head_on_the_meta_device_costs_what_its_fake_copy_does(shape, layout):
             on_meta = build().eval()
         assert measure_module(on_meta, shape) == measure_module(build(), shape)
         assert not on_meta.training and all(p.grad is None for p in on_meta.parameters())
+
+
+class GridFromPatchShape(nn.Module):
+    """DINOv3's RoPE in small: a table built on the default device from the size of a patch
+    embedding's output (a shape read from parameters' output), then moved to the tokens'."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, 4)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.proj(x)
+        h, w = x.shape[2], x.shape[3]
+        grid = torch.arange(h * w).float()[:, None]
+        tokens = x.flatten(2).transpose(1, 2) * grid.to(x.device).cos()
+        return self.head(torch.relu(self.mix(tokens)).mean(1))
+
+
+def test_a_table_sized_by_a_parameters_output_is_costed_without_a_gradient_on_the_meta_device():
+    """A shape carries no gradient: what is built from it (on the CPU, moved to the meta
+    device) is costed as a constant, as on real weights, not as a trainable leaf (whose
+    gradient backward would copy from the meta device)."""
+    with torch.device("meta"):
+        on_meta = GridFromPatchShape()
+    analysis = fxlocal.analyze_model(on_meta, (3, 16, 16), num_classes=10)
+    real = fxlocal.analyze_model(GridFromPatchShape(), (3, 16, 16), num_classes=10)
+    assert analysis.analysis.segment_costs == real.analysis.segment_costs

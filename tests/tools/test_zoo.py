@@ -89,6 +89,31 @@ def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_re
         zoo.check(analyzed_resnet18, "dgl")
 
 
+def test_zoo_check_predicts_a_move_with_the_steps_own_arithmetic(analyzed_resnet18, monkeypatch):
+    """An update of half a float32 step at the parameter's value: SGD's fused add
+    (``param.add_(grad, alpha=-lr)``) leaves it, a product and a difference rounded apart would
+    move it. The verdict says the update is below float32's resolution, not that the step
+    stalled (LowFormer's and MaxViT's rows in the sweep)."""
+    from fxlocal.tools import zoo
+
+    value, grad = torch.full((64,), 0.08821400254964828), torch.full((64,), 3.725290298461914e-07)
+    assert torch.equal(value.add(grad, alpha=-zoo.LR), value) and not torch.equal(value - zoo.LR * grad, value)
+    original = zoo._convert
+
+    def convert_then_pin(analyzed, aux, k):
+        local, details = original(analyzed, aux, k)
+        bias = dict(local.named_parameters())["blocks.3.fc.bias"]
+        with torch.no_grad():
+            bias.copy_(value[: len(bias)])
+        bias.register_hook(lambda g: grad[: len(bias)].clone())
+        return local, details
+
+    monkeypatch.setattr(zoo, "_convert", convert_then_pin)
+    details = zoo.check(analyzed_resnet18, "dgl")
+    assert list(details["unchanged"]) == ["fc.bias"]
+    assert details["unchanged"]["fc.bias"].startswith("an update below float32 resolution")
+
+
 def test_zoo_check_fails_a_backbone_that_gets_no_gradient(analyzed_resnet18, monkeypatch):
     from fxlocal.tools import zoo
 
