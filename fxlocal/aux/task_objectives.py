@@ -130,7 +130,8 @@ class DetectorAssignment:
         self.centreness = self.family.name == "fcos"
         self.image_size = tuple(image_size)
         self.detector = detector
-        self._layouts: dict[tuple[int, int], AnchorLayout] = {}
+        # per grid, device and dtype: placed and moved once, not at every step
+        self._layouts: dict[tuple, AnchorLayout] = {}
 
     def __deepcopy__(self, memo) -> "DetectorAssignment":
         return self
@@ -140,9 +141,7 @@ class DetectorAssignment:
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         n, _, h, w = prediction.shape
-        if (h, w) not in self._layouts:
-            self._layouts[(h, w)] = level_layout(self.detector, (h, w), self.image_size)
-        layout = self._layouts[(h, w)]
+        layout = self._layout((h, w), prediction.device, prediction.dtype)
         # (N, anchors·values, h, w) -> (N, h·w·anchors, values): location, then anchor, as the
         # detector's head and anchors are laid out (a view where the prediction is channels-last)
         per_anchor = prediction.permute(0, 2, 3, 1).reshape(n, h * w * self.per_location, -1)
@@ -150,8 +149,15 @@ class DetectorAssignment:
         outputs = {"cls_logits": per_anchor[..., :classes], "bbox_regression": per_anchor[..., classes:classes + 4]}
         if self.centreness:
             outputs["bbox_ctrness"] = per_anchor[..., classes + 4:]
-        layout = AnchorLayout(layout.anchors.to(prediction.device, prediction.dtype), layout.per_level, layout.image_size)
         return sum(self.family.loss(self.detector, detection_targets(target), outputs, layout).values())
+
+    def _layout(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> AnchorLayout:
+        """The first level's anchors placed on ``grid``, on ``device`` in ``dtype``."""
+        key = (grid, device, dtype)
+        if key not in self._layouts:
+            placed = level_layout(self.detector, grid, self.image_size)
+            self._layouts[key] = AnchorLayout(placed.anchors.to(device, dtype), placed.per_level, placed.image_size)
+        return self._layouts[key]
 
 
 def detector_assignment(model: nn.Module, input_size: tuple[int, ...]) -> DetectorAssignment | None:
