@@ -127,9 +127,13 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
 def table(rows: list[dict], args, peaks: list[dict] = ()) -> str:
     """Per task: each method's metrics (mean over seeds), relative to end to end, and its peak;
     of rows with the same key (a run measured again at a later commit), the last; a run's peak
-    the last one ``--peaks`` measured again, if any."""
-    latest_peak = {p["key"]: p["step_peak_mib"] for p in peaks}
-    rows = [{**r, "step_peak_mib": latest_peak.get(r["key"], r["step_peak_mib"])} for r in {r["key"]: r for r in rows}.values()]
+    the last one ``--peaks`` measured again after it, if any (a later run of the key measures its own)."""
+
+    def peak(run: dict) -> float:
+        later = [p["step_peak_mib"] for p in peaks if p["key"] == run["key"] and p["time"] >= run["time"]]
+        return later[-1] if later else run["step_peak_mib"]
+
+    rows = [{**r, "step_peak_mib": peak(r)} for r in {r["key"]: r for r in rows}.values()]
     lines = [
         "| task | method | seeds | " + " | ".join(["metric", "vs e2e", "step peak (MiB)", "vs e2e"]) + " |",
         "|---|---|---|---|---|---|---|",
