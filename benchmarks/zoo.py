@@ -19,7 +19,9 @@ runs the same families in CI, one aux method each.
 
 Every model runs in its own process (a crash or a hang costs one row; ``--timeout``). Rows are
 appended to ``--results`` (JSON lines, one per model and aux method) and a rerun skips the
-models already there (``--rerun`` checks the selected ones again, ``--fresh`` starts over); ``docs/zoo.md`` is rendered from all of them.
+models already there (``--rerun`` checks the selected ones again, ``--stale`` those whose last
+rows are from another commit than the checkout's: a sweep of one fixed checkout, resumable, and
+``--fresh`` starts over); ``docs/zoo.md`` is rendered from all of them.
 """
 
 from __future__ import annotations
@@ -214,6 +216,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs/zoo.md")
     p.add_argument("--fresh", action="store_true", help="forget the results already recorded")
     p.add_argument("--rerun", action="store_true", help="check the selected models again; their new rows replace the old")
+    p.add_argument("--stale", action="store_true",
+                   help="check again the selected models whose latest rows are not from this checkout's commit "
+                        "(resumable: a sweep of a fixed checkout, in pieces)")
     p.add_argument("--render", action="store_true", help="run nothing: only render --out from the recorded rows")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -231,10 +236,11 @@ def main(argv=None) -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     if args.fresh and args.results.exists():
         args.results.unlink()
-    done = {(r["model"], r["aux"]) for r in _read(args.results)}
-    todo = [] if args.render else _families_in_turn([n for n in names if args.rerun or any((n, a) not in done for a in args.aux)])
-    print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     recorded = {k: v for k, v in provenance("cpu").items() if k in ("commit", "torch", "torchvision", "timm", "python")}
+    latest = {(r["model"], r["aux"]): r.get("commit") for r in _read(args.results)}
+    current = recorded["commit"] if args.stale else None
+    todo = [] if args.render else _families_in_turn([n for n in names if args.rerun or needs_a_row(latest, n, args.aux, current)])
+    print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
         for i, rows in enumerate(pool.map(lambda n: _run_one(n, args.aux, args.fake_above, args.timeout), todo)):
             for row in rows:
@@ -248,6 +254,12 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, command.strip()))
     print(f"wrote {args.out} ({len(rows)} rows)", file=sys.stderr)
+
+
+def needs_a_row(latest: dict[tuple[str, str], str | None], name: str, aux: list[str], commit: str | None = None) -> bool:
+    """Whether model ``name`` is missing a row for one of ``aux`` (``latest``: the commit of each
+    (model, aux)'s last row), or, given ``commit``, has a last row from another commit."""
+    return any((name, a) not in latest or (commit is not None and latest[(name, a)] != commit) for a in aux)
 
 
 def _families_in_turn(names: list[str]) -> list[str]:

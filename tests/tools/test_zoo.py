@@ -98,17 +98,17 @@ def test_zoo_check_predicts_a_move_with_the_steps_own_arithmetic(analyzed_resnet
 
     value, grad = torch.full((64,), 0.08821400254964828), torch.full((64,), 3.725290298461914e-07)
     assert torch.equal(value.add(grad, alpha=-zoo.LR), value) and not torch.equal(value - zoo.LR * grad, value)
-    original = zoo._convert
+    original = zoo.convert
 
-    def convert_then_pin(analyzed, aux, k):
-        local, details = original(analyzed, aux, k)
+    def convert_then_pin(*args, **kwargs):
+        local = original(*args, **kwargs)
         bias = dict(local.named_parameters())["blocks.3.fc.bias"]
         with torch.no_grad():
             bias.copy_(value[: len(bias)])
         bias.register_hook(lambda g: grad[: len(bias)].clone())
-        return local, details
+        return local
 
-    monkeypatch.setattr(zoo, "_convert", convert_then_pin)
+    monkeypatch.setattr(zoo, "convert", convert_then_pin)
     details = zoo.check(analyzed_resnet18, "dgl")
     assert list(details["unchanged"]) == ["fc.bias"]
     assert details["unchanged"]["fc.bias"].startswith("an update below float32 resolution")
@@ -141,3 +141,26 @@ def test_a_fake_row_still_catches_a_gradient_leak(monkeypatch):
     (row,) = zoo.check_model("torchvision:resnet18", ["dgl"], fake_above=0)
     assert row["status"] == "fail" and row["stage"] == "isolation", row
     assert "reaches foreign parameters" in row["reason"]
+
+
+def test_the_sweep_goes_on_with_models_missing_a_row_or_with_rows_of_another_commit():
+    """``benchmarks/zoo.py`` resumes: a model is checked when an aux method has no row for it, and
+    with ``--stale`` when its last row for one is from another commit than the checkout's."""
+    import importlib.util
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling ``record``
+    try:
+        spec = importlib.util.spec_from_file_location("zoo_benchmark", REPO / "benchmarks" / "zoo.py")
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    latest = {("a", "dgl"): "old", ("a", "man"): "new", ("b", "dgl"): "new", ("b", "man"): "new"}
+    assert not sweep.needs_a_row(latest, "a", ["dgl", "man"])
+    assert sweep.needs_a_row(latest, "c", ["dgl"])
+    assert sweep.needs_a_row(latest, "a", ["dgl", "man", "infopro"])
+    assert sweep.needs_a_row(latest, "a", ["dgl", "man"], commit="new")
+    assert not sweep.needs_a_row(latest, "b", ["dgl", "man"], commit="new")
