@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _commit() -> str:
     """The checkout's commit, ``+dirty`` if tracked files (other than ``benchmarks/results/``, where
-    benchmarks record) differ from it; ``$FXLOCAL_COMMIT`` where
+    benchmarks record, and ``docs/zoo.md``, which the zoo sweep renders) differ from it; ``$FXLOCAL_COMMIT`` where
     it is set (a copy of the tree without its ``.git``, as the GPU machine gets); else ``unknown``."""
     if os.environ.get("FXLOCAL_COMMIT"):
         return os.environ["FXLOCAL_COMMIT"]
@@ -29,7 +29,8 @@ def _commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         # the results a benchmark appends to are not the code it ran: a run that recorded rows
         # leaves the next one clean
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+                                ":!docs/zoo.md"],  # the zoo sweep renders it: its next piece is the same code
                                cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

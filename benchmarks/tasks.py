@@ -29,6 +29,7 @@ Targets (issue 29): GLCAN within 10% (relative) of end to end on each task's met
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -49,6 +50,25 @@ METHOD_OVERRIDES = {("sr", "glcan"): ["convert.aux_options.width=24"]}
 LABELS = {"map": "mAP", "map_50": "mAP@.5", "miou": "mIoU", "psnr": "PSNR (dB)", "ssim": "SSIM"}
 
 
+def run_overrides(task: str, method: str) -> list[str]:
+    """The benchmark's own recipe overrides for a task and method (a run's ``--set`` comes after)."""
+    return [*TASKS[task]["overrides"], *METHOD_OVERRIDES.get((task, method), [])]
+
+
+def recorded_overrides(row: dict) -> list[str]:
+    """A row's overrides (rows from before ``METHOD_OVERRIDES`` record the task's, or none)."""
+    return row.get("overrides", TASKS[row["task"]]["overrides"])
+
+
+def run_dir(args, task: str, method: str, seed: int) -> Path:
+    """Where a run writes its checkpoints: its key and a digest of its overrides, so that a run
+    whose settings changed starts afresh instead of resuming another's checkpoint."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps([run_overrides(task, method), args.set]).encode()).hexdigest()[:8]
+    return Path(args.runs) / f"{run_key(args, task, method, seed)}-{digest}"
+
+
 def run_key(args, task: str, method: str, seed: int) -> str:
     held_out = f"-val{args.validation}" if args.validation else ""
     tag = f"-{args.tag}" if args.tag else ""
@@ -59,13 +79,11 @@ def run_recipe(args, task: str, method: str, seed: int):
     """The recipe of one run."""
     from fxlocal.training.recipe import load_recipe
 
-    key = run_key(args, task, method, seed)
     path = ROOT / "recipes" / f"fashion_mnist_{task}_{METHODS[method]}.yaml"
     return load_recipe(path, [
         f"data.root={args.data_root}", f"epochs={args.epochs}", f"data.train_subset={args.train_subset}",
         f"data.test_subset={args.test_subset}", f"batch_size={args.batch_size}", "workers=0", "device=cpu",
-        f"seed={seed}", f"output_dir={Path(args.runs) / key}", *TASKS[task]["overrides"],
-        *METHOD_OVERRIDES.get((task, method), []),
+        f"seed={seed}", f"output_dir={run_dir(args, task, method, seed)}", *run_overrides(task, method),
         *([f"data.validation={args.validation}"] if args.validation else []), *args.set,
     ])
 
@@ -95,6 +113,7 @@ def peak_one(args, task: str, method: str, seed: int) -> dict:
     return {
         **provenance("cpu"), "benchmark": "tasks-peak", "key": run_key(args, task, method, seed), "task": task,
         "method": method, "step_peak_mib": peak, "heads": [b.head for b in built.plan.blocks],
+        "overrides": run_overrides(task, method), "set": args.set,
         "cuts": built.plan.cuts,
     }
 
@@ -112,7 +131,7 @@ def train_one(args, task: str, method: str, seed: int) -> dict:
     last = history[-1]
     return {
         **provenance("cpu"), "benchmark": "tasks", "key": key, "task": task, "method": method,
-        "aux": recipe.convert.aux, "k": built.k, "seed": seed, "model": recipe.model.name, "overrides": [*TASKS[task]["overrides"], *METHOD_OVERRIDES.get((task, method), [])],
+        "aux": recipe.convert.aux, "k": built.k, "seed": seed, "model": recipe.model.name, "overrides": run_overrides(task, method),
         "train_subset": args.train_subset, "test_subset": args.test_subset, "epochs": len(history),
         "validation": args.validation, "tag": args.tag, "set": args.set, "evaluated_on": last.get("evaluated_on", "test"),
         "metrics": {m: last[f"test_{m}"] for m in TASKS[task]["metrics"]},
@@ -130,7 +149,8 @@ def table(rows: list[dict], args, peaks: list[dict] = ()) -> str:
     the last one ``--peaks`` measured again after it, if any (a later run of the key measures its own)."""
 
     def peak(run: dict) -> float:
-        later = [p["step_peak_mib"] for p in peaks if p["key"] == run["key"] and p["time"] >= run["time"]]
+        later = [p["step_peak_mib"] for p in peaks if p["key"] == run["key"] and p["time"] >= run["time"]
+                 and recorded_overrides(p) == recorded_overrides(run)]
         return later[-1] if later else run["step_peak_mib"]
 
     rows = [{**r, "step_peak_mib": peak(r)} for r in {r["key"]: r for r in rows}.values()]
@@ -193,12 +213,13 @@ def main() -> None:
                     print(f"measuring the step peak of {run_key(args, task, method, seed)}", flush=True)
                     append_rows(args.peaks_results, [peak_one(args, task, method, seed)])
     elif not args.table:
-        done = {r["key"] for r in read_rows(args.results)}
+        # a run is done when a row of its key has its overrides (settings changed: trained again)
+        done = {(r["key"], tuple(recorded_overrides(r))) for r in read_rows(args.results)}
         for seed in args.seeds:
             for task in args.tasks:
                 for method in args.methods:
                     key = run_key(args, task, method, seed)
-                    if key not in done:
+                    if (key, tuple(run_overrides(task, method))) not in done:
                         print(f"training {key}", flush=True)
                         append_rows(args.results, [train_one(args, task, method, seed)])
     print(table(read_rows(args.results), args, read_rows(args.peaks_results)))

@@ -326,9 +326,9 @@ class _CostInterpreter(fx.Interpreter):
             self.depends_on_params[n] = n.op == "get_attr" and bool(node_parameters(self.module, n))
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        # through a floating-point tensor only: a shape read from a parameter's output (DINOv3's
-        # RoPE grid, built from the patch grid's size) carries no gradient to what it sizes
-        needs_grad = {id(self.env[p]): self.depends_on_params[p] and _holds_float_tensor(self.env[p]) for p in n.all_input_nodes}
+        # not through a value that carries no gradient: a shape read from a parameter's output
+        # (DINOv3's RoPE grid, built from the patch grid's size) gives none to what it sizes
+        needs_grad = {id(self.env[p]): self.depends_on_params[p] and not _carries_no_gradient(self.env[p]) for p in n.all_input_nodes}
         as_leaf = lambda v: _trainable_leaf(self.meter, v, needs_grad.get(id(v), False))  # noqa: E731
         args, kwargs = tree_map(as_leaf, args), tree_map(as_leaf, kwargs)
         self.depends_on_params[n] = any(needs_grad.values()) or bool(node_parameters(self.module, n))
@@ -338,9 +338,21 @@ class _CostInterpreter(fx.Interpreter):
         return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
 
 
-def _holds_float_tensor(value: Any) -> bool:
-    """Whether ``value`` (a tensor, or a tuple or dict of values) holds a floating-point tensor."""
-    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in tree_flatten(value)[0])
+_GRADIENT_FREE = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _carries_no_gradient(value: Any) -> bool:
+    """Whether ``value`` is known to carry no gradient: every part of it (a tuple, list or dict
+    flattened; a shape is a tuple of ints) a plain number, string, dtype or device, or an integer
+    or boolean tensor. Anything else (a floating or complex tensor, an object whose parts are not
+    known) may carry one."""
+
+    def free(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return not (v.is_floating_point() or v.is_complex())
+        return isinstance(v, _GRADIENT_FREE)
+
+    return all(free(v) for v in tree_flatten(value)[0])
 
 
 def model_device(module: nn.Module) -> torch.device:

@@ -302,8 +302,9 @@ def _trained_step(analyzed: AnalyzedModel, local: LocalModel, x: torch.Tensor, y
             grad, value = param.grad.detach(), param.detach()
             if not grad.abs().sum() > 0:
                 gradient[name] = "zero gradient"
-            # the step's own arithmetic (SGD's first step: param.add_(grad, alpha=-lr)): a
-            # product and a difference rounded apart can move an element the fused add leaves
+            # the step's own kernel (SGD's first step: param.add_(grad, alpha=-lr)): a product
+            # and a difference rounded apart can move an element that kernel leaves (it fuses
+            # the multiply-add where the CPU can)
             elif torch.equal(value.add(grad, alpha=-LR), value):
                 gradient[name] = "an update below float32 resolution"
             else:

@@ -269,3 +269,33 @@ def test_a_table_sized_by_a_parameters_output_is_costed_without_a_gradient_on_th
     analysis = fxlocal.analyze_model(on_meta, (3, 16, 16), num_classes=10)
     real = fxlocal.analyze_model(GridFromPatchShape(), (3, 16, 16), num_classes=10)
     assert analysis.analysis.segment_costs == real.analysis.segment_costs
+
+
+class ComplexRotation(nn.Module):
+    """Complex RoPE in small: tokens rotated as complex numbers, then attention on the real view."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("rotation", torch.polar(torch.ones(4, 4), torch.rand(4, 4)))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        q = self.proj(x.flatten(2).transpose(1, 2))  # (N, 4 tokens, 8)
+        rotated = torch.view_as_real(torch.view_as_complex(q.reshape(-1, 4, 4, 2)) * self.rotation).flatten(2)
+        attention = (rotated @ rotated.transpose(1, 2)).softmax(-1)
+        return self.head((attention @ rotated).mean(1))
+
+
+def test_a_complex_activation_carries_its_gradient_in_the_costs():
+    """What follows a complex op on an activation is trained through (its gradient flows back to
+    the projection): the attention after it is costed with what it saves for backward, not as
+    a constant."""
+    from fxlocal.graph.cost import measure_nodes
+
+    size = (8, 2, 2)
+    gm = fxlocal.trace(ComplexRotation(), size)
+    costs = measure_nodes(gm, size)
+    # the scores' product keeps both rotated operands, the softmax its output (the second
+    # product keeps only those again: counted once)
+    assert costs["matmul"].activation_bytes > 0 and costs["softmax"].activation_bytes > 0

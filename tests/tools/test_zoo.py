@@ -90,14 +90,23 @@ def test_zoo_check_fails_a_parameter_the_step_leaves_with_a_gradient(analyzed_re
 
 
 def test_zoo_check_predicts_a_move_with_the_steps_own_arithmetic(analyzed_resnet18, monkeypatch):
-    """An update of half a float32 step at the parameter's value: SGD's fused add
-    (``param.add_(grad, alpha=-lr)``) leaves it, a product and a difference rounded apart would
-    move it. The verdict says the update is below float32's resolution, not that the step
-    stalled (LowFormer's and MaxViT's rows in the sweep)."""
+    """An update of half a float32 step at the parameter's value that SGD's step
+    (``param.add_(grad, alpha=-lr)``) leaves, and that a product and a difference rounded apart
+    would move (on a CPU whose kernel fuses the multiply-add, as this one's): the verdict says
+    the update is below float32's resolution, not that the step stalled (LowFormer's and
+    MaxViT's rows in the sweep)."""
     from fxlocal.tools import zoo
 
-    value, grad = torch.full((64,), 0.08821400254964828), torch.full((64,), 3.725290298461914e-07)
-    assert torch.equal(value.add(grad, alpha=-zoo.LR), value) and not torch.equal(value - zoo.LR * grad, value)
+    # updates within a hair of half a float32 step: one the step's add leaves, and, where this
+    # CPU's kernel rounds once (a fused multiply-add), that a product and a difference would move
+    values = torch.linspace(0.05, 0.1, 4096)
+    half_step = (torch.nextafter(values, torch.ones_like(values)) - values) / zoo.LR / 2
+    grads = half_step * (1 + torch.linspace(-1e-3, 1e-3, 4097)[:, None])  # exactly half a step among them
+    left = values.add(grads, alpha=-zoo.LR) == values
+    both = left & (values - zoo.LR * grads != values)
+    at, index = (both if both.any() else left).nonzero()[0].tolist()
+    value, grad = values[index].expand(64).clone(), grads[at, index].expand(64).clone()
+    assert torch.equal(value.add(grad, alpha=-zoo.LR), value)
     original = zoo.convert
 
     def convert_then_pin(*args, **kwargs):
