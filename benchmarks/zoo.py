@@ -240,8 +240,9 @@ def main(argv=None) -> None:
     latest = {(r["model"], r["aux"]): r.get("commit") for r in _read(args.results)}
     current = recorded["commit"] if args.stale else None
     if current is not None and (current == "unknown" or current.endswith("+dirty")):
-        p.error(f"--stale sweeps one fixed commit, and this checkout is {current}: commit, or run it in a "
-                "clean worktree (git worktree add DIR COMMIT)")
+        print(f"error: --stale sweeps one fixed commit, and this checkout is {current}: commit, or run it in a "
+              "clean worktree (git worktree add DIR COMMIT)", file=sys.stderr)
+        sys.exit(2)
     todo = [] if args.render else _families_in_turn([n for n in names if args.rerun or needs_a_row(latest, n, args.aux, current)])
     print(f"{len(names)} models, {len(todo)} to run, {args.jobs} at a time", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool, args.results.open("a") as out:
