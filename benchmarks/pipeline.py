@@ -19,6 +19,7 @@ peaks are each process's peak resident memory (MiB).
 
     python benchmarks/pipeline.py                               # resnet32_cifar, K=2, CPU, batch 16, 32, 64
     python benchmarks/pipeline.py --models resnet32_cifar vit_tiny_patch16_224 --balance time --batch 16 --pp gpipe 1f1b
+    python benchmarks/pipeline.py --aux dgl man mlaan --cascade-delay 0 1 --balance time --batch 16   # MLAAN waiting or not
     python benchmarks/pipeline.py --k 2 4 --balance flops memory --device cuda   # K processes sharing one GPU
 """
 
@@ -36,6 +37,8 @@ from pathlib import Path
 import yaml
 from record import append_rows, provenance
 
+import fxlocal
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,10 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 INPUT_SIZES = {"vit_tiny_patch16_224": [3, 64, 64]}
 
 
-def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl") -> dict:
+def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl",
+           cascade_delay: int = 0) -> dict:
     return {
         "model": {"name": model},
         "convert": {"k": k, "aux": aux, "balance": balance},
+        "pipeline": {"cascade_delay": cascade_delay},
         "data": {"dataset": "fashion_mnist_mini", "input_size": INPUT_SIZES.get(model, [1, 28, 28]), "augment": "none"},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
         "scheduler": {"name": "none"},
@@ -92,6 +97,13 @@ def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: 
     return result["images_per_s"], result["stage_peak_mib"]
 
 
+def runs(methods: list[str], delays: list[int]) -> list[tuple[str, int | None]]:
+    """``(aux, cascade delay)`` to run: a method whose loss cascades into the block before (its
+    stages exchange gradients) once per delay, the others once (None: the delay changes nothing)."""
+    return [(aux, delay) for aux in methods
+            for delay in (delays if fxlocal.get_aux(aux).input_window > 1 else [None])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet32_cifar"])
@@ -103,6 +115,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pp", nargs="*", default=[], choices=["gpipe", "1f1b"], help="PP schedules to compare with (CPU)")
     parser.add_argument("--microbatches", type=int, default=4, help="PP's micro-batches of BATCH images per step")
+    parser.add_argument("--cascade-delay", nargs="+", type=int, default=[0],
+                        help="pipeline.cascade_delay values to run a cascaded method (mlaan) with")
     parser.add_argument("--record", default="", help="JSON-lines file the rows are appended to (with the commit and versions)")
     args = parser.parse_args()
 
@@ -124,17 +138,21 @@ def main() -> None:
                             data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, Path(tmp), "none")
                             e2e, _ = images_per_s(data, Path(tmp) / f"{model}-e2e-{batch}", pipeline=False)
                         pp = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s) for s in args.pp}
-                        for aux in args.aux:
-                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux)
+                        for aux, delay in runs(args.aux, args.cascade_delay):
+                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux, delay or 0)
                             tag = Path(tmp) / f"{model}-{k}-{aux}-{balance}-{batch}"
-                            sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
-                            pipelined, peaks = images_per_s(data, tag / "pipeline", pipeline=True)
+                            if delay is None or not (tag / "sequential").exists():  # the same work whatever the delay
+                                sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
+                            pipelined, peaks = images_per_s(data, tag / f"pipeline-{delay}", pipeline=True)
                             speedup = pipelined / sequential
-                            line = (f"| {model} | {k} | {aux} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
+                            name = aux if delay is None else f"{aux} (delay {delay})"
+                            line = (f"| {model} | {k} | {name} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
                                     f"{speedup:.2f}× | {speedup / k:.2f} |")
                             row = {**origin, "benchmark": "pipeline", "model": model, "k": k, "aux": aux, "balance": balance,
                                    "batch": batch, "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined,
                                    "ppll_stage_peak_mib": peaks}
+                            if delay is not None:
+                                row["cascade_delay"] = delay
                             if args.pp:
                                 best = max(v for v, _ in pp.values())
                                 fastest = max(pp, key=lambda s: pp[s][0])

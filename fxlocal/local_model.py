@@ -101,6 +101,10 @@ class StepContext:
     # carries), made to require grad so that a cascaded loss can be carried back into the blocks
     # before it.
     input_leaves: list[torch.Tensor] = field(default_factory=list)
+    # Where the gradient reaching the block's input goes when the block before is not in this
+    # process (a pipeline stage, :meth:`LocalModel.train_block`): it takes one entry per input
+    # leaf (None where the loss did not reach it), and the block before is trained elsewhere.
+    send_input_gradient: Callable[[list[torch.Tensor | None]], None] | None = None
     _cascade: tuple[int, int] | None = None  # (first, last) of the cascade being trained
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
@@ -135,6 +139,11 @@ class StepContext:
         one)."""
         if self.backward is None:
             return out if first == last else self.run_connected(first, last)
+        if last > first + 1 and self.send_input_gradient is not None:
+            raise IncompatibleOptionsError(
+                f"block {last}'s loss cascades into blocks {first}..{last - 1}, but only the block before is "
+                "reached from a pipeline stage: set the cascade's span to 2"
+            )
         if last > first and not self.input_leaves:
             raise IncompatibleOptionsError(
                 f"block {last}'s loss cascades into blocks {first}..{last - 1}, but its objective's "
@@ -162,21 +171,13 @@ class StepContext:
                 leaf.grad = None
             if input_share != 1.0:
                 grads = [g * input_share if g is not None else None for g in grads]
+            if self.send_input_gradient is not None:  # block last - 1 is trained on another stage
+                self.send_input_gradient(grads)
+                return part.detach()
         for b in range(last - 1, first - 1, -1):
-            inputs = list(self.inputs[b])
-            leaves = []
-            if b > first:
-                for i, v in enumerate(inputs):
-                    if isinstance(v, torch.Tensor) and v.is_floating_point():
-                        inputs[i] = v.detach().requires_grad_()
-                        leaves.append(inputs[i])
-            # what block b hands on and what reaches it: both in the next block's input order
-            outs = [t for t in _tensors(self.model.training_block(b)(*inputs)) if t.is_floating_point()]
-            reached = [(out, g) for out, g in zip(outs, grads) if g is not None and out.requires_grad]
-            if not reached:  # the loss did not depend on the earlier blocks, or they have nothing to
-                break        # train (TNT's unfold is a first block without parameters)
-            torch.autograd.backward([out for out, _ in reached], [g for _, g in reached])
-            grads = [leaf.grad for leaf in leaves]
+            grads = self.model.backpropagate_rerun(b, self.inputs[b], grads, to_input=b > first)
+            if grads is None:  # the loss did not depend on the earlier blocks, or they have nothing
+                break          # to train (TNT's unfold is a first block without parameters)
         return part.detach()
 
 
@@ -473,6 +474,36 @@ class LocalModel(nn.Module):
         if b < len(self.heads) and isinstance(self.heads[b], AuxHead):
             self.heads[b].after_backward()
 
+    def backpropagate_rerun(self, b: int, inputs: tuple, grads: list[torch.Tensor | None],
+                            to_input: bool = False) -> list[torch.Tensor | None] | None:
+        """Re-run block ``b`` on ``inputs`` and backpropagate ``grads`` (one per floating tensor it
+        hands on, None where nothing reached it) into its weights: a cascade's share of block
+        ``b``'s gradient. The re-run is a training forward (BatchNorm statistics update again).
+
+        Args:
+            b: the block.
+            inputs: what block ``b`` took (detached).
+            grads: the gradient reaching each floating tensor the block hands on.
+            to_input: also compute the gradient reaching the block's floating inputs.
+
+        Returns:
+            The gradient reaching each floating input (all None without ``to_input``), or None
+            when no gradient reached anything the block computed.
+        """
+        inputs, leaves = list(inputs), []
+        if to_input:
+            for i, v in enumerate(inputs):
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    inputs[i] = v.detach().requires_grad_()
+                    leaves.append(inputs[i])
+        # what block b hands on and what reaches it: both in the next block's input order
+        outs = [t for t in _tensors(self.training_block(b)(*inputs)) if t.is_floating_point()]
+        reached = [(out, g) for out, g in zip(outs, grads) if g is not None and out.requires_grad]
+        if not reached:
+            return None
+        torch.autograd.backward([out for out, _ in reached], [g for _, g in reached])
+        return [leaf.grad for leaf in leaves]
+
     @staticmethod
     def _step(optimizer, params, scaler, grad_hook) -> None:
         if grad_hook is not None:
@@ -493,22 +524,58 @@ class LocalModel(nn.Module):
         scaler: torch.amp.GradScaler | None = None,
         before_heads_follow: Callable[[], None] | None = None,
         model_input: torch.Tensor | None = None,
+        hand_on: Callable[[tuple], None] | None = None,
+        send_input_gradient: Callable[[list[torch.Tensor | None] | None], None] | None = None,
+        receive_output_gradient: Callable[[], tuple[tuple, list[torch.Tensor | None]] | None] | None = None,
     ) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
         local loss, backward, step of the block's own ``optimizer``, gradients released.
 
-        What one stage of a pipeline does (:mod:`fxlocal.training.pipeline`); it needs an objective that
-        re-runs no earlier block (``input_window == 1``). ``before_heads_follow`` runs after the
-        backward and before the head's EMA twins follow the backbone (a pipeline stage receives
-        there the next stage's weights its twins follow, so that its forward and backward overlap
-        the next stage's step). ``model_input`` is the step's model input, for objectives that
-        read it (InfoPro's heads; block 0's input is it). Returns what block ``b + 1`` takes
-        (detached; empty for the last block), the loss and the logits, both detached.
+        What one stage of a pipeline does (:mod:`fxlocal.training.pipeline`). An objective that
+        re-runs the block before (a cascade, ``input_window == 2``) is served by messages instead:
+        the gradient its loss sends into this block's input goes to ``send_input_gradient``, and
+        the gradient the next block's cascade sends into this block's output comes from
+        ``receive_output_gradient``, with the input it was computed on; the block is re-run on
+        that input and backpropagated (:meth:`backpropagate_rerun`) before its step, as
+        :meth:`train_step` does it.
+
+        Args:
+            b: the block.
+            inputs: what block ``b`` takes (detached).
+            y: the labels.
+            optimizer: block ``b``'s own optimizer.
+            criterion: a plain head's loss (default :attr:`criterion`).
+            scaler: this block's gradient scaler (fp16 autocast), or None.
+            before_heads_follow: runs after the backward and before the head's EMA twins follow
+                the backbone (a pipeline stage receives there the next stage's weights its twins
+                follow, so that its forward and backward overlap the next stage's step).
+            model_input: the step's model input, for objectives that read it (InfoPro's heads;
+                block 0's input is it).
+            hand_on: called with what block ``b + 1`` takes (detached) as soon as the backward
+                is done, before the step (a pipeline sends it on there).
+            send_input_gradient: with a cascade and ``b > 0``, takes the gradient reaching each
+                floating input tensor (None where none did), or None when the loss did not
+                cascade (the block before is not re-run for it).
+            receive_output_gradient: with a cascade and ``b`` before the last, returns ``(input,
+                gradient per floating output tensor)`` of the step the next block's cascade
+                trained, or None where there is none to apply at this step.
+
+        Returns:
+            What block ``b + 1`` takes (detached; empty for the last block), the loss and the
+            logits, both detached.
         """
-        if self.input_window > 1:
+        window = self.input_window
+        if window > 2:
             raise IncompatibleOptionsError(
-                f"block {b}'s objective re-runs earlier blocks (input window {self.input_window}): "
-                "it cannot be trained alone; use train_step"
+                f"block {b}'s objective re-runs {window - 1} earlier blocks: trained alone, a block reaches the "
+                "block before only; use train_step, or a span of 2"
+            )
+        cascaded_into = window > 1 and b > 0
+        cascaded_from = window > 1 and b < self.k - 1
+        if (cascaded_into and send_input_gradient is None) or (cascaded_from and receive_output_gradient is None):
+            raise IncompatibleOptionsError(
+                f"block {b}'s objective cascades across blocks: train_block needs send_input_gradient "
+                "(after the first block) and receive_output_gradient (before the last)"
             )
 
         backward = _scaled_backward(scaler)
@@ -516,18 +583,41 @@ class LocalModel(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         if model_input is None and b == 0:
             model_input = inputs[0]
-        ctx = StepContext(self, y, criterion or self.criterion, input=model_input, backward=backward)
+        sent: list[bool] = []
+
+        def send_once(grads: list[torch.Tensor | None]) -> None:
+            sent.append(True)
+            send_input_gradient(grads)
+
+        ctx = StepContext(self, y, criterion or self.criterion, input=model_input, backward=backward,
+                          send_input_gradient=send_once if cascaded_into else None)
+        if cascaded_into:  # the loss's gradient reaching the input goes to the block before
+            inputs = list(inputs)
+            ctx.inputs[b] = tuple(inputs)
+            for i, v in enumerate(inputs):
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    inputs[i] = v.detach().requires_grad_()
+                    ctx.input_leaves.append(inputs[i])
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)
+        if cascaded_into and not sent:  # an objective that did not cascade: the block before still hears of it
+            send_input_gradient(None)
+        handed_on = isolated(out) if b < len(self.heads) else ()
+        del out
+        if hand_on is not None and handed_on:
+            hand_on(handed_on)
         if before_heads_follow is not None:
             before_heads_follow()
         self._after_backward(b)
+        if cascaded_from:
+            received = receive_output_gradient()
+            if received is not None:
+                self.backpropagate_rerun(b, *received)
         self._step(optimizer, list(self.block_parameters(b)), scaler, None)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # the block's own scaler (fp16): its scale follows its own steps
             scaler.update()
-        handed_on = isolated(out) if b < len(self.heads) else ()
         return handed_on, loss.detach(), logits.detach()
 
     def extra_repr(self) -> str:

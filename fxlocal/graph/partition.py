@@ -99,7 +99,9 @@ class BlockPrices:
       its graph (MLAAN's two losses), so through it every region's kept stays, beside what the
       head's first part holds (``retained_heads[b]``);
     * with a ``cascade`` (:class:`CascadePrices`), for a block after the first, the larger of that
-      and the re-run of the block before, plus what the block before still holds.
+      and the re-run of the block before, plus what the block before still holds;
+    * with ``reruns`` (time), its segments again for each later block whose cascade re-runs and
+      backpropagates it (``min(reruns, blocks after it)``): time its stage spends on them.
 
     Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not end a
     module cost 1; cuts that carry a second tensor 2: twice the boundary, and where the block
@@ -116,6 +118,7 @@ class BlockPrices:
     retained_heads: PerCut | None = None
     cascade: CascadePrices | None = None
     handing_on: "HandingOnPrices | None" = None
+    reruns: int = 0
     n: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,8 +143,8 @@ class BlockPrices:
     def _at_cut(self, table: list[list[float]], j: int, b: int) -> float:
         return table[min(j, len(table) - 1)][b] if b < self.n - 1 else 0.0
 
-    def _own(self, j: int, a: int, b: int, grown: "_BlockPeak") -> float:
-        """Block ``j`` of segments ``a..b``, ``grown`` holding their backward's terms."""
+    def _own(self, j: int, a: int, b: int, grown: "_BlockPeak", k: int) -> float:
+        """Block ``j`` of ``k``, of segments ``a..b``, ``grown`` holding their backward's terms."""
         if self._retained_rows is not None and b < self.n - 1:
             value = grown.retained + self._at_cut(self._retained_rows, j, b)
         else:
@@ -150,7 +153,8 @@ class BlockPrices:
         if self.handing_on is not None and b < self.n - 1 and a >= self.handing_on.from_segment[b]:
             rows, head_rows = self._rows_on, self._head_rows_on
         peak = max(value, grown.total + self._at_cut(head_rows, j, b))
-        return self._prefix[b + 1] - self._prefix[a] + self._at_cut(rows, j, b) + peak + self._starts[a]
+        segments = (self._prefix[b + 1] - self._prefix[a]) * (1 + min(self.reruns, k - 1 - j))
+        return segments + self._at_cut(rows, j, b) + peak + self._starts[a]
 
     def _rerun_peak(self, p: int, e: int) -> float:
         """Segments ``p..e`` re-run and backpropagated once, as a cascade does the block before."""
@@ -180,7 +184,7 @@ class BlockPrices:
             grown = _BlockPeak(self.regions)
             for s in range(a, b + 1):
                 grown.append(s)
-            price = self._own(j, a, b, grown)
+            price = self._own(j, a, b, grown, len(bounds) - 1)
             if self.cascade is not None and j:
                 price = self._cascaded(j, bounds[j - 1] + 1, a, b, price)
             prices.append(price)
@@ -200,7 +204,7 @@ class BlockPrices:
         first = _BlockPeak(self.regions)
         for b in range(n):
             first.append(b)
-            c = self._own(0, 0, b, first)
+            c = self._own(0, 0, b, first, k)
             best[0][b] = (c, 0, c * c)
         for j in range(1, k):
             for b in range(j, n):
@@ -208,7 +212,7 @@ class BlockPrices:
                 for a in range(b, j - 1, -1):  # block j covers segments a..b
                     grown.prepend(a)
                     prev_max, prev_pen, prev_sq = best[j - 1][a - 1]
-                    c = self._own(j, a, b, grown)
+                    c = self._own(j, a, b, grown, k)
                     cand = (max(prev_max, c), prev_pen + self._penalty[a - 1], prev_sq + c * c)
                     if cand < best[j][b]:
                         best[j][b], back[j][b] = cand, a
@@ -228,14 +232,14 @@ class BlockPrices:
         first = _BlockPeak(self.regions)
         for b in range(n):
             first.append(b)
-            c = self._own(0, 0, b, first)
+            c = self._own(0, 0, b, first, k)
             best[0][0][b] = (c, 0, c * c)
         for j in range(1, k):
             for b in range(j, n):
                 grown = _BlockPeak(self.regions)
                 for a in range(b, j - 1, -1):
                     grown.prepend(a)
-                    own = self._own(j, a, b, grown)
+                    own = self._own(j, a, b, grown, k)
                     for p in range(j - 1, a):  # the block before covers segments p..a-1
                         prev_max, prev_pen, prev_sq = best[j - 1][p][a - 1]
                         if prev_max == math.inf:
@@ -566,6 +570,8 @@ def _block_prices(
         if priced and first_parts is not None else None,
         cascade=cascade,
         handing_on=handing,
+        # a cascade re-runs the blocks before it in its backward: their time, on their own stage in a pipeline
+        reruns=input_window - 1 if balance == "time" else 0,
     )
 
 

@@ -6,8 +6,10 @@ optimizer. Rank 0 reads the data; each rank trains its block on what it receives
 ``r + 1`` by point-to-point sends on torch.distributed (gloo on CPU, nccl on GPU). Nothing flows
 backward: a block's update depends on its own input and labels only, so the ranks compute
 exactly the updates of sequential local training on the same batches, overlapped in time. The
-one message that flows backward carries weights, not gradients: the next stage's weights that a
-stage's EMA twins follow (MAN, :class:`_FollowedWeights`).
+one message that flows backward carries weights: the next stage's weights that a
+stage's EMA twins follow (MAN, :class:`_FollowedWeights`). An objective that also trains the block
+before (MLAAN's cascade) sends the gradient reaching its input back one stage
+(:class:`_CascadeGradients`), where the block is re-run and backpropagated before its step.
 
 A stage has at most ``pipeline.max_in_flight`` unfinished sends: a fast stage waits for a slow
 one rather than queueing batches without bound. The test batches flow through the same pipeline;
@@ -72,6 +74,9 @@ from .runtime import (
 __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 
 TRAIN, EVAL, END = 0, 1, 2
+# Point-to-point tags: each kind of message keeps its own order between two stages, so the two
+# that flow backward (weights for EMA twins, a cascade's gradients) never take each other's place.
+_FORWARD_TAG, _WEIGHTS_TAG, _GRADIENT_TAG = 0, 1, 2
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _MAX_DIMS = 8
 _MAX_TENSORS = 3  # a cut's tensor, the one it may carry beside it, and the model input (InfoPro's heads read it)
@@ -88,11 +93,13 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
 
     A stage holds one block's weights only, so an objective must not read another block's,
     except the next block's that its EMA twins follow (MAN: the next stage sends them back,
-    :class:`_FollowedWeights`): MLAAN's cascade re-runs earlier blocks, a replaced unit next to a
-    cut reads the other block's weights; nor may two blocks hold one parameter (a tied table's).
+    :class:`_FollowedWeights`); a cascade reaches the block before only (MLAAN with span 2: the
+    gradient goes back one stage, :class:`_CascadeGradients`); a replaced unit next to a cut
+    must not read the other block's weights; nor may two blocks hold one parameter (a tied table's).
     """
-    if local.input_window > 1:
-        return f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier block(s) in each block's loss"
+    if local.input_window > 2:
+        return (f"its {local.plan.aux} objective re-runs {local.input_window - 1} earlier blocks in each block's loss, "
+                "and a stage sends the gradient back to the stage before only (set its span to 2)")
     if local.task is not None:  # the stages report top-1 and pass class targets on
         return f"it is trained for {local.task.name}, and pipeline stages train classifiers (train it without --pipeline)"
     for b, block in enumerate(local.blocks):
@@ -176,14 +183,14 @@ class _FollowedWeights:
             return
         flat = torch.cat([p.detach().reshape(-1) for p in self.led])
         with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
-            self.sending.append((dist.isend(flat, self.rank - 1), flat))
+            self.sending.append((dist.isend(flat, self.rank - 1, tag=_WEIGHTS_TAG), flat))
             while len(self.sending) > 2:  # the follower takes one per step: never far behind
                 self.sending.popleft()[0].wait(self.timeout)
 
     def _receive(self) -> None:
         flat = torch.empty(sum(c.numel() for c in self.copies), dtype=self.copies[0].dtype, device=self.copies[0].device)
         with _losing_is_an_error(self.rank, f"stage {self.rank + 1}"):
-            dist.irecv(flat, self.rank + 1).wait(self.timeout)
+            dist.irecv(flat, self.rank + 1, tag=_WEIGHTS_TAG).wait(self.timeout)
         for copy, part in zip(self.copies, torch.split(flat, [c.numel() for c in self.copies])):
             copy.copy_(part.view_as(copy))
 
@@ -191,6 +198,92 @@ class _FollowedWeights:
         with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
             while self.sending:
                 self.sending.popleft()[0].wait(self.timeout)
+
+
+class _CascadeGradients:
+    """A cascade's gradient, sent back one stage (MLAAN: block ``r``'s loss also trains block
+    ``r - 1``, which sequential training re-runs for it).
+
+    Stage ``r`` sends the gradient reaching its input (:meth:`send`); stage ``r - 1`` keeps the
+    input of each step it hands on (:meth:`hold`) and, before its step, re-runs its block on the
+    input of the step a gradient is for and backpropagates it (:meth:`receive`). With ``delay``
+    0 that is this step's: stage ``r - 1`` waits for stage ``r``'s forward and backward every
+    step, and the pipeline computes exactly the updates of sequential training, but the stages
+    take turns. With ``delay`` d it is step ``t - d``'s, applied to the weights of step ``t``
+    (re-run with them), so stage ``r`` works on step ``t - 1`` while stage ``r - 1`` works on
+    step ``t``. The gradients of an epoch's last d steps are not sent: every epoch ends with
+    nothing in flight, so a checkpoint holds all there is and a resumed run continues as an
+    uninterrupted one.
+
+    Gradients travel unscaled: a stage's fp16 gradient scaler follows its own steps.
+    """
+
+    def __init__(self, local: LocalModel, rank: int, delay: int, scaler, device: torch.device, timeout_s: float):
+        self.rank, self.delay, self.scaler, self.device = rank, delay, scaler, device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.receives = local.input_window > 1 and rank < local.k - 1
+        # the steps still to receive a gradient for: (step, block input, (shape, dtype) of each floating output)
+        self.held: deque[tuple[int, tuple, list[tuple[torch.Size, torch.dtype]]]] = deque()
+        self.sending: deque[tuple[list, list[torch.Tensor]]] = deque()
+        self.step, self.steps = 0, 0
+
+    def start_epoch(self, steps: int) -> None:
+        self.held.clear()
+        self.step, self.steps = 0, steps
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def _exchanged(self, step: int) -> bool:
+        """Whether step ``step``'s gradient is sent: its application falls within the epoch."""
+        return step + self.delay < self.steps
+
+    def hold(self, inputs: tuple, handed_on: tuple) -> None:
+        """Keep this step's block input until the gradient for its output arrives."""
+        if self.receives and self._exchanged(self.step):
+            outputs = [(t.shape, t.dtype) for t in handed_on if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            self.held.append((self.step, inputs, outputs))
+
+    def send(self, grads: list[torch.Tensor | None] | None) -> None:
+        """As ``train_block``'s ``send_input_gradient`` (None: the loss did not cascade)."""
+        if not self._exchanged(self.step):
+            return
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        present = [g for g in grads or () if g is not None]
+        flags = [grads is not None, *(g is not None for g in grads or ())]
+        header = torch.tensor(flags, dtype=torch.long, device=self.device)
+        tensors = [header, *((g / scale).contiguous() for g in present)]
+        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
+            self.sending.append(([dist.isend(t, self.rank - 1, tag=_GRADIENT_TAG) for t in tensors], tensors))
+            while len(self.sending) > self.delay + 1:  # the stage before takes one per step
+                self._wait(self.sending.popleft()[0])
+
+    def receive(self) -> tuple[tuple, list[torch.Tensor | None]] | None:
+        """As ``train_block``'s ``receive_output_gradient``: the input and output gradient of the
+        step ``delay`` steps back, or None where there is none."""
+        if not self.held or self.held[0][0] != self.step - self.delay:
+            return None
+        _, inputs, outputs = self.held.popleft()
+        with _losing_is_an_error(self.rank, f"stage {self.rank + 1}"):
+            header = torch.empty(1 + len(outputs), dtype=torch.long, device=self.device)
+            self._wait([dist.irecv(header, self.rank + 1, tag=_GRADIENT_TAG)])
+            cascaded, *present = header.tolist()
+            grads = [torch.empty(shape, dtype=dtype, device=self.device) if p else None
+                     for p, (shape, dtype) in zip(present, outputs)]
+            self._wait([dist.irecv(g, self.rank + 1, tag=_GRADIENT_TAG) for g in grads if g is not None])
+        if not cascaded:
+            return None
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        return inputs, [g * scale if g is not None and scale != 1.0 else g for g in grads]
+
+    def flush(self) -> None:
+        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
+            while self.sending:
+                self._wait(self.sending.popleft()[0])
+
+    def _wait(self, works: list) -> None:
+        for work in works:
+            work.wait(self.timeout)
 
 
 @contextlib.contextmanager
@@ -317,22 +410,30 @@ class _Totals:
     images: int = 0
 
 
-def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, steps) -> _Totals:
+def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, cascade,
+                steps) -> _Totals:
     """One epoch of this stage; ``followed`` exchanges the weights EMA twins follow, by global
-    step (``steps``: per epoch, the run's first and its end)."""
+    step (``steps``: per epoch, the run's first and its end), ``cascade`` a cascade's gradients."""
     totals = _Totals()
     last = rank == local.k - 1
     forwards_input = any(b > rank for b in local.needs_model_input)
+    cascade.start_epoch(steps.per_epoch)
     for step, (carried, y, model_input) in enumerate(batches):
         at = epoch * steps.per_epoch + step
+
+        def hand_on(handed_on, carried=carried, y=y, model_input=model_input):
+            # sent before this stage's step (and before it waits for anything): the next stage starts sooner
+            cascade.hold(carried, handed_on)
+            link.send(TRAIN, handed_on, y, model_input if forwards_input else None)
+
         with autocast:
-            handed_on, loss, logits = local.train_block(
+            _, loss, logits = local.train_block(
                 rank, carried, y, optimizer, scaler=scaler, before_heads_follow=followed.receiver(at, steps.first),
-                model_input=model_input,
+                model_input=model_input, hand_on=None if last else hand_on,
+                send_input_gradient=cascade.send, receive_output_gradient=cascade.receive,
             )
         followed.after_step(at, steps.end)
-        if not last:
-            link.send(TRAIN, handed_on, y, model_input if forwards_input else None)
+        cascade.next_step()
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(
@@ -413,7 +514,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             local = build_agreed_model(recipe, dist_, state)
     obstacle = pipeline_obstacle(local) if local.k > 1 else "it has one block; set convert.k to 2 or more"
     if obstacle:
-        raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal, man or none")
+        raise PipelineError(f"cannot pipeline this model: {obstacle}; use aux dgl, auglocal, man, mlaan or none")
     if dist_.world != local.k:
         raise PipelineError(
             f"pipeline mode runs one process per block and this model has {local.k} blocks: launch it with "
@@ -445,6 +546,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     schedulers = make_schedulers(recipe, [optimizer])
     scheduler = schedulers[0] if schedulers else None
     scaler = amp_scaler(recipe, device)
+    cascade = _CascadeGradients(local, rank, recipe.pipeline.cascade_delay, scaler, device, recipe.pipeline.timeout_s)
     if state is not None:
         optimizer.load_state_dict(state["optimizers"][rank])
         if scheduler is not None:
@@ -487,7 +589,8 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             reseed_epoch(sampler, order, recipe.seed, epoch)
         started = time.perf_counter()
         batches = from_loader(train_loader, steps) if rank == 0 else link.receive(TRAIN)
-        totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, run_steps)
+        totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed,
+                             cascade, run_steps)
         elapsed = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step(epoch + 1)
@@ -547,6 +650,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     if last:
         plot_curves(history, out_dir / "curves.png")
     followed.flush()
+    cascade.flush()
     with link.talking_to("a stage"):
         leave_distributed(dist_)
     return TrainResult(out_dir, recipe.epochs, history, history[-1] if history else {}, last)

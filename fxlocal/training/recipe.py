@@ -98,6 +98,10 @@ class PipelineSection(_Section):
     # steps between the weights a stage sends back to the one before, whose EMA twins follow
     # them (MAN): 1 computes exactly the updates of sequential training
     weight_sync: int = Field(default=1, ge=1)
+    # steps by which a stage applies the gradient the next stage's cascade sends back (MLAAN):
+    # 0 waits for it every step and computes exactly the updates of sequential training; d > 0
+    # applies it d steps late, to the weights then, so that the stages overlap
+    cascade_delay: int = Field(default=0, ge=0)
 
 
 class SchedulerSection(_Section):

@@ -294,3 +294,16 @@ def test_a_block_that_only_hands_a_carried_tensor_on_is_priced_with_the_cuts_own
     best = prices.best_cuts(k)
     assert prices.block_prices(best) == by_definition(best)
     assert max(by_definition(best)) == min(max(by_definition(list(c))) for c in itertools.combinations(range(n - 1), k - 1))
+
+
+@pytest.mark.parametrize("reruns,k,expected", [(0, 2, [2, 5]), (1, 2, [1, 5]), (1, 3, [0, 1, 5]), (2, 3, [0, 1, 5]), (1, 4, [0, 1, 2, 5])])
+def test_time_prices_count_the_reruns_of_a_cascade(reruns, k, expected):
+    """Balanced for time, a block that later blocks' cascades re-run (MLAAN) costs its segments
+    once more per re-run (at most once per later block): its stage spends that time."""
+    from fxlocal.graph.partition import BlockPrices
+
+    prices = BlockPrices([1.0] * 6, reruns=reruns)
+    cuts = prices.best_cuts(k)
+    assert [*cuts, 5] == expected
+    sizes = [b - a for a, b in zip([-1, *cuts], [*cuts, 5])]
+    assert prices.block_prices(cuts) == [size * (1 + min(reruns, k - 1 - j)) for j, size in enumerate(sizes)]

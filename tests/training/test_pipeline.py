@@ -132,6 +132,37 @@ def test_man_pipelined_follows_the_next_stage_as_sequential_training_does(tmp_pa
     assert not all(torch.equal(stale["model"][key], expected["model"][key]) for key in twin)
 
 
+def test_mlaan_pipelined_sends_its_cascade_gradient_back_as_sequential_training_does(tmp_path, one_thread):
+    """MLAAN's cascade trains the block before: stage r sends the gradient reaching its input back
+    to stage r-1, which re-runs its block on that step's input and backpropagates it before its
+    step. Waiting for it every step (pipeline.cascade_delay: 0), three stages (the middle one
+    both sends and receives) end where sequential training ends, across the epoch boundary, and
+    so does a run stopped after an epoch and resumed. Applied a step late (cascade_delay: 1) the
+    updates differ, and a resumed run still ends as the uninterrupted one."""
+    def recipe(folder, k=2, **changes):
+        return tiny(tmp_path / folder, convert={"k": k, "aux": "mlaan"},
+                    scheduler={"name": "step", "decay_epochs": 1, "decay_rate": 0.5}, **changes)
+
+    expected = load_training_checkpoint(fit(recipe("seq3", k=3)).output_dir / "last.pt")
+    _torchrun(_recipe_file(recipe("pipe3", k=3), tmp_path / "pipe3.yaml"), stages=3)
+    _assert_same_training(load_training_checkpoint(tmp_path / "pipe3/run/last.pt"), expected)
+
+    expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
+    _torchrun(_recipe_file(recipe("pipe", epochs=1), tmp_path / "one.yaml"))
+    _torchrun(_recipe_file(recipe("pipe"), tmp_path / "two.yaml"), "--resume")
+    pipelined = load_training_checkpoint(tmp_path / "pipe/run/last.pt")
+    assert [r["epoch"] for r in pipelined["history"]] == [1, 2]
+    _assert_same_training(pipelined, expected)
+
+    late = {"cascade_delay": 1}
+    _torchrun(_recipe_file(recipe("late", pipeline=late), tmp_path / "late.yaml"))
+    uninterrupted = load_training_checkpoint(tmp_path / "late/run/last.pt")
+    assert not torch.allclose(uninterrupted["model"]["blocks.0.conv1.weight"], expected["model"]["blocks.0.conv1.weight"])
+    _torchrun(_recipe_file(recipe("late_resumed", epochs=1, pipeline=late), tmp_path / "late_one.yaml"))
+    _torchrun(_recipe_file(recipe("late_resumed", pipeline=late), tmp_path / "late_two.yaml"), "--resume")
+    _assert_same_training(load_training_checkpoint(tmp_path / "late_resumed/run/last.pt"), uninterrupted)
+
+
 _STAGE = """
 import os, sys, time
 from fxlocal.local_model import LocalModel
@@ -209,15 +240,18 @@ def test_pipeline_refuses_what_it_cannot_run(tmp_path, monkeypatch):
         fit(tiny(tmp_path, pipeline={"enabled": True}))
     with pytest.raises(PipelineError, match="optimizer.per_block: true"):
         fit(tiny(tmp_path, pipeline={"enabled": True}, optimizer__per_block=False))
-    with pytest.raises(PipelineError, match="re-runs 1 earlier block"):
-        fit(tiny(tmp_path, pipeline={"enabled": True}, convert__aux="mlaan"))
+    with pytest.raises(PipelineError, match="re-runs 2 earlier blocks"):
+        fit(tiny(tmp_path, pipeline={"enabled": True}, convert__aux="mlaan", convert__aux_options={"span": 3}))
     done = run_cli(["train", str(_recipe_file(tiny(tmp_path), tmp_path / "r.yaml")), "--pipeline"])
     assert_one_line_error(done, "torchrun --nproc-per-node 2")
 
 
-@pytest.mark.parametrize("aux,stage_local", [("dgl", True), ("auglocal", True), ("man", True), ("mlaan", False), ("infopro", True)])
-def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, stage_local):
-    local = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28), num_classes=10)
+@pytest.mark.parametrize("aux,options,stage_local", [
+    ("dgl", {}, True), ("auglocal", {}, True), ("man", {}, True), ("mlaan", {}, True), ("mlaan", {"span": 3}, False),
+    ("infopro", {}, True),
+])
+def test_pipeline_obstacle_names_objectives_that_read_other_blocks(aux, options, stage_local):
+    local = fxlocal.convert("resnet32_cifar", k=3, aux=aux, input_size=(1, 28, 28), num_classes=10, **options)
     obstacle = pipeline_obstacle(local)
     assert (obstacle is None) == stage_local, obstacle
 
