@@ -118,16 +118,23 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
             "from it), which one process per block cannot keep in step"
         )
     for b in range(local.k):
-        following = _following_twins(local, b)
-        nxt = {id(p) for p in local.blocks[b + 1].parameters()} if b + 1 < local.k else set()
-        if any(id(p) not in nxt for twin in following for p in twin.live_parameters):
-            return f"block {b}'s {local.plan.aux} head follows the weights of a block other than the next (an EMA twin)"
+        for twin in _following_twins(local, b):
+            leader = _leader(local, twin)
+            if leader is None or leader <= b:
+                return f"block {b}'s {local.plan.aux} head has an EMA twin following weights that no single later block holds"
     return None
+
+
+def _leader(local: LocalModel, twin: EMATwin) -> int | None:
+    """The one block holding every weight ``twin`` follows, or None when no single block does."""
+    holders = {b for p in twin.live_parameters for b, block in enumerate(local.blocks)
+               if any(p is q for q in block.parameters())}
+    return holders.pop() if len(holders) == 1 else None
 
 
 def _following_twins(local: LocalModel, b: int) -> list[EMATwin]:
     """The EMA twins of block ``b``'s objective that follow another block's weights (MAN's
-    follow the next block's first unit), in module order."""
+    follow the next block's first unit, MLAAN's the first unit of its chain), in module order."""
     own = {id(p) for p in local.block_parameters(b)}
     objective = local.heads[b] if b < len(local.heads) else local.final_objective
     twins = [m for m in (objective.modules() if objective is not None else ()) if isinstance(m, EMATwin)]
@@ -135,12 +142,13 @@ def _following_twins(local: LocalModel, b: int) -> list[EMATwin]:
 
 
 class _FollowedWeights:
-    """The weights of stage ``r + 1`` that stage ``r``'s EMA twins follow (MAN: the next block's
-    first unit), sent back from ``r + 1`` to ``r``: once as a run starts, then after every
-    ``every``-th step of ``r + 1``. Stage ``r`` receives them after its backward, before its
-    twins update, at its first step and every ``every``-th: with ``every=1`` a twin at step ``t``
-    follows the weights after the next stage's step ``t - 1``, as in sequential training, while
-    stage ``r``'s forward and backward overlap that step. Nothing is sent after the last step.
+    """The weights of later stages that stage ``r``'s EMA twins follow (MAN: the next block's
+    first unit; MLAAN: the first unit its chain copies, up to a few blocks on), sent back from
+    each such leader to ``r``: once as a run starts, then after every ``every``-th step of the
+    leader. Stage ``r`` receives them after its backward, before its twins update, at its first
+    step and every ``every``-th: with ``every=1`` a twin at step ``t`` follows the weights after
+    the leader's step ``t - 1``, as in sequential training, while stage ``r``'s forward and
+    backward overlap that step. Nothing is sent after the last step.
 
     Build it before the other blocks leave this process (it reads which parameters the twins
     follow), then :meth:`place` it on the stage's device.
@@ -149,18 +157,24 @@ class _FollowedWeights:
     def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float):
         self.rank, self.every = rank, every
         self.timeout = timedelta(seconds=timeout_s)
-        self.twins = _following_twins(local, rank)  # as a follower: this stage's twins
-        # as a leader: this stage's parameters that the previous stage's twins follow
-        self.led = [p for twin in _following_twins(local, rank - 1) for p in twin.live_parameters] if rank > 0 else []
-        self.copies: list[torch.Tensor] = []
+        # as a follower: this stage's twins, by the stage they follow
+        self.twins: dict[int, list[EMATwin]] = {}
+        for twin in _following_twins(local, rank):
+            self.twins.setdefault(_leader(local, twin), []).append(twin)
+        # as a leader: this stage's parameters that an earlier stage's twins follow, by follower
+        self.led = {f: [p for twin in _following_twins(local, f) if _leader(local, twin) == rank for p in twin.live_parameters]
+                    for f in range(rank)}
+        self.led = {f: params for f, params in self.led.items() if params}
+        self.copies: dict[int, list[torch.Tensor]] = {}
         self.sending: deque[tuple[object, torch.Tensor]] = deque()
 
     def place(self, device: torch.device) -> None:
         """Give this stage's twins copies of what they follow, on ``device``."""
-        for twin in self.twins:
-            copies = [torch.zeros(p.shape, dtype=p.dtype, device=device) for p in twin.live_parameters]
-            twin.follow(copies)
-            self.copies += copies
+        for leader, twins in self.twins.items():
+            for twin in twins:
+                copies = [torch.zeros(p.shape, dtype=p.dtype, device=device) for p in twin.live_parameters]
+                twin.follow(copies)
+                self.copies.setdefault(leader, []).extend(copies)
 
     def start(self) -> None:
         """As a run starts: the leader sends the weights as they are."""
@@ -179,23 +193,25 @@ class _FollowedWeights:
         return self._receive
 
     def _send(self) -> None:
-        if not self.led:
-            return
-        flat = torch.cat([p.detach().reshape(-1) for p in self.led])
-        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
-            self.sending.append((dist.isend(flat, self.rank - 1, tag=_WEIGHTS_TAG), flat))
-            while len(self.sending) > 2:  # the follower takes one per step: never far behind
+        for follower, params in self.led.items():
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            with _losing_is_an_error(self.rank, f"stage {follower}"):
+                self.sending.append((dist.isend(flat, follower, tag=_WEIGHTS_TAG), flat))
+        # each follower takes one per step: never far behind
+        while len(self.sending) > 2 * len(self.led):
+            with _losing_is_an_error(self.rank, "a stage before"):
                 self.sending.popleft()[0].wait(self.timeout)
 
     def _receive(self) -> None:
-        flat = torch.empty(sum(c.numel() for c in self.copies), dtype=self.copies[0].dtype, device=self.copies[0].device)
-        with _losing_is_an_error(self.rank, f"stage {self.rank + 1}"):
-            dist.irecv(flat, self.rank + 1, tag=_WEIGHTS_TAG).wait(self.timeout)
-        for copy, part in zip(self.copies, torch.split(flat, [c.numel() for c in self.copies])):
-            copy.copy_(part.view_as(copy))
+        for leader, copies in self.copies.items():
+            flat = torch.empty(sum(c.numel() for c in copies), dtype=copies[0].dtype, device=copies[0].device)
+            with _losing_is_an_error(self.rank, f"stage {leader}"):
+                dist.irecv(flat, leader, tag=_WEIGHTS_TAG).wait(self.timeout)
+            for copy, part in zip(copies, torch.split(flat, [c.numel() for c in copies])):
+                copy.copy_(part.view_as(copy))
 
     def flush(self) -> None:
-        with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
+        with _losing_is_an_error(self.rank, "a stage before"):
             while self.sending:
                 self.sending.popleft()[0].wait(self.timeout)
 

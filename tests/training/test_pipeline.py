@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import fxlocal
+from fxlocal.aux.ema import EMATwin
 from fxlocal.tools.export import load_local_model
 from fxlocal.tools.verify import export_mismatch
 from fxlocal.training.checkpoint import load_training_checkpoint
@@ -135,17 +136,23 @@ def test_man_pipelined_follows_the_next_stage_as_sequential_training_does(tmp_pa
 def test_mlaan_pipelined_sends_its_cascade_gradient_back_as_sequential_training_does(tmp_path, one_thread):
     """MLAAN's cascade trains the block before: stage r sends the gradient reaching its input back
     to stage r-1, which re-runs its block on that step's input and backpropagates it before its
-    step. Waiting for it every step (pipeline.cascade_delay: 0), three stages (the middle one
-    both sends and receives) end where sequential training ends, across the epoch boundary, and
-    so does a run stopped after an epoch and resumed. Applied a step late (cascade_delay: 1) the
-    updates differ, and a resumed run still ends as the uninterrupted one."""
+    step. Waiting for it every step (pipeline.cascade_delay: 0), four stages end where sequential
+    training ends, across the epoch boundary: the middle ones both send and receive gradients,
+    and the EMA twins of stages 1 and 2 follow the first unit of their chains, on stage 3 (sent
+    back to both). So does a run stopped after an epoch and resumed. Applied a step late
+    (cascade_delay: 1) the updates differ, and a resumed run still ends as the uninterrupted one."""
     def recipe(folder, k=2, **changes):
         return tiny(tmp_path / folder, convert={"k": k, "aux": "mlaan"},
                     scheduler={"name": "step", "decay_epochs": 1, "decay_rate": 0.5}, **changes)
 
-    expected = load_training_checkpoint(fit(recipe("seq3", k=3)).output_dir / "last.pt")
-    _torchrun(_recipe_file(recipe("pipe3", k=3), tmp_path / "pipe3.yaml"), stages=3)
-    _assert_same_training(load_training_checkpoint(tmp_path / "pipe3/run/last.pt"), expected)
+    four = recipe("seq4", k=4)
+    expected = load_training_checkpoint(fit(four).output_dir / "last.pt")
+    local = fxlocal.convert("resnet32_cifar", k=4, aux="mlaan", input_size=(1, 28, 28), num_classes=10)
+    followed = [{b for twin in local.heads[h].modules() if isinstance(twin, EMATwin) for b in range(4)
+                 if any(p is q for p in twin.live_parameters for q in local.blocks[b].parameters())} for h in range(3)]
+    assert followed == [{1}, {3}, {3}]
+    _torchrun(_recipe_file(recipe("pipe4", k=4), tmp_path / "pipe4.yaml"), stages=4)
+    _assert_same_training(load_training_checkpoint(tmp_path / "pipe4/run/last.pt"), expected)
 
     expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
     _torchrun(_recipe_file(recipe("pipe", epochs=1), tmp_path / "one.yaml"))
