@@ -74,9 +74,6 @@ from .runtime import (
 __all__ = ["PipelineError", "fit_pipeline", "pipeline_obstacle"]
 
 TRAIN, EVAL, END = 0, 1, 2
-# Point-to-point tags: each kind of message keeps its own order between two stages, so the two
-# that flow backward (weights for EMA twins, a cascade's gradients) never take each other's place.
-_FORWARD_TAG, _WEIGHTS_TAG, _GRADIENT_TAG = 0, 1, 2
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _MAX_DIMS = 8
 _MAX_TENSORS = 3  # a cut's tensor, the one it may carry beside it, and the model input (InfoPro's heads read it)
@@ -154,8 +151,8 @@ class _FollowedWeights:
     follow), then :meth:`place` it on the stage's device.
     """
 
-    def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float):
-        self.rank, self.every = rank, every
+    def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float, group=None):
+        self.rank, self.every, self.group = rank, every, group
         self.timeout = timedelta(seconds=timeout_s)
         # as a follower: this stage's twins, by the stage they follow
         self.twins: dict[int, list[EMATwin]] = {}
@@ -196,7 +193,7 @@ class _FollowedWeights:
         for follower, params in self.led.items():
             flat = torch.cat([p.detach().reshape(-1) for p in params])
             with _losing_is_an_error(self.rank, f"stage {follower}"):
-                self.sending.append((dist.isend(flat, follower, tag=_WEIGHTS_TAG), flat))
+                self.sending.append((dist.isend(flat, follower, group=self.group), flat))
         # each follower takes one per step: never far behind
         while len(self.sending) > 2 * len(self.led):
             with _losing_is_an_error(self.rank, "a stage before"):
@@ -206,7 +203,7 @@ class _FollowedWeights:
         for leader, copies in self.copies.items():
             flat = torch.empty(sum(c.numel() for c in copies), dtype=copies[0].dtype, device=copies[0].device)
             with _losing_is_an_error(self.rank, f"stage {leader}"):
-                dist.irecv(flat, leader, tag=_WEIGHTS_TAG).wait(self.timeout)
+                dist.irecv(flat, leader, group=self.group).wait(self.timeout)
             for copy, part in zip(copies, torch.split(flat, [c.numel() for c in copies])):
                 copy.copy_(part.view_as(copy))
 
@@ -234,8 +231,9 @@ class _CascadeGradients:
     Gradients travel unscaled: a stage's fp16 gradient scaler follows its own steps.
     """
 
-    def __init__(self, local: LocalModel, rank: int, delay: int, scaler, device: torch.device, timeout_s: float):
-        self.rank, self.delay, self.scaler, self.device = rank, delay, scaler, device
+    def __init__(self, local: LocalModel, rank: int, delay: int, scaler, device: torch.device, timeout_s: float,
+                 group=None):
+        self.rank, self.delay, self.scaler, self.device, self.group = rank, delay, scaler, device, group
         self.timeout = timedelta(seconds=timeout_s)
         self.receives = local.input_window > 1 and rank < local.k - 1
         # the steps still to receive a gradient for: (step, block input, (shape, dtype) of each floating output)
@@ -270,7 +268,7 @@ class _CascadeGradients:
         header = torch.tensor(flags, dtype=torch.long, device=self.device)
         tensors = [header, *((g / scale).contiguous() for g in present)]
         with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
-            self.sending.append(([dist.isend(t, self.rank - 1, tag=_GRADIENT_TAG) for t in tensors], tensors))
+            self.sending.append(([dist.isend(t, self.rank - 1, group=self.group) for t in tensors], tensors))
             while len(self.sending) > self.delay + 1:  # the stage before takes one per step
                 self._wait(self.sending.popleft()[0])
 
@@ -282,11 +280,11 @@ class _CascadeGradients:
         _, inputs, outputs = self.held.popleft()
         with _losing_is_an_error(self.rank, f"stage {self.rank + 1}"):
             header = torch.empty(1 + len(outputs), dtype=torch.long, device=self.device)
-            self._wait([dist.irecv(header, self.rank + 1, tag=_GRADIENT_TAG)])
+            self._wait([dist.irecv(header, self.rank + 1, group=self.group)])
             cascaded, *present = header.tolist()
             grads = [torch.empty(shape, dtype=dtype, device=self.device) if p else None
                      for p, (shape, dtype) in zip(present, outputs)]
-            self._wait([dist.irecv(g, self.rank + 1, tag=_GRADIENT_TAG) for g in grads if g is not None])
+            self._wait([dist.irecv(g, self.rank + 1, group=self.group) for g in grads if g is not None])
         if not cascaded:
             return None
         scale = self.scaler.get_scale() if self.scaler is not None else 1.0
@@ -549,7 +547,13 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             raise PipelineError(f"{checkpoint} holds one optimizer for the whole model; pipeline mode needs one per block")
         local.load_state_dict(state["model"])
         start_epoch, history = state["epoch"], state["history"]
-    followed = _FollowedWeights(local, rank, recipe.pipeline.weight_sync, recipe.pipeline.timeout_s)
+    # One communicator per kind of message flowing backward (weights for EMA twins, a cascade's
+    # gradients): each keeps its own order between two stages whatever the other does, which
+    # point-to-point tags cannot promise (NCCL ignores them).
+    with _losing_is_an_error(rank, "a stage"):
+        weights_group, gradients_group = (dist.new_group(timeout=timedelta(seconds=recipe.pipeline.timeout_s))
+                                          for _ in range(2))
+    followed = _FollowedWeights(local, rank, recipe.pipeline.weight_sync, recipe.pipeline.timeout_s, weights_group)
     # This process keeps its own block (and head) only.
     for b in range(k):
         if b != rank:
@@ -562,7 +566,8 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     schedulers = make_schedulers(recipe, [optimizer])
     scheduler = schedulers[0] if schedulers else None
     scaler = amp_scaler(recipe, device)
-    cascade = _CascadeGradients(local, rank, recipe.pipeline.cascade_delay, scaler, device, recipe.pipeline.timeout_s)
+    cascade = _CascadeGradients(local, rank, recipe.pipeline.cascade_delay, scaler, device, recipe.pipeline.timeout_s,
+                                gradients_group)
     if state is not None:
         optimizer.load_state_dict(state["optimizers"][rank])
         if scheduler is not None:
