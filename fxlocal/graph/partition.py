@@ -101,7 +101,9 @@ class BlockPrices:
     * with a ``cascade`` (:class:`CascadePrices`), for a block after the first, the larger of that
       and the re-run of the block before, plus what the block before still holds;
     * with ``reruns`` (time), its segments again for each later block whose cascade re-runs and
-      backpropagates it (``min(reruns, blocks after it)``): time its stage spends on them.
+      backpropagates it (``min(reruns, blocks after it)``): time its stage spends on them; with
+      ``repeated_backward`` (time), that share of its segments again unless it is the last (a head
+      that backpropagates its block twice, MLAAN's).
 
     Among splits with the same maximum, fewer ``cut_penalties`` win (cuts that do not end a
     module cost 1; cuts that carry a second tensor 2: twice the boundary, and where the block
@@ -119,6 +121,7 @@ class BlockPrices:
     cascade: CascadePrices | None = None
     handing_on: "HandingOnPrices | None" = None
     reruns: int = 0
+    repeated_backward: float = 0.0
     n: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +156,8 @@ class BlockPrices:
         if self.handing_on is not None and b < self.n - 1 and a >= self.handing_on.from_segment[b]:
             rows, head_rows = self._rows_on, self._head_rows_on
         peak = max(value, grown.total + self._at_cut(head_rows, j, b))
-        segments = (self._prefix[b + 1] - self._prefix[a]) * (1 + min(self.reruns, k - 1 - j))
+        repeats = min(self.reruns, k - 1 - j) + (self.repeated_backward if b < self.n - 1 else 0.0)
+        segments = (self._prefix[b + 1] - self._prefix[a]) * (1 + repeats)
         return segments + self._at_cut(rows, j, b) + peak + self._starts[a]
 
     def _rerun_peak(self, p: int, e: int) -> float:
@@ -572,7 +576,13 @@ def _block_prices(
         handing_on=handing,
         # a cascade re-runs the blocks before it in its backward: their time, on their own stage in a pipeline
         reruns=input_window - 1 if balance == "time" else 0,
+        repeated_backward=BACKWARD_SHARE if balance == "time" and first_parts is not None else 0.0,
     )
+
+
+# A block's backward's share of its forward and backward time: a convolution's or a Linear's
+# backward computes two products (the input's gradient and the weights') to the forward's one.
+BACKWARD_SHARE = 2 / 3
 
 
 def _score(cost: Cost, balance: str, memory: MemoryModel | None, head: bool = False) -> float:

@@ -307,3 +307,13 @@ def test_time_prices_count_the_reruns_of_a_cascade(reruns, k, expected):
     assert [*cuts, 5] == expected
     sizes = [b - a for a, b in zip([-1, *cuts], [*cuts, 5])]
     assert prices.block_prices(cuts) == [size * (1 + min(reruns, k - 1 - j)) for j, size in enumerate(sizes)]
+
+
+def test_time_prices_count_a_second_backward_of_every_block_but_the_last():
+    """A head that backpropagates its block twice (MLAAN's two losses) costs that block its
+    backward's share again, priced for time."""
+    from fxlocal.graph.partition import BACKWARD_SHARE, BlockPrices
+
+    prices = BlockPrices([1.0] * 6, reruns=1, repeated_backward=BACKWARD_SHARE)
+    assert prices.block_prices([1]) == pytest.approx([2 * (2 + BACKWARD_SHARE), 4])
+    assert prices.best_cuts(2) == [0]  # 1 segment: 2.67 beside 5; 2 segments: 5.33 beside 4
