@@ -48,7 +48,8 @@ def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False
     node_costs = measure_nodes(gm, input_size)
     if timed:
         seconds = time_nodes(gm, input_size)
-        node_costs = {name: replace(cost, seconds=seconds.get(name, 0.0)) for name, cost in node_costs.items()}
+        node_costs = {name: replace(cost, seconds=seconds[name], timed_flops=cost.flops) if name in seconds else cost
+                      for name, cost in node_costs.items()}
     cut_at = {c.index for c in candidates}
     segments: list[list[str]] = [[]]
     costs: list[Cost] = [Cost()]

@@ -46,6 +46,9 @@ class Cost:
     largest_activation_bytes: float = 0.0
     # forward + backward wall time, measured for real (:func:`time_nodes`); 0 when not measured
     seconds: float = 0.0
+    # the FLOPs whose time ``seconds`` holds: a sum of timed and untimed parts (a head of unit
+    # copies and a pooled classifier) knows which part still needs pricing
+    timed_flops: float = 0.0
     # resident tensors that get no gradient and no optimizer state (an EMA twin's weights)
     buffer_bytes: float = 0.0
     # outputs of its convolutions, matrix products and attention: what backbone_recompute="cheap"
@@ -60,6 +63,7 @@ class Cost:
             params=self.params + other.params,
             largest_activation_bytes=max(self.largest_activation_bytes, other.largest_activation_bytes),
             seconds=self.seconds + other.seconds,
+            timed_flops=self.timed_flops + other.timed_flops,
             buffer_bytes=self.buffer_bytes + other.buffer_bytes,
             kept_bytes=self.kept_bytes + other.kept_bytes,
         )

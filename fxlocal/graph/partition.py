@@ -447,12 +447,15 @@ def partition(
 
 
 def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
-    """Heads are measured on fake tensors, not timed: in a timed analysis, price a head's FLOPs
-    at the seconds per FLOP the model itself was measured at."""
+    """Heads are measured on fake tensors, not timed: in a timed analysis, price the FLOPs of a
+    head that no measured time covers (all of a plain head's; a head of unit copies has their
+    segments' time, but not its classifier's, its EMA twin's or its re-runs') at the seconds per
+    FLOP the model itself was measured at."""
     total = sum(analysis.segment_costs, Cost())
-    if not total.seconds or head.seconds or not total.flops:
+    untimed = head.flops - head.timed_flops
+    if not total.seconds or not total.flops or untimed <= 0:
         return head
-    return replace(head, seconds=head.flops * total.seconds / total.flops)
+    return replace(head, seconds=head.seconds + untimed * total.seconds / total.flops, timed_flops=head.flops)
 
 
 @dataclass

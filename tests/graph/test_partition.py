@@ -317,3 +317,24 @@ def test_time_prices_count_a_second_backward_of_every_block_but_the_last():
     prices = BlockPrices([1.0] * 6, reruns=1, repeated_backward=BACKWARD_SHARE)
     assert prices.block_prices([1]) == pytest.approx([2 * (2 + BACKWARD_SHARE), 4])
     assert prices.best_cuts(2) == [0]  # 1 segment: 2.67 beside 5; 2 segments: 5.33 beside 4
+
+
+def test_time_prices_the_untimed_part_of_a_head_that_copies_timed_units():
+    """A head made of copies of timed units (their segments' measured time) and a classifier
+    (FLOPs only) is priced at both: the classifier's FLOPs at the model's measured seconds per
+    FLOP, as a head with no timed part is."""
+    from fxlocal.graph.cost import Cost
+    from fxlocal.graph.partition import plan_from_cuts
+
+    gm = fxlocal.trace(_CheapThenCounted(), SIZE_TIMED)
+    analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
+    copied = next(c for c in analysis.segment_costs if c.flops)  # the Linear's
+    assert copied.seconds > 0 and copied.timed_flops == copied.flops
+    classifier = Cost(flops=sum(c.flops for c in analysis.segment_costs))  # as many FLOPs as the model
+    cut = len(analysis.candidates) // 2
+
+    def block0(head: Cost) -> float:
+        return plan_from_cuts(gm, analysis, [cut], "time", [head] * len(analysis.candidates)).blocks[0].cost
+
+    assert block0(copied + classifier) - block0(classifier) == pytest.approx(copied.seconds, rel=1e-6)
+    assert block0(classifier) - block0(Cost()) == pytest.approx(sum(c.seconds for c in analysis.segment_costs), rel=1e-6)
