@@ -13,6 +13,7 @@ from fxlocal.training.build import build_model
 from fxlocal.training.checkpoint import load_training_checkpoint
 from fxlocal.training.data import DatasetError, build_dataset
 from fxlocal.training.loop import fit
+from fxlocal.training.pipeline import pipeline_obstacle
 from fxlocal.training.recipe import RecipeError, load_recipe
 from fxlocal.training.report import Reporter
 from helpers import REPO, SHARED, assert_one_line_error, run_cli, tiny
@@ -61,6 +62,8 @@ def test_shipped_recipes_validate_name_a_source_and_build(path):
     assert recipe.source
     local = build_model(recipe)
     assert local.k == recipe.convert.k and local.plan.aux == recipe.convert.aux
+    if recipe.pipeline.enabled:  # one block per process: nothing its objectives read may be elsewhere
+        assert pipeline_obstacle(local) is None
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path):
