@@ -103,8 +103,9 @@ class StepContext:
     input_leaves: list[torch.Tensor] = field(default_factory=list)
     # Where the gradient reaching the block's input goes when the block before is not in this
     # process (a pipeline stage, :meth:`LocalModel.train_block`): it takes one entry per input
-    # leaf (None where the loss did not reach it), and the block before is trained elsewhere.
-    send_input_gradient: Callable[[list[torch.Tensor | None]], None] | None = None
+    # leaf (None where the loss did not reach it) and whether the loss cascaded at all, and the
+    # block before is trained elsewhere.
+    send_input_gradient: Callable[[list[torch.Tensor | None], bool], None] | None = None
     _cascade: tuple[int, int] | None = None  # (first, last) of the cascade being trained
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class StepContext:
             if input_share != 1.0:
                 grads = [g * input_share if g is not None else None for g in grads]
             if self.send_input_gradient is not None:  # block last - 1 is trained on another stage
-                self.send_input_gradient(grads)
+                self.send_input_gradient(grads, True)
                 return part.detach()
         for b in range(last - 1, first - 1, -1):
             grads = self.model.backpropagate_rerun(b, self.inputs[b], grads, to_input=b > first)
@@ -487,8 +488,8 @@ class LocalModel(nn.Module):
             to_input: also compute the gradient reaching the block's floating inputs.
 
         Returns:
-            The gradient reaching each floating input (all None without ``to_input``), or None
-            when no gradient reached anything the block computed.
+            The gradient reaching each floating input (an empty list without ``to_input``), or
+            None when no gradient reached anything the block computed.
         """
         inputs, leaves = list(inputs), []
         if to_input:
@@ -525,7 +526,7 @@ class LocalModel(nn.Module):
         before_heads_follow: Callable[[], None] | None = None,
         model_input: torch.Tensor | None = None,
         hand_on: Callable[[tuple], None] | None = None,
-        send_input_gradient: Callable[[list[torch.Tensor | None] | None], None] | None = None,
+        send_input_gradient: Callable[[list[torch.Tensor | None], bool], None] | None = None,
         receive_output_gradient: Callable[[], tuple[tuple, list[torch.Tensor | None]] | None] | None = None,
     ) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         """Train block ``b`` alone on its input, as :meth:`train_step` trains it in turn: forward,
@@ -554,8 +555,8 @@ class LocalModel(nn.Module):
             hand_on: called with what block ``b + 1`` takes (detached) as soon as the backward
                 is done, before the step (a pipeline sends it on there).
             send_input_gradient: with a cascade and ``b > 0``, takes the gradient reaching each
-                floating input tensor (None where none did), or None when the loss did not
-                cascade (the block before is not re-run for it).
+                floating input tensor (None where none did) and whether the loss cascaded at all
+                (False: all None, and the block before is not re-run for it); called once a step.
             receive_output_gradient: with a cascade and ``b`` before the last, returns ``(input,
                 gradient per floating output tensor)`` of the step the next block's cascade
                 trained, or None where there is none to apply at this step.
@@ -585,9 +586,9 @@ class LocalModel(nn.Module):
             model_input = inputs[0]
         sent: list[bool] = []
 
-        def send_once(grads: list[torch.Tensor | None]) -> None:
+        def send_once(grads: list[torch.Tensor | None], cascaded: bool) -> None:
             sent.append(True)
-            send_input_gradient(grads)
+            send_input_gradient(grads, cascaded)
 
         ctx = StepContext(self, y, criterion or self.criterion, input=model_input, backward=backward,
                           send_input_gradient=send_once if cascaded_into else None)
@@ -602,7 +603,7 @@ class LocalModel(nn.Module):
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)
         if cascaded_into and not sent:  # an objective that did not cascade: the block before still hears of it
-            send_input_gradient(None)
+            send_input_gradient([None] * len(ctx.input_leaves), False)
         handed_on = isolated(out) if b < len(self.heads) else ()
         del out
         if hand_on is not None and handed_on:

@@ -3,13 +3,13 @@
 Under ``torchrun --nproc-per-node K``, rank ``r`` owns block ``r``, its aux head and its
 optimizer. Rank 0 reads the data; each rank trains its block on what it receives
 (:meth:`LocalModel.train_block`) and sends the detached output, with the labels, to rank
-``r + 1`` by point-to-point sends on torch.distributed (gloo on CPU, nccl on GPU). Nothing flows
-backward: a block's update depends on its own input and labels only, so the ranks compute
-exactly the updates of sequential local training on the same batches, overlapped in time. The
-one message that flows backward carries weights: the next stage's weights that a
-stage's EMA twins follow (MAN, :class:`_FollowedWeights`). An objective that also trains the block
-before (MLAAN's cascade) sends the gradient reaching its input back one stage
-(:class:`_CascadeGradients`), where the block is re-run and backpropagated before its step.
+``r + 1`` by point-to-point sends on torch.distributed (gloo on CPU, nccl on GPU). With DGL's,
+AugLocal's or InfoPro's heads nothing flows backward: a block's update depends on its own input
+and labels only, so the ranks compute exactly the updates of sequential local training on the
+same batches, overlapped in time. Two kinds of message may flow backward: the weights of a later
+stage that a stage's EMA twins follow (MAN, MLAAN: :class:`_FollowedWeights`), and the gradient
+a cascade (MLAAN) sends into the block before, which that stage re-runs and backpropagates
+before its step (:class:`_CascadeGradients`).
 
 A stage has at most ``pipeline.max_in_flight`` unfinished sends: a fast stage waits for a slow
 one rather than queueing batches without bound. The test batches flow through the same pipeline;
@@ -89,7 +89,7 @@ def pipeline_obstacle(local: LocalModel) -> str | None:
     """Why ``local``'s blocks cannot be trained one per process, or None when they can.
 
     A stage holds one block's weights only, so an objective must not read another block's,
-    except the next block's that its EMA twins follow (MAN: the next stage sends them back,
+    except a later block's that its EMA twins follow (MAN, MLAAN: that stage sends them back,
     :class:`_FollowedWeights`); a cascade reaches the block before only (MLAAN with span 2: the
     gradient goes back one stage, :class:`_CascadeGradients`); a replaced unit next to a cut
     must not read the other block's weights; nor may two blocks hold one parameter (a tied table's).
@@ -218,17 +218,20 @@ class _CascadeGradients:
     ``r - 1``, which sequential training re-runs for it).
 
     Stage ``r`` sends the gradient reaching its input (:meth:`send`); stage ``r - 1`` keeps the
-    input of each step it hands on (:meth:`hold`) and, before its step, re-runs its block on the
-    input of the step a gradient is for and backpropagates it (:meth:`receive`). With ``delay``
+    input of each step it hands on (:meth:`hold`) and, before its step, receives the gradient
+    with the input of the step it is for (:meth:`receive`), on which ``train_block`` re-runs the
+    block and backpropagates it. With ``delay``
     0 that is this step's: stage ``r - 1`` waits for stage ``r``'s forward and backward every
     step, and the pipeline computes exactly the updates of sequential training, but the stages
     take turns. With ``delay`` d it is step ``t - d``'s, applied to the weights of step ``t``
     (re-run with them), so stage ``r`` works on step ``t - 1`` while stage ``r - 1`` works on
-    step ``t``. The gradients of an epoch's last d steps are not sent: every epoch ends with
-    nothing in flight, so a checkpoint holds all there is and a resumed run continues as an
-    uninterrupted one.
+    step ``t`` (with EMA twins following a later stage every step, stages stay within a step of
+    it: a larger delay adds staleness, not overlap). The gradients of an epoch's last d steps
+    are not sent: every epoch ends with nothing in flight, so a checkpoint holds all there is
+    and a resumed run continues as an uninterrupted one.
 
-    Gradients travel unscaled: a stage's fp16 gradient scaler follows its own steps.
+    Gradients travel unscaled, in float32: a stage's fp16 gradient scaler follows its own steps,
+    and the receiver scales them by its own.
     """
 
     def __init__(self, local: LocalModel, rank: int, delay: int, scaler, device: torch.device, timeout_s: float,
@@ -258,15 +261,17 @@ class _CascadeGradients:
             outputs = [(t.shape, t.dtype) for t in handed_on if isinstance(t, torch.Tensor) and t.is_floating_point()]
             self.held.append((self.step, inputs, outputs))
 
-    def send(self, grads: list[torch.Tensor | None] | None) -> None:
-        """As ``train_block``'s ``send_input_gradient`` (None: the loss did not cascade)."""
+    def send(self, grads: list[torch.Tensor | None], cascaded: bool) -> None:
+        """As ``train_block``'s ``send_input_gradient``: a header (whether the loss cascaded, which
+        gradients are there), then the gradients."""
         if not self._exchanged(self.step):
             return
-        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
-        present = [g for g in grads or () if g is not None]
-        flags = [grads is not None, *(g is not None for g in grads or ())]
-        header = torch.tensor(flags, dtype=torch.long, device=self.device)
-        tensors = [header, *((g / scale).contiguous() for g in present)]
+        present = [g for g in grads if g is not None]
+        if self.scaler is not None and present:
+            inverse = 1.0 / self.scaler.get_scale()
+            present = [g.float() * inverse for g in present]
+        header = torch.tensor([cascaded, *(g is not None for g in grads)], dtype=torch.long, device=self.device)
+        tensors = [header, *(g.contiguous() for g in present)]
         with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
             self.sending.append(([dist.isend(t, self.rank - 1, group=self.group) for t in tensors], tensors))
             while len(self.sending) > self.delay + 1:  # the stage before takes one per step
@@ -282,13 +287,14 @@ class _CascadeGradients:
             header = torch.empty(1 + len(outputs), dtype=torch.long, device=self.device)
             self._wait([dist.irecv(header, self.rank + 1, group=self.group)])
             cascaded, *present = header.tolist()
-            grads = [torch.empty(shape, dtype=dtype, device=self.device) if p else None
-                     for p, (shape, dtype) in zip(present, outputs)]
+            grads = [torch.empty(shape, dtype=torch.float32 if self.scaler is not None else dtype, device=self.device)
+                     if p else None for p, (shape, dtype) in zip(present, outputs)]
             self._wait([dist.irecv(g, self.rank + 1, group=self.group) for g in grads if g is not None])
         if not cascaded:
             return None
-        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
-        return inputs, [g * scale if g is not None and scale != 1.0 else g for g in grads]
+        if self.scaler is not None:  # scaled as this stage's own losses are, in the outputs' dtype
+            grads = [self.scaler.scale(g).to(dtype) if g is not None else None for g, (_, dtype) in zip(grads, outputs)]
+        return inputs, grads
 
     def flush(self) -> None:
         with _losing_is_an_error(self.rank, f"stage {self.rank - 1}"):
@@ -436,7 +442,7 @@ def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, 
         at = epoch * steps.per_epoch + step
 
         def hand_on(handed_on, carried=carried, y=y, model_input=model_input):
-            # sent before this stage's step (and before it waits for anything): the next stage starts sooner
+            # sent before this stage's step and before it waits for a later stage's weights or gradient: the next stage starts sooner
             cascade.hold(carried, handed_on)
             link.send(TRAIN, handed_on, y, model_input if forwards_input else None)
 
@@ -591,6 +597,11 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     with link.talking_to("stage 0"):
         dist.broadcast_object_list(shared, src=0)
     steps = shared[0]
+    if local.input_window > 1 and recipe.pipeline.cascade_delay >= steps:
+        raise PipelineError(
+            f"pipeline.cascade_delay is {recipe.pipeline.cascade_delay} but an epoch has {steps} steps: no cascade gradient "
+            "would ever be applied; set it below the steps per epoch (0 or 1)"
+        )
     reporter.run_start(recipe, local, start_epoch, steps)
     writer = tensorboard(out_dir) if last else None
     autocast = autocast_context(device, recipe.amp)

@@ -170,6 +170,30 @@ def test_mlaan_pipelined_sends_its_cascade_gradient_back_as_sequential_training_
     _assert_same_training(load_training_checkpoint(tmp_path / "late_resumed/run/last.pt"), uninterrupted)
 
 
+def test_mlaan_blocks_without_their_own_loss_pipeline_as_sequential_training(tmp_path, one_thread):
+    """The reference's ImageNet setting: the first two blocks have no loss of their own, so block
+    1's objective does not cascade and stage 1 tells stage 0 there is nothing to re-run (its
+    block is then not re-run, as in sequential training). A cascade delay of an epoch or more
+    would never apply a gradient: refused in one line."""
+    def recipe(folder, **changes):
+        return tiny(tmp_path / folder, convert={"k": 3, "aux": "mlaan", "aux_options": {"blocks_without_own_loss": 2}},
+                    **changes)
+
+    expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
+    _torchrun(_recipe_file(recipe("pipe"), tmp_path / "pipe.yaml"), stages=3)
+    pipelined = load_training_checkpoint(tmp_path / "pipe/run/last.pt")
+    # nothing reaches block 0 (block 1 has no loss to cascade): its optimizer never steps, in either
+    assert not pipelined["optimizers"][0]["state"] and not expected["optimizers"][0]["state"]
+    _assert_same_training({**pipelined, "optimizers": pipelined["optimizers"][1:]},
+                          {**expected, "optimizers": expected["optimizers"][1:]})
+
+    late = _recipe_file(recipe("late", pipeline={"cascade_delay": 4}), tmp_path / "late.yaml")  # 4 steps an epoch
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+           "-m", "fxlocal.cli", "train", str(late), "--pipeline"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "cascade_delay is 4 but an epoch has 4 steps" in done.stderr, done.stderr[-2000:]
+
+
 _STAGE = """
 import os, sys, time
 from fxlocal.local_model import LocalModel
