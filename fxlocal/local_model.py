@@ -28,6 +28,17 @@ def _tensors(values: tuple) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
+def _gradient_leaves(inputs: list) -> list[torch.Tensor]:
+    """Replace each floating tensor of ``inputs`` (in place) by a detached copy that requires
+    grad, so that a backward leaves there the gradient reaching it; returns those leaves."""
+    leaves = []
+    for i, v in enumerate(inputs):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            inputs[i] = v.detach().requires_grad_()
+            leaves.append(inputs[i])
+    return leaves
+
+
 def isolated(carried: tuple) -> tuple:
     """What crosses a boundary: the tensors detached (no gradient flows back), plain values as is."""
     return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in carried)
@@ -393,10 +404,7 @@ class LocalModel(nn.Module):
                 ctx.inputs[b] = tuple(inputs)
                 ctx.inputs.pop(b - window, None)
                 if b and backward is not None:  # and train through it
-                    for i, v in enumerate(inputs):
-                        if isinstance(v, torch.Tensor) and v.is_floating_point():
-                            inputs[i] = v.detach().requires_grad_()
-                            ctx.input_leaves.append(inputs[i])
+                    ctx.input_leaves = _gradient_leaves(inputs)
             # the block alone holds its input: freed once used, unless its graph saved it
             outs = [_run_taking(self.training_block(b), inputs)]
             carried = outs[0] if b < len(self.heads) else ()
@@ -491,12 +499,8 @@ class LocalModel(nn.Module):
             The gradient reaching each floating input (an empty list without ``to_input``), or
             None when no gradient reached anything the block computed.
         """
-        inputs, leaves = list(inputs), []
-        if to_input:
-            for i, v in enumerate(inputs):
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    inputs[i] = v.detach().requires_grad_()
-                    leaves.append(inputs[i])
+        inputs = list(inputs)
+        leaves = _gradient_leaves(inputs) if to_input else []
         # what block b hands on and what reaches it: both in the next block's input order
         outs = [t for t in _tensors(self.training_block(b)(*inputs)) if t.is_floating_point()]
         reached = [(out, g) for out, g in zip(outs, grads) if g is not None and out.requires_grad]
@@ -594,11 +598,7 @@ class LocalModel(nn.Module):
                           send_input_gradient=send_once if cascaded_into else None)
         if cascaded_into:  # the loss's gradient reaching the input goes to the block before
             inputs = list(inputs)
-            ctx.inputs[b] = tuple(inputs)
-            for i, v in enumerate(inputs):
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    inputs[i] = v.detach().requires_grad_()
-                    ctx.input_leaves.append(inputs[i])
+            ctx.input_leaves = _gradient_leaves(inputs)
         out = self.training_block(b)(*inputs)
         loss, logits = self._objective(b)(ctx, b, out)
         backward(loss)

@@ -159,9 +159,9 @@ class _FollowedWeights:
         for twin in _following_twins(local, rank):
             self.twins.setdefault(_leader(local, twin), []).append(twin)
         # as a leader: this stage's parameters that an earlier stage's twins follow, by follower
-        self.led = {f: [p for twin in _following_twins(local, f) if _leader(local, twin) == rank for p in twin.live_parameters]
-                    for f in range(rank)}
-        self.led = {f: params for f, params in self.led.items() if params}
+        led = {f: [p for twin in _following_twins(local, f) if _leader(local, twin) == rank for p in twin.live_parameters]
+               for f in range(rank)}
+        self.led = {f: params for f, params in led.items() if params}
         self.copies: dict[int, list[torch.Tensor]] = {}
         self.sending: deque[tuple[object, torch.Tensor]] = deque()
 
