@@ -19,6 +19,7 @@ peaks are each process's peak resident memory (MiB).
 
     python benchmarks/pipeline.py                               # resnet32_cifar, K=2, CPU, batch 16, 32, 64
     python benchmarks/pipeline.py --models resnet32_cifar vit_tiny_patch16_224 --balance time --batch 16 --pp gpipe 1f1b
+    python benchmarks/pipeline.py --models vit_tiny_ppll --balance time --batch 16 --pp gpipe 1f1b   # the paper's ViT
     python benchmarks/pipeline.py --aux dgl man mlaan --cascade-delay 0 1 --balance time --batch 16   # MLAAN waiting or not
     python benchmarks/pipeline.py --k 2 4 --balance flops memory --device cuda   # K processes sharing one GPU
 """
@@ -42,18 +43,33 @@ import fxlocal
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# a ViT's patch grid needs a larger input than Fashion-MNIST's 28×28 (resized, grey to RGB)
-INPUT_SIZES = {"vit_tiny_patch16_224": [3, 64, 64]}
+# A model name, or a layout: the timm model, its kwargs and the input (Fashion-MNIST resized, grey
+# to RGB). ViT-Tiny's 16² patches need more than 28×28: 64² gives 16 tokens, which the CPU trains
+# in minutes; vit_tiny_ppll is the PPLL paper's ViT (4² patches at 32², 64 tokens, the
+# ppll_cifar10_vit recipes' model), 3.5× the work per image.
+LAYOUTS = {
+    "vit_tiny_patch16_224": ("vit_tiny_patch16_224", {}, [3, 64, 64]),
+    "vit_tiny_ppll": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, [3, 32, 32]),
+}
+
+
+def layout(model: str) -> tuple[str, dict, list[int]]:
+    """``(timm name, kwargs, input size)`` of a ``--models`` entry (28×28 grey by default)."""
+    return LAYOUTS.get(model, (model, {}, [1, 28, 28]))
+
+
+FUSED = {"auto": None, "on": True, "off": False}  # optimizer.fused: where torch has the kernel, always, never
 
 
 def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl",
-           cascade_delay: int = 0) -> dict:
+           cascade_delay: int = 0, fused: str = "auto") -> dict:
+    name, kwargs, size = layout(model)
     return {
-        "model": {"name": model},
+        "model": {"name": name, "kwargs": kwargs},
         "convert": {"k": k, "aux": aux, "balance": balance},
         "pipeline": {"cascade_delay": cascade_delay},
-        "data": {"dataset": "fashion_mnist_mini", "input_size": INPUT_SIZES.get(model, [1, 28, 28]), "augment": "none"},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "data": {"dataset": "fashion_mnist_mini", "input_size": size, "augment": "none"},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "fused": FUSED[fused]},
         "scheduler": {"name": "none"},
         "epochs": epochs,
         "eval_interval": epochs,
@@ -84,12 +100,14 @@ def images_per_s(data: dict, folder: Path, pipeline: bool) -> float:
     return statistics.median(e["images_per_s"] for e in epochs[1:]), epochs[-1].get("stage_peak_memory_mib", [epochs[-1]["peak_memory_mib"]])
 
 
-def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str) -> tuple[float, list]:
+def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str,
+                    fused: str = "auto") -> tuple[float, list]:
     """Traditional pipeline parallelism of the end-to-end model (benchmarks/pp_stage.py)."""
+    name, kwargs, size = layout(model)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k),
-           str(ROOT / "benchmarks/pp_stage.py"), "--model", model, "--k", str(k), "--balance", balance,
-           "--input-size", *map(str, INPUT_SIZES.get(model, [1, 28, 28])), "--batch", str(batch),
-           "--microbatches", str(microbatches), "--schedule", schedule]
+           str(ROOT / "benchmarks/pp_stage.py"), "--model", name, "--model-kwargs", json.dumps(kwargs), "--k", str(k),
+           "--balance", balance, "--input-size", *map(str, size), "--batch", str(batch),
+           "--microbatches", str(microbatches), "--schedule", schedule, "--fused", fused]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -117,6 +135,8 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4, help="PP's micro-batches of BATCH images per step")
     parser.add_argument("--cascade-delay", nargs="+", type=int, default=[0],
                         help="pipeline.cascade_delay values to run a cascaded method (mlaan) with")
+    parser.add_argument("--fused", choices=sorted(FUSED), default="auto",
+                        help="optimizer.fused for PPLL, its baselines and PP (auto: fxlocal's default)")
     parser.add_argument("--record", default="", help="JSON-lines file the rows are appended to (with the commit and versions)")
     args = parser.parse_args()
 
@@ -135,11 +155,12 @@ def main() -> None:
                     for batch in args.batch:
                         e2e = None
                         if args.pp:  # end to end, one process, at PP's step batch
-                            data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, Path(tmp), "none")
+                            data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, Path(tmp), "none",
+                                          fused=args.fused)
                             e2e, _ = images_per_s(data, Path(tmp) / f"{model}-e2e-{batch}", pipeline=False)
-                        pp = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s) for s in args.pp}
+                        pp = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused) for s in args.pp}
                         for aux, delay in runs(args.aux, args.cascade_delay):
-                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux, delay or 0)
+                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux, delay or 0, args.fused)
                             tag = Path(tmp) / f"{model}-{k}-{aux}-{balance}-{batch}"
                             if delay is None or not (tag / "sequential").exists():  # the same work whatever the delay
                                 sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
@@ -149,7 +170,7 @@ def main() -> None:
                             line = (f"| {model} | {k} | {name} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
                                     f"{speedup:.2f}× | {speedup / k:.2f} |")
                             row = {**origin, "benchmark": "pipeline", "model": model, "k": k, "aux": aux, "balance": balance,
-                                   "batch": batch, "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined,
+                                   "batch": batch, "fused": args.fused, "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined,
                                    "ppll_stage_peak_mib": peaks}
                             if delay is not None:
                                 row["cascade_delay"] = delay

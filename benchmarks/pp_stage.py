@@ -5,7 +5,8 @@ The model is cut where fxlocal cuts it (``fxlocal.convert`` with the same K, bal
 rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
 without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
-on the last stage, one SGD step per stage and step (as the end-to-end model's). Stage 0 reads
+on the last stage, one optimizer step per stage and step (as the end-to-end model's), with PPLL's
+optimizer (fxlocal's, from the same recipe section: SGD, ``--fused`` as ``optimizer.fused``). Stage 0 reads
 the data (``--dataset``, in its own process, as PPLL's recipe reads it) and sends the labels to
 the last stage. The last rank
 prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
@@ -23,11 +24,14 @@ import time
 
 import torch
 import torch.distributed as dist
+from pipeline import FUSED
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 import fxlocal
 from fxlocal.graph.plan import Plan
+from fxlocal.training.optim import make_optimizer
+from fxlocal.training.recipe import load_recipe
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -60,6 +64,7 @@ def _batches(dataset: str, size: tuple, batch: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet32_cifar")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="the model constructor's kwargs, as JSON")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--balance", default="time")
     p.add_argument("--input-size", type=int, nargs=3, default=(1, 28, 28))
@@ -68,6 +73,7 @@ def main() -> None:
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="gpipe")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--fused", choices=sorted(FUSED), default="auto", help="optimizer.fused, as PPLL's recipe sets it")
     p.add_argument("--dataset", default="fashion_mnist_mini", help="read by stage 0, as PPLL's recipe reads it")
     args = p.parse_args()
 
@@ -80,13 +86,17 @@ def main() -> None:
     torch.manual_seed(0)
     planned = [None]
     if rank == 0:  # balance="time" measures: one rank plans, every rank cuts the same way
-        planned[0] = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, balance=args.balance, num_classes=10).plan.to_dict()
+        planned[0] = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, balance=args.balance, num_classes=10,
+                                     model_kwargs=args.model_kwargs).plan.to_dict()
     dist.broadcast_object_list(planned, src=0)
-    local = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, num_classes=10, plan=Plan.from_dict(planned[0]))
+    local = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, num_classes=10, model_kwargs=args.model_kwargs,
+                            plan=Plan.from_dict(planned[0]))
     stage_module = StageModule(local.blocks[rank])
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=nn.functional.cross_entropy)
-    optimizer = torch.optim.SGD(stage_module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    # benchmarks/pipeline.py's recipe section, so that PP and PPLL step the same optimizer
+    optimizer_section = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "fused": FUSED[args.fused]}
+    optimizer = make_optimizer(load_recipe(data={"model": {"name": args.model}, "optimizer": optimizer_section}), stage_module)
 
     batch = args.batch * args.microbatches
     batches = _batches(args.dataset, size, batch) if rank == 0 else None

@@ -8,13 +8,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import IncompatibleOptionsError
 from ..local_model import LocalModel
-from .recipe import Recipe
+from .recipe import FUSED_OPTIMIZERS, OptimizerSection, Recipe
+
+FUSED_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def fused_update(section: OptimizerSection, params: list[nn.Parameter]) -> bool:
+    """Whether the optimizer over ``params`` uses torch's fused kernel.
+
+    Args:
+        section: the recipe's optimizer (``fused``: None for where torch has the kernel).
+        params: the tensors it updates, already on their device.
+
+    Returns:
+        True where ``fused`` asks for it or leaves it open and the kernel serves the optimizer,
+        every tensor's device and dtype.
+
+    Raises:
+        IncompatibleOptionsError: ``fused: true`` where torch's kernel does not serve a tensor
+            (``load_recipe`` refuses an optimizer without one before the model is built).
+    """
+    served = section.name in FUSED_OPTIMIZERS and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    if section.fused and not served:
+        raise IncompatibleOptionsError(
+            f"optimizer.fused: true, but torch's fused {section.name} serves floating-point tensors on "
+            f"{' or '.join(sorted(FUSED_DEVICES))} only and this model has others: set optimizer.fused to null or false"
+        )
+    return served if section.fused is None else section.fused
 
 
 def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """timm's optimizer for ``module`` (no weight decay on biases and norms), over ``only`` of its
-    parameters when given."""
+    parameters when given, with torch's fused kernel where :func:`fused_update` says so."""
     from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
     o = recipe.optimizer
@@ -30,9 +57,11 @@ def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] |
         return [g for g in chosen if g["params"]]
 
     timm_groups = only is None and not o.decay_norm_and_bias  # timm's own grouping (it honours no_weight_decay())
+    trained = [p for p in (only if only is not None else module.parameters()) if p.requires_grad]
+    fused = {"fused": True} if fused_update(o, trained) else {}
     return create_optimizer_v2(
         module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-        param_group_fn=None if timm_groups else only_those,
+        param_group_fn=None if timm_groups else only_those, **fused,
     )
 
 

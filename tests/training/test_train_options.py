@@ -99,3 +99,28 @@ def test_channels_last_and_compile_are_refused_in_the_pipeline_in_one_line(tmp_p
     for change in ({"channels_last": True}, {"compile": True}):
         with pytest.raises(RecipeError, match="pipeline"):
             load_recipe(data={"model": {"name": "resnet32_cifar"}, "pipeline": {"enabled": True}, **change})
+
+
+def test_the_fused_update_is_the_default_where_torch_has_it_and_trains_as_the_loop(tmp_path):
+    from fxlocal.training.optim import make_optimizers
+
+    local = fxlocal.convert("resnet32_cifar", k=2, input_size=(1, 28, 28), num_classes=10)
+    groups = lambda recipe: [g["fused"] for opt in make_optimizers(recipe, local) for g in opt.param_groups]  # noqa: E731
+    assert set(groups(tiny(tmp_path))) == {True}
+    assert set(groups(tiny(tmp_path, optimizer__fused=False))) == {None}  # torch's default: its for-loop on a CPU
+    assert make_optimizers(tiny(tmp_path, optimizer__name="lamb"), local)[0].param_groups[0].get("fused") is None
+    # the same update, one kernel instead of a loop: the weights after an epoch agree
+    assert_close(final_weights(tmp_path, "fused"), final_weights(tmp_path, "loop", optimizer__fused=False), atol=1e-5)
+
+
+def test_fused_is_refused_in_one_line_where_torch_has_no_such_kernel(tmp_path):
+    from fxlocal.errors import IncompatibleOptionsError
+    from fxlocal.training.optim import make_optimizer
+
+    with pytest.raises(RecipeError, match="'optimizer.fused': torch has no fused lamb") as err:
+        tiny(tmp_path, optimizer__name="lamb", optimizer__fused=True)
+    assert "\n" not in str(err.value)
+    complex_weights = torch.nn.Linear(2, 2).to(torch.cfloat)
+    assert make_optimizer(tiny(tmp_path), complex_weights).param_groups[0]["fused"] is None  # left open: the loop
+    with pytest.raises(IncompatibleOptionsError, match="floating-point tensors on cpu or cuda only"):
+        make_optimizer(tiny(tmp_path, optimizer__fused=True), complex_weights)
