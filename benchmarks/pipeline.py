@@ -61,6 +61,12 @@ def layout(model: str) -> tuple[str, dict, list[int]]:
 FUSED = {"auto": None, "on": True, "off": False}  # optimizer.fused: where torch has the kernel, always, never
 
 
+def optimizer_section(fused: str = "auto") -> dict:
+    """The recipe's optimizer, for PPLL and for PP (``benchmarks/pp_stage.py``) alike: timm's
+    ``sgd`` (Nesterov momentum; no decay on norms and biases)."""
+    return {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "fused": FUSED[fused]}
+
+
 def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl",
            cascade_delay: int = 0, fused: str = "auto") -> dict:
     name, kwargs, size = layout(model)
@@ -69,7 +75,7 @@ def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: st
         "convert": {"k": k, "aux": aux, "balance": balance},
         "pipeline": {"cascade_delay": cascade_delay},
         "data": {"dataset": "fashion_mnist_mini", "input_size": size, "augment": "none"},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "fused": FUSED[fused]},
+        "optimizer": optimizer_section(fused),
         "scheduler": {"name": "none"},
         "epochs": epochs,
         "eval_interval": epochs,

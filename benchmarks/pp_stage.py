@@ -6,7 +6,8 @@ rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without 
 without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
 on the last stage, one optimizer step per stage and step (as the end-to-end model's), with PPLL's
-optimizer (fxlocal's, from the same recipe section: SGD, ``--fused`` as ``optimizer.fused``). Stage 0 reads
+optimizer (fxlocal's, from the same recipe section: timm's Nesterov SGD, ``--fused`` as
+``optimizer.fused``). Stage 0 reads
 the data (``--dataset``, in its own process, as PPLL's recipe reads it) and sends the labels to
 the last stage. The last rank
 prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
@@ -24,7 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from pipeline import FUSED
+from pipeline import FUSED, optimizer_section
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -95,8 +96,8 @@ def main() -> None:
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=nn.functional.cross_entropy)
     # benchmarks/pipeline.py's recipe section, so that PP and PPLL step the same optimizer
-    optimizer_section = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "fused": FUSED[args.fused]}
-    optimizer = make_optimizer(load_recipe(data={"model": {"name": args.model}, "optimizer": optimizer_section}), stage_module)
+    same_as_ppll = load_recipe(data={"model": {"name": args.model}, "optimizer": optimizer_section(args.fused)})
+    optimizer = make_optimizer(same_as_ppll, stage_module)
 
     batch = args.batch * args.microbatches
     batches = _batches(args.dataset, size, batch) if rank == 0 else None

@@ -23,7 +23,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .loaders import make_loaders, reseed_epoch
-from .optim import make_optimizers, make_schedulers
+from .optim import load_optimizer_state, make_optimizers, make_schedulers
 from .recipe import Recipe
 from .report import (
     Reporter,
@@ -90,7 +90,7 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
         check_resumable(state, last, len(optimizers))
         load_weights(local, state["model"], last)
         for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+            load_optimizer_state(opt, s)
         for sch, s in zip(schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         if scaler is not None and state["scaler"] is not None:

@@ -11,24 +11,34 @@ from torch import nn
 from ..errors import IncompatibleOptionsError
 from ..local_model import LocalModel
 from .recipe import FUSED_OPTIMIZERS, OptimizerSection, Recipe
+from .runtime import amp_dtype
 
 FUSED_DEVICES = frozenset({"cpu", "cuda"})
+# torch's SGD optimizers (timm's names): their fused kernel, when a loss scaler skips an
+# overflowing step, still keeps the momentum buffers it allocated uninitialised on a first step
+FUSED_SGD = frozenset({"sgd", "nesterov", "momentum"})
+# what a group says about its kernel: torch's load_state_dict would restore the saved ones
+KERNEL_KEYS = ("fused", "foreach")
 
 
-def fused_update(section: OptimizerSection, params: list[nn.Parameter]) -> bool:
+def fused_update(section: OptimizerSection, params: list[nn.Parameter], loss_scaled: bool = False) -> bool:
     """Whether the optimizer over ``params`` uses torch's fused kernel.
 
     Args:
         section: the recipe's optimizer (``fused``: None for where torch has the kernel).
         params: the tensors it updates, already on their device.
+        loss_scaled: whether fp16's loss scaler steps it. The default is then the unfused loop:
+            with a fused SGD, a step the scaler skips still stores the momentum buffers its first
+            step allocated, unwritten.
 
     Returns:
-        True where ``fused`` asks for it or leaves it open and the kernel serves the optimizer,
-        every tensor's device and dtype.
+        True where ``fused`` asks for it, or leaves it open and the kernel serves the optimizer,
+        every tensor's device and dtype, without a loss scaler.
 
     Raises:
-        IncompatibleOptionsError: ``fused: true`` where torch's kernel does not serve a tensor
-            (``load_recipe`` refuses an optimizer without one before the model is built).
+        IncompatibleOptionsError: ``fused: true`` where torch's kernel does not serve a tensor,
+            or for SGD under a loss scaler (``load_recipe`` refuses an optimizer without a fused
+            kernel before the model is built).
     """
     served = section.name in FUSED_OPTIMIZERS and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
     if section.fused and not served:
@@ -36,7 +46,29 @@ def fused_update(section: OptimizerSection, params: list[nn.Parameter]) -> bool:
             f"optimizer.fused: true, but torch's fused {section.name} serves floating-point tensors on "
             f"{' or '.join(sorted(FUSED_DEVICES))} only and this model has others: set optimizer.fused to null or false"
         )
-    return served if section.fused is None else section.fused
+    if section.fused and loss_scaled and section.name in FUSED_SGD:
+        raise IncompatibleOptionsError(
+            f"optimizer.fused: true with fp16's loss scaler: torch's fused {section.name} keeps uninitialised momentum "
+            "when the scaler skips a step; set optimizer.fused to null or false, or amp to bf16"
+        )
+    return served and not loss_scaled if section.fused is None else section.fused
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the kernel ``optimizer`` was built with.
+
+    torch restores each group's saved ``fused`` and ``foreach``: a checkpoint written before
+    ``optimizer.fused``, or under another setting, would switch the recipe's kernel back, and a
+    fused optimizer turned unfused under a loss scaler fails its next step.
+
+    Args:
+        optimizer: built from the recipe (:func:`make_optimizer`).
+        state: a state dict of an optimizer over the same parameters.
+    """
+    saved = state["param_groups"]
+    if len(saved) == len(optimizer.param_groups):  # otherwise torch's own error says what differs
+        saved = [{**old, **{key: new[key] for key in KERNEL_KEYS if key in new}} for old, new in zip(saved, optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": saved})
 
 
 def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
@@ -58,7 +90,9 @@ def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] |
 
     timm_groups = only is None and not o.decay_norm_and_bias  # timm's own grouping (it honours no_weight_decay())
     trained = [p for p in (only if only is not None else module.parameters()) if p.requires_grad]
-    fused = {"fused": True} if fused_update(o, trained) else {}
+    device = trained[0].device if trained else torch.device("cpu")
+    loss_scaled = device.type == "cuda" and amp_dtype(recipe.amp, device) == torch.float16  # runtime.amp_scaler's rule
+    fused = {"fused": True} if fused_update(o, trained, loss_scaled) else {}
     return create_optimizer_v2(
         module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
         param_group_fn=None if timm_groups else only_those, **fused,

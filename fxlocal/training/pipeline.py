@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluation_record, top_correct
 from .loaders import make_loaders, reseed_epoch
-from .optim import block_stage, make_optimizer, make_schedulers
+from .optim import block_stage, load_optimizer_state, make_optimizer, make_schedulers
 from .recipe import Recipe
 from .report import (
     Reporter,
@@ -575,7 +575,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     cascade = _CascadeGradients(local, rank, recipe.pipeline.cascade_delay, scaler, device, recipe.pipeline.timeout_s,
                                 gradients_group)
     if state is not None:
-        optimizer.load_state_dict(state["optimizers"][rank])
+        load_optimizer_state(optimizer, state["optimizers"][rank])
         if scheduler is not None:
             scheduler.load_state_dict(state["schedulers"][rank])
         pipelined = state.get("pipeline") or {}

@@ -93,7 +93,8 @@ class OptimizerSection(_Section):
     per_block: bool = True
     # torch's fused kernel for the update (one kernel over all of an optimizer's tensors instead
     # of a loop of small ops: the same update, a few ms less per step on a ViT's block). None:
-    # fused where torch has the kernel (SGD, Adam, AdamW on CPU or CUDA); true insists on it.
+    # fused where torch has the kernel (SGD, Adam, AdamW on CPU or CUDA) and no fp16 loss scaler
+    # steps it (optim.fused_update says why); true insists on it.
     fused: Optional[bool] = None
 
 

@@ -108,7 +108,7 @@ def test_the_fused_update_is_the_default_where_torch_has_it_and_trains_as_the_lo
     groups = lambda recipe: [g["fused"] for opt in make_optimizers(recipe, local) for g in opt.param_groups]  # noqa: E731
     assert set(groups(tiny(tmp_path))) == {True}
     assert set(groups(tiny(tmp_path, optimizer__fused=False))) == {None}  # torch's default: its for-loop on a CPU
-    assert make_optimizers(tiny(tmp_path, optimizer__name="lamb"), local)[0].param_groups[0].get("fused") is None
+    make_optimizers(tiny(tmp_path, optimizer__name="lamb"), local)  # timm's Lamb takes no fused argument: it would raise
     # the same update, one kernel instead of a loop: the weights after an epoch agree
     assert_close(final_weights(tmp_path, "fused"), final_weights(tmp_path, "loop", optimizer__fused=False), atol=1e-5)
 
@@ -124,3 +124,31 @@ def test_fused_is_refused_in_one_line_where_torch_has_no_such_kernel(tmp_path):
     assert make_optimizer(tiny(tmp_path), complex_weights).param_groups[0]["fused"] is None  # left open: the loop
     with pytest.raises(IncompatibleOptionsError, match="floating-point tensors on cpu or cuda only"):
         make_optimizer(tiny(tmp_path, optimizer__fused=True), complex_weights)
+
+
+def test_under_a_loss_scaler_sgd_is_not_fused_unless_asked_and_then_refused(tmp_path):
+    from fxlocal.errors import IncompatibleOptionsError
+    from fxlocal.training.optim import fused_update
+
+    weights = list(torch.nn.Linear(2, 2).parameters())
+    sgd, adamw = tiny(tmp_path).optimizer, tiny(tmp_path, optimizer__name="adamw").optimizer
+    assert fused_update(sgd, weights) and not fused_update(sgd, weights, loss_scaled=True)
+    assert not fused_update(adamw, weights, loss_scaled=True)
+    assert fused_update(tiny(tmp_path, optimizer__name="adamw", optimizer__fused=True).optimizer, weights, loss_scaled=True)
+    with pytest.raises(IncompatibleOptionsError, match="loss scaler"):
+        fused_update(tiny(tmp_path, optimizer__fused=True).optimizer, weights, loss_scaled=True)
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_resumed_optimizer_keeps_the_kernel_its_recipe_asks_for(tmp_path, saved_fused):
+    from fxlocal.training.optim import load_optimizer_state, make_optimizer
+
+    module = torch.nn.Linear(3, 2)
+    saved = make_optimizer(tiny(tmp_path, optimizer__fused=saved_fused), module)
+    module(torch.randn(4, 3)).sum().backward()
+    saved.step()
+    resumed = make_optimizer(tiny(tmp_path, optimizer__fused=not saved_fused), module)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert [bool(g["fused"]) for g in resumed.param_groups] == [not saved_fused] * len(resumed.param_groups)
+    for p in module.parameters():  # and the state itself is the checkpoint's
+        assert torch.equal(resumed.state[p]["momentum_buffer"], saved.state[p]["momentum_buffer"])
