@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import IncompatibleOptionsError
 from ..local_model import LocalModel
 from .recipe import FUSED_OPTIMIZERS, OptimizerSection, Recipe
-from .runtime import amp_dtype
+from .runtime import loss_scaled
 
 FUSED_DEVICES = frozenset({"cpu", "cuda"})
 # torch's SGD optimizers (timm's names): their fused kernel, when a loss scaler skips an
@@ -91,8 +91,7 @@ def make_optimizer(recipe: Recipe, module: nn.Module, only: list[nn.Parameter] |
     timm_groups = only is None and not o.decay_norm_and_bias  # timm's own grouping (it honours no_weight_decay())
     trained = [p for p in (only if only is not None else module.parameters()) if p.requires_grad]
     device = trained[0].device if trained else torch.device("cpu")
-    loss_scaled = device.type == "cuda" and amp_dtype(recipe.amp, device) == torch.float16  # runtime.amp_scaler's rule
-    fused = {"fused": True} if fused_update(o, trained, loss_scaled) else {}
+    fused = {"fused": True} if fused_update(o, trained, loss_scaled(recipe, device)) else {}
     return create_optimizer_v2(
         module, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
         param_group_fn=None if timm_groups else only_those, **fused,

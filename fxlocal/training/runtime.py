@@ -94,9 +94,14 @@ def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def loss_scaled(recipe: Recipe, device: torch.device) -> bool:
+    """Whether the step on ``device`` needs a loss scaler: fp16 autocast on CUDA (bf16 does not)."""
+    return device.type == "cuda" and amp_dtype(recipe.amp, device) == torch.float16
+
+
 def amp_scaler(recipe: Recipe, device: torch.device) -> torch.amp.GradScaler | None:
-    """A loss scaler where the step needs one: fp16 autocast on CUDA (bf16 does not)."""
-    return torch.amp.GradScaler("cuda") if device.type == "cuda" and amp_dtype(recipe.amp, device) == torch.float16 else None
+    """A loss scaler where the step needs one (:func:`loss_scaled`)."""
+    return torch.amp.GradScaler("cuda") if loss_scaled(recipe, device) else None
 
 
 def autocast_context(device: torch.device, amp: bool | str):
