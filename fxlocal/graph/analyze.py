@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 
 from .candidates import CutCandidate, find_cut_candidates
-from .cost import Cost, measure_nodes, time_nodes
+from .cost import Cost, measure_nodes, time_segments
 from .units import Unit, find_units
 
 __all__ = ["GraphAnalysis", "analyze"]
@@ -46,10 +46,6 @@ def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False
     """
     candidates = find_cut_candidates(gm)
     node_costs = measure_nodes(gm, input_size)
-    if timed:
-        seconds = time_nodes(gm, input_size)
-        node_costs = {name: replace(cost, seconds=seconds[name], timed_flops=cost.flops) if name in seconds else cost
-                      for name, cost in node_costs.items()}
     cut_at = {c.index for c in candidates}
     segments: list[list[str]] = [[]]
     costs: list[Cost] = [Cost()]
@@ -60,4 +56,7 @@ def analyze(gm: fx.GraphModule, input_size: tuple[int, ...], timed: bool = False
         if i in cut_at:
             segments.append([])
             costs.append(Cost())
+    if timed:  # the segments of one real training step, as a block trains them
+        seconds = time_segments(gm, input_size, [[c.node, *(t.node for t in c.carried)] for c in candidates])
+        costs = [replace(cost, seconds=t, timed_flops=cost.flops) for cost, t in zip(costs, seconds)]
     return GraphAnalysis(candidates, costs, segments, tuple(input_size), find_units(gm, candidates))

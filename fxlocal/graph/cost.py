@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import PartitionError
 from .recompute import KEPT_OPS
 
-__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_nodes", "traced_activation_bytes"]
+__all__ = ["Cost", "MemoryModel", "measure_module", "measure_nodes", "time_segments", "traced_activation_bytes"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -365,24 +365,89 @@ def model_device(module: nn.Module) -> torch.device:
     return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
 
 
-def time_nodes(gm: fx.GraphModule, input_size: tuple[int, ...], batch: int = 32, repeats: int = 3) -> dict[str, float]:
-    """Per-node wall time of one training step of ``gm`` at ``input_size`` (seconds per sample).
+def time_segments(gm: fx.GraphModule, input_size: tuple[int, ...], boundaries: Sequence[Sequence[str]], batch: int = 32,
+                  repeats: int = 3) -> list[float]:
+    """Wall time of each segment of one real training step of ``gm`` (seconds per sample).
 
-    Every node runs as its own forward and backward, as :func:`measure_nodes` does on fake
-    tensors, but for real, timed; the median of ``repeats`` runs after one warm-up run. The
-    model is left as it was: BatchNorm statistics, gradients and the RNG are restored.
+    The step runs as training runs it: one forward of the whole graph, then one backward, with
+    the allocator warm. Timing each node as its own forward and backward instead (as
+    :func:`measure_nodes` counts) overprices memory-bound layers on large maps by half: every
+    node's output is freshly allocated, its inputs cold. A segment's forward ends when the last
+    node before its boundary has run; its backward ends when the gradient of every tensor
+    crossing that boundary is complete (a tensor hook): with only those tensors live there, no
+    earlier node's backward can have started. The median of ``repeats`` steps after one warm-up.
+    The model is left as it was: BatchNorm statistics, gradients and the RNG are restored.
+
+    Args:
+        gm: a traced graph with weights.
+        input_size: one sample's input shape.
+        boundaries: per boundary between two segments, in graph order, the nodes whose values
+            cross it (a cut candidate's node and any it carries).
+        batch: the batch the step runs at; the times are divided by it.
+        repeats: the steps timed.
+
+    Returns:
+        ``len(boundaries) + 1`` times: the segment before each boundary, then the one after the last.
     """
     device = model_device(gm)
     if device.type == "meta":
         raise PartitionError("balance='time' times the model for real, but it was built without weights (meta device)")
-    runs: list[dict[str, float]] = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ends = {name: b for b, names in enumerate(boundaries) for name in names[:1]}
+    crossing = {name: b for b, names in enumerate(boundaries) for name in names}
+    steps: list[list[float]] = []
     with _left_as_it_was(gm, device):
         gm.train()
         for _ in range(repeats + 1):
-            interp = _CostInterpreter(gm, _Stopwatch(device))
-            interp.run(torch.randn(batch, *input_size, device=device))
-            runs.append({name: measured.flops for name, measured in interp.node_costs.items()})
-    return {name: statistics.median(run[name] for run in runs[1:]) / batch for name in runs[0]}
+            forward_ends = [0.0] * len(boundaries)
+            gradients_done = [0.0] * len(boundaries)
+
+            def completes(b: int) -> Callable[[torch.Tensor], None]:
+                def hook(grad: torch.Tensor) -> None:
+                    sync()
+                    gradients_done[b] = max(gradients_done[b], time.perf_counter())
+                return hook
+
+            def ran(n: fx.Node, out: Any) -> None:
+                if n.name in crossing:
+                    for t in tree_flatten(out)[0]:
+                        if isinstance(t, torch.Tensor) and t.requires_grad:
+                            t.register_hook(completes(crossing[n.name]))
+                if n.name in ends:
+                    sync()
+                    forward_ends[ends[n.name]] = time.perf_counter()
+
+            x = torch.randn(batch, *input_size, device=device)
+            sync()
+            started = time.perf_counter()
+            out = _Watched(gm, ran).run(x)
+            sync()
+            backward_starts = time.perf_counter()
+            _forward_backward(lambda: out)
+            sync()
+            finished = time.perf_counter()
+            for p in gm.parameters():
+                p.grad = None
+            # a boundary whose tensors took no gradient (before the first parameter) has nothing
+            # before it to backpropagate: it completes as the backward does
+            done = [t or finished for t in gradients_done]
+            forward = [b - a for a, b in zip([started, *forward_ends], [*forward_ends, backward_starts])]
+            backward = [a - b for a, b in zip([finished, *done], [*done, backward_starts])]
+            steps.append([f + b for f, b in zip(forward, backward)])
+    return [statistics.median(step[s] for step in steps[1:]) / batch for s in range(len(boundaries) + 1)]
+
+
+class _Watched(fx.Interpreter):
+    """Runs a graph as it is, telling ``ran(node, value)`` after each node."""
+
+    def __init__(self, gm: fx.GraphModule, ran: Callable[[fx.Node, Any], None]):
+        super().__init__(gm)
+        self.ran = ran
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.ran(n, out)
+        return out
 
 
 # measure_nodes runs a graph with weights as it is, for real, when its activations at the

@@ -81,6 +81,31 @@ _TENSOR_HEADER = 2 + _MAX_DIMS  # dtype, ndim, shape
 _HEADER = 4 + _MAX_TENSORS * _TENSOR_HEADER  # kind, tensor count, has plain values, has the model input, each tensor's
 
 
+class _Waits:
+    """Where a stage's training pass waited, in seconds, by cause: ``input`` (the data for
+    stage 0, the stage before's output for the others), ``send`` (the stage after had not taken
+    ``max_in_flight`` earlier outputs), ``exchange`` (a later stage's weights or gradients: MAN,
+    MLAAN). The rest of the pass is the stage's own work; an efficient pipeline waits little."""
+
+    CAUSES = ("input", "send", "exchange")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.CAUSES, 0.0)
+
+    @contextlib.contextmanager
+    def on(self, cause: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[cause] += time.perf_counter() - started
+
+    def reset(self) -> dict[str, float]:
+        """The seconds so far, by cause; starts counting again from zero."""
+        seconds, self.seconds = self.seconds, dict.fromkeys(self.CAUSES, 0.0)
+        return seconds
+
+
 class PipelineError(FxLocalError, RuntimeError):
     """The run cannot be pipelined, or a stage lost its neighbour (it died or stopped answering)."""
 
@@ -151,8 +176,8 @@ class _FollowedWeights:
     follow), then :meth:`place` it on the stage's device.
     """
 
-    def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float, group=None):
-        self.rank, self.every, self.group = rank, every, group
+    def __init__(self, local: LocalModel, rank: int, every: int, timeout_s: float, waits: _Waits, group=None):
+        self.rank, self.every, self.group, self.waits = rank, every, group, waits
         self.timeout = timedelta(seconds=timeout_s)
         # as a follower: this stage's twins, by the stage they follow
         self.twins: dict[int, list[EMATwin]] = {}
@@ -196,13 +221,13 @@ class _FollowedWeights:
                 self.sending.append((dist.isend(flat, follower, group=self.group), flat))
         # each follower takes one per step: never far behind
         while len(self.sending) > 2 * len(self.led):
-            with _losing_is_an_error(self.rank, "a stage before"):
+            with _losing_is_an_error(self.rank, "a stage before"), self.waits.on("exchange"):
                 self.sending.popleft()[0].wait(self.timeout)
 
     def _receive(self) -> None:
         for leader, copies in self.copies.items():
             flat = torch.empty(sum(c.numel() for c in copies), dtype=copies[0].dtype, device=copies[0].device)
-            with _losing_is_an_error(self.rank, f"stage {leader}"):
+            with _losing_is_an_error(self.rank, f"stage {leader}"), self.waits.on("exchange"):
                 dist.irecv(flat, leader, group=self.group).wait(self.timeout)
             for copy, part in zip(copies, torch.split(flat, [c.numel() for c in copies])):
                 copy.copy_(part.view_as(copy))
@@ -235,8 +260,9 @@ class _CascadeGradients:
     """
 
     def __init__(self, local: LocalModel, rank: int, delay: int, scaler, device: torch.device, timeout_s: float,
-                 group=None):
+                 waits: _Waits, group=None):
         self.rank, self.delay, self.scaler, self.device, self.group = rank, delay, scaler, device, group
+        self.waits = waits
         self.timeout = timedelta(seconds=timeout_s)
         self.receives = local.input_window > 1 and rank < local.k - 1
         # the steps still to receive a gradient for: (step, block input, (shape, dtype) of each floating output)
@@ -302,8 +328,9 @@ class _CascadeGradients:
                 self._wait(self.sending.popleft()[0])
 
     def _wait(self, works: list) -> None:
-        for work in works:
-            work.wait(self.timeout)
+        with self.waits.on("exchange"):
+            for work in works:
+                work.wait(self.timeout)
 
 
 @contextlib.contextmanager
@@ -336,8 +363,10 @@ class _Link:
     them (pickled). Sends are asynchronous, at most ``max_in_flight`` open.
     """
 
-    def __init__(self, rank: int, world: int, device: torch.device, max_in_flight: int, timeout_s: float):
+    def __init__(self, rank: int, world: int, device: torch.device, max_in_flight: int, timeout_s: float,
+                 waits: _Waits | None = None):
         self.rank, self.world, self.device = rank, world, device
+        self.waits = waits if waits is not None else _Waits()
         self.max_in_flight = max_in_flight
         self.timeout = timedelta(seconds=timeout_s)
         self.in_flight: deque[tuple[list, tuple]] = deque()  # (works, the tensors they read)
@@ -368,8 +397,9 @@ class _Link:
             if plain:
                 dist.send_object_list([plain], self.rank + 1, device=self.device)
             self.in_flight.append((works, tensors))
-            while len(self.in_flight) > self.max_in_flight:
-                self._wait(self.in_flight.popleft()[0])
+            with self.waits.on("send"):
+                while len(self.in_flight) > self.max_in_flight:
+                    self._wait(self.in_flight.popleft()[0])
 
     def recv(self) -> tuple[int, tuple, torch.Tensor | None, torch.Tensor | None]:
         """``(kind, boundary, labels, model input or None)`` of the next message."""
@@ -430,15 +460,26 @@ class _Totals:
     images: int = 0
 
 
+def _waiting_for_input(batches: Iterator, waits: _Waits) -> Iterator:
+    """``batches``, the time taken to get each counted as waiting for input."""
+    while True:
+        with waits.on("input"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed, cascade,
-                steps) -> _Totals:
+                steps, waits) -> _Totals:
     """One epoch of this stage; ``followed`` exchanges the weights EMA twins follow, by global
-    step (``steps``: per epoch, the run's first and its end), ``cascade`` a cascade's gradients."""
+    step (``steps``: per epoch, the run's first and its end), ``cascade`` a cascade's gradients;
+    ``waits`` counts the time spent waiting for each."""
     totals = _Totals()
     last = rank == local.k - 1
     forwards_input = any(b > rank for b in local.needs_model_input)
     cascade.start_epoch(steps.per_epoch)
-    for step, (carried, y, model_input) in enumerate(batches):
+    for step, (carried, y, model_input) in enumerate(_waiting_for_input(iter(batches), waits)):
         at = epoch * steps.per_epoch + step
 
         def hand_on(handed_on, carried=carried, y=y, model_input=model_input):
@@ -559,7 +600,8 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     with _losing_is_an_error(rank, "a stage"):
         weights_group, gradients_group = (dist.new_group(timeout=timedelta(seconds=recipe.pipeline.timeout_s))
                                           for _ in range(2))
-    followed = _FollowedWeights(local, rank, recipe.pipeline.weight_sync, recipe.pipeline.timeout_s, weights_group)
+    waits = _Waits()
+    followed = _FollowedWeights(local, rank, recipe.pipeline.weight_sync, recipe.pipeline.timeout_s, waits, weights_group)
     # This process keeps its own block (and head) only.
     for b in range(k):
         if b != rank:
@@ -573,7 +615,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
     scheduler = schedulers[0] if schedulers else None
     scaler = amp_scaler(recipe, device)
     cascade = _CascadeGradients(local, rank, recipe.pipeline.cascade_delay, scaler, device, recipe.pipeline.timeout_s,
-                                gradients_group)
+                                waits, gradients_group)
     if state is not None:
         load_optimizer_state(optimizer, state["optimizers"][rank])
         if scheduler is not None:
@@ -589,7 +631,7 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         random.seed(recipe.seed)
         np.random.seed(recipe.seed)
 
-    link = _Link(rank, k, device, recipe.pipeline.max_in_flight, recipe.pipeline.timeout_s)
+    link = _Link(rank, k, device, recipe.pipeline.max_in_flight, recipe.pipeline.timeout_s, waits)
     if rank == 0:
         train_loader, sampler, order, eval_loader = make_loaders(recipe, Distributed(), device)
         steps = len(train_loader) if recipe.max_steps_per_epoch is None else min(len(train_loader), recipe.max_steps_per_epoch)
@@ -619,11 +661,13 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
         local.train()
         if rank == 0:
             reseed_epoch(sampler, order, recipe.seed, epoch)
+        waits.reset()
         started = time.perf_counter()
         batches = from_loader(train_loader, steps) if rank == 0 else link.receive(TRAIN)
         totals = _train_pass(local, rank, link, batches, optimizer, scaler, autocast, epoch, reporter, started, followed,
-                             cascade, run_steps)
+                             cascade, run_steps, waits)
         elapsed = time.perf_counter() - started
+        waited = waits.reset()
         if scheduler is not None:
             scheduler.step(epoch + 1)
         evaluated = (epoch + 1) % recipe.eval_interval == 0 or epoch + 1 == recipe.epochs
@@ -637,6 +681,8 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
             "peak_memory_mib": round(peak_memory_mib(device), 1),
             "lr": optimizer.param_groups[0]["lr"],
             "eval": counts,
+            "seconds": elapsed,
+            "waited": waited,
         }
         summaries = [None] * k if last else None
         with link.talking_to("a stage"):
@@ -651,6 +697,9 @@ def fit_pipeline(recipe: Recipe, resume: bool = False, reporter=None):
                 "lr": summaries[0]["lr"],
                 "peak_memory_mib": max(s["peak_memory_mib"] for s in summaries),
                 "stage_peak_memory_mib": [s["peak_memory_mib"] for s in summaries],
+                # where each stage's training pass went: its seconds, and those it spent waiting (see _Waits)
+                "stage_train_s": [round(s["seconds"], 3) for s in summaries],
+                "stage_wait_s": [{cause: round(v, 3) for cause, v in s["waited"].items()} for s in summaries],
                 "world_size": k,
                 "steps": steps,
                 "pipeline": True,

@@ -142,6 +142,38 @@ def test_time_balance_cuts_where_the_time_is_and_leaves_the_model_as_it_was():
         fxlocal.partition(gm, 2, "time", analysis=analysis)
 
 
+class _ManyThenFewSines(torch.nn.Module):
+    """A scale (the parameter everything's gradient leads to), 30 sines, a cut, 10 sines."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        x = x * self.scale
+        for _ in range(30):
+            x = torch.sin(x)
+        x = torch.relu(x)  # the cut candidates between the two runs of sines
+        for _ in range(10):
+            x = torch.sin(x)
+        return x.mean((1, 2, 3))
+
+
+def test_time_gives_each_segment_its_own_backward():
+    """A timed analysis runs one real training step, forward then backward, and gives each
+    segment the backward of its own nodes (a gradient hook marks where the backward crosses a
+    cut): the 30 sines before the ReLU cost about three times the 10 after it, forward and
+    backward alike. Charged to the segment the backward starts in (the last), the ratio would
+    be below 1."""
+    gm = fxlocal.trace(_ManyThenFewSines(), SIZE_TIMED)
+    analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
+    relu = next(i for i, c in enumerate(analysis.candidates) if c.node == "relu")
+    seconds = [c.seconds for c in analysis.segment_costs]
+    before, after = sum(seconds[: relu + 1]), sum(seconds[relu + 1 :])
+    assert 1.5 < before / after < 6, seconds
+    assert all(p.grad is None for p in gm.parameters())
+
+
 def _recomputed_block_peak(regions, kept, recompute, peaks, segs):
     """By definition: while backward runs region r, the block holds what every region up to r
     keeps, r's recompute and r's largest transient."""

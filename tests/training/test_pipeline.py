@@ -152,7 +152,15 @@ def test_mlaan_pipelined_sends_its_cascade_gradient_back_as_sequential_training_
                  if any(p is q for p in twin.live_parameters for q in local.blocks[b].parameters())} for h in range(3)]
     assert followed == [{1}, {3}, {3}]
     _torchrun(_recipe_file(recipe("pipe4", k=4), tmp_path / "pipe4.yaml"), stages=4)
-    _assert_same_training(load_training_checkpoint(tmp_path / "pipe4/run/last.pt"), expected)
+    pipelined = load_training_checkpoint(tmp_path / "pipe4/run/last.pt")
+    _assert_same_training(pipelined, expected)
+    # Each epoch's record says where each stage's time went: with cascade_delay 0 every stage
+    # but the last waits for the gradients of the stage after; the last sends nothing.
+    for record in pipelined["history"]:
+        waits = record["stage_wait_s"]
+        assert len(waits) == len(record["stage_train_s"]) == 4
+        assert all(sum(w.values()) <= s for w, s in zip(waits, record["stage_train_s"]))
+        assert all(w["exchange"] > 0 for w in waits[:3]) and waits[3]["send"] == 0
 
     expected = load_training_checkpoint(fit(recipe("seq")).output_dir / "last.pt")
     _torchrun(_recipe_file(recipe("pipe", epochs=1), tmp_path / "one.yaml"))
