@@ -426,7 +426,7 @@ def partition(
     def rows(cost: Callable | None) -> list[dict[int, Cost]] | None:
         if cost is None:
             return None
-        return [{i: _timed_head(analysis, cost(i) if j is None else cost(i, j)) for i in allowed} for j in blocks_priced]
+        return [{i: _timed_head(analysis, cost(i) if j is None else cost(i, j), i) for i in allowed} for j in blocks_priced]
 
     heads = rows(head_cost) or [{i: Cost() for i in allowed}]
     firsts = rows(first_part_cost)
@@ -446,16 +446,40 @@ def partition(
                           first_parts=firsts and at_cuts(firsts), input_window=input_window)
 
 
-def _timed_head(analysis: GraphAnalysis, head: Cost) -> Cost:
+# A head works on its cut's maps, so its untimed FLOPs are priced at the rate of the model's
+# segments around the cut (a window holding at least this share of the model's FLOPs, so that a
+# cut between two cheap nodes still sees the layers beside it), not at the model's average:
+# ResNet-32's 16-channel maps at 28² train at half the FLOP rate of its 64-channel ones at 7².
+NEAR_CUT_SHARE = 1 / 8
+
+
+def _seconds_per_flop_near(analysis: GraphAnalysis, position: int) -> float:
+    """The measured seconds per FLOP of the segments around candidate ``position``."""
+    costs = analysis.segment_costs
+    total = sum(costs, Cost())
+    first, last = position, position + 1  # the segments ending at the cut and starting after it
+    window = costs[first] + costs[last]
+    while window.flops < NEAR_CUT_SHARE * total.flops and (first > 0 or last < len(costs) - 1):
+        if first > 0:
+            first -= 1
+            window = window + costs[first]
+        if last < len(costs) - 1:
+            last += 1
+            window = window + costs[last]
+    return window.seconds / window.flops if window.flops and window.seconds else total.seconds / total.flops
+
+
+def _timed_head(analysis: GraphAnalysis, head: Cost, position: int) -> Cost:
     """Heads are measured on fake tensors, not timed: in a timed analysis, price the FLOPs of a
-    head that no measured time covers (all of a plain head's; a head of unit copies has their
-    segments' time, but not its classifier's, its EMA twin's or its re-runs') at the seconds per
-    FLOP the model itself was measured at."""
+    head at candidate ``position`` that no measured time covers (all of a plain head's; a head
+    of unit copies has their segments' time, but not its classifier's, its EMA twin's or its
+    re-runs') at the seconds per FLOP the model was measured at around that cut."""
     total = sum(analysis.segment_costs, Cost())
     untimed = head.flops - head.timed_flops
     if not total.seconds or not total.flops or untimed <= 0:
         return head
-    return replace(head, seconds=head.seconds + untimed * total.seconds / total.flops, timed_flops=head.flops)
+    rate = _seconds_per_flop_near(analysis, position)
+    return replace(head, seconds=head.seconds + untimed * rate, timed_flops=head.flops)
 
 
 @dataclass
@@ -610,7 +634,7 @@ def plan_from_cuts(
     head at candidate ``i`` (``first_parts[i]`` its first part, see :func:`partition`), the rest
     as in :func:`partition`."""
     bounds = [-1, *cut_idx, len(analysis.segment_costs) - 1]
-    timed = [_timed_head(analysis, h) for h in heads]
+    timed = [_timed_head(analysis, h, i) for i, h in enumerate(heads)]
     groups = [[s] for s in range(len(analysis.segment_costs))]
     firsts = [first_parts] if first_parts is not None else None
     prices = _block_prices(analysis, balance, memory, groups, [timed], firsts, input_window).block_prices(cut_idx)

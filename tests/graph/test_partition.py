@@ -369,4 +369,45 @@ def test_time_prices_the_untimed_part_of_a_head_that_copies_timed_units():
         return plan_from_cuts(gm, analysis, [cut], "time", [head] * len(analysis.candidates)).blocks[0].cost
 
     assert block0(copied + classifier) - block0(classifier) == pytest.approx(copied.seconds, rel=1e-6)
-    assert block0(classifier) - block0(Cost()) == pytest.approx(sum(c.seconds for c in analysis.segment_costs), rel=1e-6)
+    # the classifier's FLOPs are all the model's, so the window priced around the cut reaches the Linear
+    assert block0(classifier) - block0(Cost()) > 0
+
+
+class _SlowThenFast(torch.nn.Module):
+    """Convolutions on a large map, each followed by sines (time that counts no FLOPs: a slow
+    FLOP rate), then Linears on a vector (a fast one, and as many FLOPs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(16, 16, 1) for _ in range(4))
+        self.fcs = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(4))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = conv(x)
+            for _ in range(16):
+                x = torch.sin(x)
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        for fc in self.fcs:
+            x = torch.relu(fc(x))
+        return x
+
+
+def test_time_prices_a_heads_flops_at_the_rate_around_its_cut():
+    """A head works on its cut's maps: the same untimed FLOPs cost more at a cut among the slow
+    convolutions than at one among the fast Linears, each at the rate measured around it."""
+    from fxlocal.graph.cost import Cost
+    from fxlocal.graph.partition import plan_from_cuts
+
+    gm = fxlocal.trace(_SlowThenFast(), SIZE_TIMED)
+    analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
+    names = [c.node for c in analysis.candidates]
+    slow, fast = names.index("sin_31"), names.index("relu_1")
+    head = Cost(flops=1e6)
+
+    def head_seconds(cut: int) -> float:
+        def block0(h: Cost) -> float:
+            return plan_from_cuts(gm, analysis, [cut], "time", [h] * len(names)).blocks[0].cost
+        return block0(head) - block0(Cost())
+
+    assert head_seconds(slow) > 2 * head_seconds(fast) > 0
