@@ -7,6 +7,9 @@ sequentially with ``fxlocal train`` in one single-threaded process, and pipeline
 ``torchrun --nproc-per-node K ... --pipeline`` (torchrun gives each process one thread).
 Throughput is the ``images_per_s`` of the training loop (``metrics.jsonl``; evaluation
 excluded), the median over the epochs after the first (warm-up); efficiency = speed-up / K.
+With ``--repeats N`` every run is made N times, round after round, and each figure is the median
+over the rounds (a ratio, the median of each round's own): this machine's speed drifts by up to
+20% over tens of minutes, and a ratio of runs minutes apart then measures the drift.
 
 PP (``--pp gpipe 1f1b``): the end-to-end model cut at the same K stages from the same plan
 (``benchmarks/pp_stage.py``), trained by ``torch.distributed.pipelining``'s GPipe or 1F1B
@@ -87,7 +90,8 @@ def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: st
     }
 
 
-def images_per_s(data: dict, folder: Path, pipeline: bool) -> float:
+def images_per_s(data: dict, folder: Path, pipeline: bool) -> tuple[float, dict]:
+    """The run's throughput (the median over the epochs after the first) and its last epoch's record."""
     folder.mkdir(parents=True)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump({**data, "output_dir": str(folder / "run")}))
@@ -103,7 +107,7 @@ def images_per_s(data: dict, folder: Path, pipeline: bool) -> float:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     epochs = [json.loads(line) for line in (folder / "run/metrics.jsonl").read_text().splitlines()]
     # the first epoch warms up (allocator, gloo connections); the median of the rest
-    return statistics.median(e["images_per_s"] for e in epochs[1:]), epochs[-1].get("stage_peak_memory_mib", [epochs[-1]["peak_memory_mib"]])
+    return statistics.median(e["images_per_s"] for e in epochs[1:]), epochs[-1]
 
 
 def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str,
@@ -143,12 +147,15 @@ def main() -> None:
                         help="pipeline.cascade_delay values to run a cascaded method (mlaan) with")
     parser.add_argument("--fused", choices=sorted(FUSED), default="auto",
                         help="optimizer.fused for PPLL, its baselines and PP (auto: fxlocal's default)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every run, one after another; each figure is the median over the rounds")
     parser.add_argument("--record", default="", help="JSON-lines file the rows are appended to (with the commit and versions)")
     args = parser.parse_args()
 
     origin = provenance(args.device)
     print(f"`python benchmarks/pipeline.py {' '.join(sys.argv[1:])}`".replace("  ", " "))
-    print(f"(Fashion-MNIST 4000 images, median of epochs 2 to {args.epochs}, device {args.device}, commit {origin['commit']})\n")
+    rounds = f", median of {args.repeats} rounds" if args.repeats > 1 else ""
+    print(f"(Fashion-MNIST 4000 images, median of epochs 2 to {args.epochs}{rounds}, device {args.device}, commit {origin['commit']})\n")
     pp_columns = "".join(f" PP {s} img/s |" for s in args.pp)
     pp_rule = "---|" * len(args.pp)
     extra = (" end-to-end img/s | PP efficiency | PPLL × PP | stage peaks MiB PPLL / PP |" if args.pp else "")
@@ -159,39 +166,69 @@ def main() -> None:
             for k in args.k:
                 for balance in args.balance:
                     for batch in args.batch:
-                        e2e = None
-                        if args.pp:  # end to end, one process, at PP's step batch
-                            data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, Path(tmp), "none",
-                                          fused=args.fused)
-                            e2e, _ = images_per_s(data, Path(tmp) / f"{model}-e2e-{batch}", pipeline=False)
-                        pp = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused) for s in args.pp}
+                        rounds = [one_round(args, model, k, balance, batch, Path(tmp) / f"{model}-{k}-{balance}-{batch}-{r}")
+                                  for r in range(args.repeats)]
                         for aux, delay in runs(args.aux, args.cascade_delay):
-                            data = recipe(model, k, balance, batch, args.epochs, args.device, Path(tmp), aux, delay or 0, args.fused)
-                            tag = Path(tmp) / f"{model}-{k}-{aux}-{balance}-{batch}"
-                            if delay is None or not (tag / "sequential").exists():  # the same work whatever the delay
-                                sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
-                            pipelined, peaks = images_per_s(data, tag / f"pipeline-{delay}", pipeline=True)
-                            speedup = pipelined / sequential
-                            name = aux if delay is None else f"{aux} (delay {delay})"
-                            line = (f"| {model} | {k} | {name} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | "
-                                    f"{speedup:.2f}× | {speedup / k:.2f} |")
-                            row = {**origin, "benchmark": "pipeline", "model": model, "k": k, "aux": aux, "balance": balance,
-                                   "batch": batch, "fused": args.fused, "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined,
-                                   "ppll_stage_peak_mib": peaks}
-                            if delay is not None:
-                                row["cascade_delay"] = delay
-                            if args.pp:
-                                best = max(v for v, _ in pp.values())
-                                fastest = max(pp, key=lambda s: pp[s][0])
-                                line += "".join(f" {pp[s][0]:.0f} |" for s in args.pp)
-                                line += (f" {e2e:.0f} | {best / e2e / k:.2f} | {pipelined / best:.2f}× | "
-                                         f"{' / '.join(f'{m:.0f}' for m in peaks)} ; {' / '.join(f'{m:.0f}' for m in pp[fastest][1])} |")
-                                row.update(microbatches=args.microbatches, e2e_images_per_s=e2e,
-                                           pp={s: {"images_per_s": v, "stage_peak_mib": m} for s, (v, m) in pp.items()})
+                            line, row = summary(args, rounds, model, k, balance, batch, aux, delay)
                             print(line, flush=True)
                             if args.record:
-                                append_rows(args.record, [row])
+                                append_rows(args.record, [{**origin, **row}])
 
+
+def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path) -> dict:
+    """Every run of one configuration, once: end to end and PP (with ``--pp``), then sequential
+    and PPLL for each method. ``{"e2e": img/s, "pp": {schedule: (img/s, stage peaks)},
+    (aux, delay): (sequential img/s, PPLL img/s, PPLL's last epoch record)}``."""
+    measured: dict = {"e2e": None, "pp": {}}
+    if args.pp:  # end to end, one process, at PP's step batch
+        data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, folder, "none", fused=args.fused)
+        measured["e2e"], _ = images_per_s(data, folder / "e2e", pipeline=False)
+    measured["pp"] = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused) for s in args.pp}
+    sequential = None
+    for aux, delay in runs(args.aux, args.cascade_delay):
+        data = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux, delay or 0, args.fused)
+        tag = folder / aux
+        if delay is None or not (tag / "sequential").exists():  # the same work whatever the delay
+            sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)
+        measured[aux, delay] = (sequential, *images_per_s(data, tag / f"pipeline-{delay}", pipeline=True))
+    return measured
+
+
+def summary(args, rounds: list[dict], model: str, k: int, balance: str, batch: int, aux: str, delay) -> tuple[str, dict]:
+    """The table line and the recorded row of one method over the rounds: each throughput's
+    median, and each ratio's median over the rounds' own ratios (a round's runs follow one
+    another, so a machine that slows down for a while moves both sides of its ratios)."""
+    median = statistics.median
+    sequential = median(r[aux, delay][0] for r in rounds)
+    pipelined = median(r[aux, delay][1] for r in rounds)
+    speedup = median(r[aux, delay][1] / r[aux, delay][0] for r in rounds)
+    last = rounds[-1][aux, delay][2]
+    peaks = last["stage_peak_memory_mib"]
+    name = aux if delay is None else f"{aux} (delay {delay})"
+    line = f"| {model} | {k} | {name} | {balance} | {batch} | {sequential:.0f} | {pipelined:.0f} | {speedup:.2f}× | {speedup / k:.2f} |"
+    row = {"benchmark": "pipeline", "model": model, "k": k, "aux": aux, "balance": balance, "batch": batch, "fused": args.fused,
+           "repeats": len(rounds), "sequential_images_per_s": sequential, "ppll_images_per_s": pipelined, "speedup": speedup,
+           "ppll_stage_peak_mib": peaks,
+           # the last round's last epoch: each stage's seconds, and those it waited (input, send, exchange)
+           "ppll_stage_train_s": last["stage_train_s"], "ppll_stage_wait_s": last["stage_wait_s"],
+           "rounds": [{"sequential_images_per_s": r[aux, delay][0], "ppll_images_per_s": r[aux, delay][1]} for r in rounds]}
+    if delay is not None:
+        row["cascade_delay"] = delay
+    if args.pp:
+        pp = {s: median(r["pp"][s][0] for r in rounds) for s in args.pp}
+        e2e = median(r["e2e"] for r in rounds)
+        best = [max(v for v, _ in r["pp"].values()) for r in rounds]
+        pp_efficiency = median(b / r["e2e"] / k for b, r in zip(best, rounds))
+        versus_pp = median(r[aux, delay][1] / b for b, r in zip(best, rounds))
+        fastest = max(rounds[-1]["pp"], key=lambda s: rounds[-1]["pp"][s][0])
+        line += "".join(f" {pp[s]:.0f} |" for s in args.pp)
+        line += (f" {e2e:.0f} | {pp_efficiency:.2f} | {versus_pp:.2f}× | "
+                 f"{' / '.join(f'{m:.0f}' for m in peaks)} ; {' / '.join(f'{m:.0f}' for m in rounds[-1]['pp'][fastest][1])} |")
+        row.update(microbatches=args.microbatches, e2e_images_per_s=e2e, pp_efficiency=pp_efficiency, ppll_over_pp=versus_pp,
+                   pp={s: {"images_per_s": pp[s], "stage_peak_mib": rounds[-1]["pp"][s][1]} for s in args.pp})
+        for r, round_row in zip(rounds, row["rounds"]):
+            round_row.update(e2e_images_per_s=r["e2e"], pp={s: r["pp"][s][0] for s in args.pp})
+    return line, row
 
 if __name__ == "__main__":
     main()
