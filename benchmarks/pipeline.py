@@ -38,6 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from record import append_rows, provenance
 
@@ -71,11 +72,11 @@ def optimizer_section(fused: str = "auto") -> dict:
 
 
 def recipe(model: str, k: int, balance: str, batch: int, epochs: int, device: str, out: Path, aux: str = "dgl",
-           cascade_delay: int = 0, fused: str = "auto") -> dict:
+           cascade_delay: int = 0, fused: str = "auto", plan: Path | None = None) -> dict:
     name, kwargs, size = layout(model)
     return {
         "model": {"name": name, "kwargs": kwargs},
-        "convert": {"k": k, "aux": aux, "balance": balance},
+        "convert": {"k": k, "aux": aux, "balance": balance, **({"plan": str(plan)} if plan else {})},
         "pipeline": {"cascade_delay": cascade_delay},
         "data": {"dataset": "fashion_mnist_mini", "input_size": size, "augment": "none"},
         "optimizer": optimizer_section(fused),
@@ -110,14 +111,32 @@ def images_per_s(data: dict, folder: Path, pipeline: bool) -> tuple[float, dict]
     return statistics.median(e["images_per_s"] for e in epochs[1:]), epochs[-1]
 
 
+def saved_plan(data: dict, path: Path) -> Path:
+    """The plan ``data``'s recipe cuts by, made once here (one thread, as the runs' processes
+    time it) and saved to ``path``: sequential, PPLL and PP then train the same blocks, where
+    each run planning for itself could cut elsewhere (``balance: time`` measures, and two
+    measurements can differ)."""
+    from fxlocal.training.build import build_model
+    from fxlocal.training.recipe import load_recipe
+
+    if not path.exists():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            build_model(load_recipe(data=data)).plan.save(path)
+        finally:
+            torch.set_num_threads(threads)
+    return path
+
+
 def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str,
-                    fused: str = "auto") -> tuple[float, list]:
+                    fused: str = "auto", plan: Path | None = None) -> tuple[float, list]:
     """Traditional pipeline parallelism of the end-to-end model (benchmarks/pp_stage.py)."""
     name, kwargs, size = layout(model)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k),
            str(ROOT / "benchmarks/pp_stage.py"), "--model", name, "--model-kwargs", json.dumps(kwargs), "--k", str(k),
            "--balance", balance, "--input-size", *map(str, size), "--batch", str(batch),
-           "--microbatches", str(microbatches), "--schedule", schedule, "--fused", fused]
+           "--microbatches", str(microbatches), "--schedule", schedule, "--fused", fused, *(["--plan", str(plan)] if plan else [])]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -166,8 +185,8 @@ def main() -> None:
             for k in args.k:
                 for balance in args.balance:
                     for batch in args.batch:
-                        rounds = [one_round(args, model, k, balance, batch, Path(tmp) / f"{model}-{k}-{balance}-{batch}-{r}")
-                                  for r in range(args.repeats)]
+                        rounds = [one_round(args, model, k, balance, batch, Path(tmp) / f"{model}-{k}-{balance}-{batch}-{r}",
+                                            Path(tmp)) for r in range(args.repeats)]
                         for aux, delay in runs(args.aux, args.cascade_delay):
                             line, row = summary(args, rounds, model, k, balance, batch, aux, delay)
                             print(line, flush=True)
@@ -175,18 +194,26 @@ def main() -> None:
                                 append_rows(args.record, [{**origin, **row}])
 
 
-def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path) -> dict:
+def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path, plans: Path) -> dict:
     """Every run of one configuration, once: end to end and PP (with ``--pp``), then sequential
-    and PPLL for each method. ``{"e2e": img/s, "pp": {schedule: (img/s, stage peaks)},
+    and PPLL for each method, each cutting by the plan saved in ``plans`` for its method (made
+    by the first round that needs it). ``{"e2e": img/s, "pp": {schedule: (img/s, stage peaks)},
     (aux, delay): (sequential img/s, PPLL img/s, PPLL's last epoch record)}``."""
     measured: dict = {"e2e": None, "pp": {}}
+    folder.mkdir(parents=True)
+
+    def plan(aux: str) -> Path:
+        planned = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux)
+        return saved_plan(planned, plans / f"{model}-{k}-{balance}-{batch}-{aux}.json")
+
     if args.pp:  # end to end, one process, at PP's step batch
         data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, folder, "none", fused=args.fused)
         measured["e2e"], _ = images_per_s(data, folder / "e2e", pipeline=False)
-    measured["pp"] = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused) for s in args.pp}
+    # PP cuts where PPLL with DGL heads cuts
+    measured["pp"] = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused, plan("dgl")) for s in args.pp}
     sequential = None
     for aux, delay in runs(args.aux, args.cascade_delay):
-        data = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux, delay or 0, args.fused)
+        data = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux, delay or 0, args.fused, plan(aux))
         tag = folder / aux
         if delay is None or not (tag / "sequential").exists():  # the same work whatever the delay
             sequential, _ = images_per_s(data, tag / "sequential", pipeline=False)

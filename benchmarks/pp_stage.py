@@ -1,8 +1,8 @@
 """One stage of traditional pipeline parallelism (PP) of the end-to-end model, for
 ``benchmarks/pipeline.py``: run under ``torchrun --nproc-per-node K`` (one thread per process).
 
-The model is cut where fxlocal cuts it (``fxlocal.convert`` with the same K, balance and plan:
-rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
+The model is cut where fxlocal cuts it (``--plan``, PPLL's saved plan; without it
+``fxlocal.convert`` with the same K and balance: rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
 without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
 on the last stage, one optimizer step per stage and step (as the end-to-end model's), with PPLL's
@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fused", choices=sorted(FUSED), default="auto", help="optimizer.fused, as PPLL's recipe sets it")
     p.add_argument("--dataset", default="fashion_mnist_mini", help="read by stage 0, as PPLL's recipe reads it")
+    p.add_argument("--plan", default="", help="a saved plan (JSON) to cut by, PPLL's; default: rank 0 plans")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -85,8 +86,8 @@ def main() -> None:
         raise SystemExit(f"pp_stage.py: K={args.k} needs torchrun --nproc-per-node {args.k}, got {world}")
     size = tuple(args.input_size)
     torch.manual_seed(0)
-    planned = [None]
-    if rank == 0:  # balance="time" measures: one rank plans, every rank cuts the same way
+    planned = [Plan.load(args.plan).to_dict() if args.plan else None]
+    if rank == 0 and planned[0] is None:  # balance="time" measures: one rank plans, every rank cuts the same way
         planned[0] = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, balance=args.balance, num_classes=10,
                                      model_kwargs=args.model_kwargs).plan.to_dict()
     dist.broadcast_object_list(planned, src=0)

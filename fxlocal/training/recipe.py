@@ -56,6 +56,10 @@ class ConvertSection(_Section):
     backbone_recompute: Literal["none", "cheap", "all"] = "none"
     # the modules the first k-1 blocks end at (a paper's hand-written split), instead of balancing
     cuts: Optional[list[str]] = None
+    # a plan saved by ``fxlocal convert --save-plan`` (JSON): cut where it cuts (its K) instead of
+    # balancing; runs that must train the same blocks (balance: time measures, and two
+    # measurements can differ) share one
+    plan: Optional[str] = None
     # replace units first (``replace: {}`` for the defaults)
     replace: Optional[ReplaceSection] = None
 
@@ -225,8 +229,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             f"recipe field 'optimizer.fused': torch has no fused {recipe.optimizer.name} (only "
             f"{', '.join(sorted(FUSED_OPTIMIZERS))}): set it to null or false"
         )
-    if recipe.convert.cuts is not None and recipe.convert.max_memory is not None:
-        raise RecipeError("recipe fields 'convert.cuts' and 'convert.max_memory' both choose the blocks: keep one")
+    choosers = [f"'convert.{name}'" for name in ("cuts", "max_memory", "plan") if getattr(recipe.convert, name) is not None]
+    if len(choosers) > 1:
+        raise RecipeError(f"recipe fields {' and '.join(choosers)} {'both' if len(choosers) == 2 else 'all'} choose the blocks: "
+                          "keep one")
     from ..aux import available_aux, combinations
 
     if recipe.convert.aux not in [*available_aux(), *combinations()]:

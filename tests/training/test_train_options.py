@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import yaml
 
 import fxlocal
 from fxlocal.training.checkpoint import load_training_checkpoint
@@ -152,3 +153,29 @@ def test_a_resumed_optimizer_keeps_the_kernel_its_recipe_asks_for(tmp_path, save
     assert [bool(g["fused"]) for g in resumed.param_groups] == [not saved_fused] * len(resumed.param_groups)
     for p in module.parameters():  # and the state itself is the checkpoint's
         assert torch.equal(resumed.state[p]["momentum_buffer"], saved.state[p]["momentum_buffer"])
+
+
+def test_a_recipe_trains_the_blocks_of_a_saved_plan(tmp_path):
+    """``convert.plan`` cuts where a saved plan cuts (its K), not where the recipe's balance
+    would: runs that must train the same blocks share one plan. A plan and cuts both choosing
+    the blocks, a plan made at another input size and a missing file are refused in one line."""
+    from fxlocal.training.build import build_model
+    from helpers import assert_one_line_error, run_cli
+
+    saved = fxlocal.convert("resnet32_cifar", k=3, aux="dgl", input_size=(1, 28, 28), num_classes=10,
+                            cuts=["layer1.0", "layer3.0"]).plan
+    path = tmp_path / "plan.json"
+    saved.save(path)
+    default = build_model(tiny(tmp_path))
+    assert default.k == 2 and default.plan.cuts != saved.cuts
+    planned = build_model(tiny(tmp_path, convert__plan=str(path)))
+    assert planned.k == 3 and planned.plan.cuts == saved.cuts
+
+    with pytest.raises(RecipeError, match="'convert.cuts' and 'convert.plan' both choose the blocks"):
+        tiny(tmp_path, convert__plan=str(path), convert__cuts=["layer1.0"])
+    fxlocal.convert("resnet32_cifar", k=2, aux="dgl", input_size=(1, 32, 32), num_classes=10).plan.save(tmp_path / "at32.json")
+    recipe_file = tmp_path / "recipe.yaml"
+    for plan, fragment in ((tmp_path / "at32.json", "was made at input size (1, 32, 32)"), (tmp_path / "none.json", "cannot read plan")):
+        recipe = tiny(tmp_path, convert__plan=str(plan))
+        recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+        assert_one_line_error(run_cli(["train", recipe_file]), fragment)
