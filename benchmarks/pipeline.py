@@ -129,14 +129,13 @@ def saved_plan(data: dict, path: Path) -> Path:
     return path
 
 
-def pp_images_per_s(model: str, k: int, balance: str, batch: int, microbatches: int, schedule: str,
-                    fused: str = "auto", plan: Path | None = None) -> tuple[float, list]:
+def pp_images_per_s(model: str, k: int, batch: int, microbatches: int, schedule: str, fused: str, plan: Path) -> tuple[float, list]:
     """Traditional pipeline parallelism of the end-to-end model (benchmarks/pp_stage.py)."""
     name, kwargs, size = layout(model)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(k),
-           str(ROOT / "benchmarks/pp_stage.py"), "--model", name, "--model-kwargs", json.dumps(kwargs), "--k", str(k),
-           "--balance", balance, "--input-size", *map(str, size), "--batch", str(batch),
-           "--microbatches", str(microbatches), "--schedule", schedule, "--fused", fused, *(["--plan", str(plan)] if plan else [])]
+           str(ROOT / "benchmarks/pp_stage.py"), "--model", name, "--model-kwargs", json.dumps(kwargs),
+           "--input-size", *map(str, size), "--batch", str(batch),
+           "--microbatches", str(microbatches), "--schedule", schedule, "--fused", fused, "--plan", str(plan)]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -210,7 +209,7 @@ def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path, 
         data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, folder, "none", fused=args.fused)
         measured["e2e"], _ = images_per_s(data, folder / "e2e", pipeline=False)
     # PP cuts where PPLL with DGL heads cuts
-    measured["pp"] = {s: pp_images_per_s(model, k, balance, batch, args.microbatches, s, args.fused, plan("dgl")) for s in args.pp}
+    measured["pp"] = {s: pp_images_per_s(model, k, batch, args.microbatches, s, args.fused, plan("dgl")) for s in args.pp}
     sequential = None
     for aux, delay in runs(args.aux, args.cascade_delay):
         data = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux, delay or 0, args.fused, plan(aux))

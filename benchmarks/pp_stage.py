@@ -1,9 +1,8 @@
 """One stage of traditional pipeline parallelism (PP) of the end-to-end model, for
 ``benchmarks/pipeline.py``: run under ``torchrun --nproc-per-node K`` (one thread per process).
 
-The model is cut where fxlocal cuts it (``--plan``, PPLL's saved plan; without it
-``fxlocal.convert`` with the same K and balance: rank 0 plans, the others take its plan), and stage ``r`` is block ``r`` without its aux head and
-without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
+The model is cut where PPLL cuts it (``--plan``, the plan PPLL's runs share; its K stages),
+and stage ``r`` is block ``r`` without its aux head and without the detach: the end-to-end model, trained by ``torch.distributed.pipelining``'s GPipe or
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
 on the last stage, one optimizer step per stage and step (as the end-to-end model's), with PPLL's
 optimizer (fxlocal's, from the same recipe section: timm's Nesterov SGD, ``--fused`` as
@@ -13,7 +12,8 @@ the last stage. The last rank
 prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
 resident memory.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/pp_stage.py --model resnet32_cifar --k 2 --batch 16
+    fxlocal convert resnet32_cifar --k 2 --balance time --input-size 1 28 28 --save-plan plan.json
+    torchrun --standalone --nproc-per-node 2 benchmarks/pp_stage.py --model resnet32_cifar --plan plan.json --batch 16
 """
 
 from __future__ import annotations
@@ -66,8 +66,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet32_cifar")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="the model constructor's kwargs, as JSON")
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--balance", default="time")
     p.add_argument("--input-size", type=int, nargs=3, default=(1, 28, 28))
     p.add_argument("--batch", type=int, default=16, help="images per micro-batch")
     p.add_argument("--microbatches", type=int, default=4)
@@ -76,23 +74,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fused", choices=sorted(FUSED), default="auto", help="optimizer.fused, as PPLL's recipe sets it")
     p.add_argument("--dataset", default="fashion_mnist_mini", help="read by stage 0, as PPLL's recipe reads it")
-    p.add_argument("--plan", default="", help="a saved plan (JSON) to cut by, PPLL's; default: rank 0 plans")
+    p.add_argument("--plan", required=True, help="the saved plan (JSON) PPLL cuts by (fxlocal convert --save-plan)")
     args = p.parse_args()
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != args.k:
-        raise SystemExit(f"pp_stage.py: K={args.k} needs torchrun --nproc-per-node {args.k}, got {world}")
     size = tuple(args.input_size)
     torch.manual_seed(0)
-    planned = [Plan.load(args.plan).to_dict() if args.plan else None]
-    if rank == 0 and planned[0] is None:  # balance="time" measures: one rank plans, every rank cuts the same way
-        planned[0] = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, balance=args.balance, num_classes=10,
-                                     model_kwargs=args.model_kwargs).plan.to_dict()
-    dist.broadcast_object_list(planned, src=0)
-    local = fxlocal.convert(args.model, k=args.k, aux="dgl", input_size=size, num_classes=10, model_kwargs=args.model_kwargs,
-                            plan=Plan.from_dict(planned[0]))
+    plan = Plan.load(args.plan)
+    if plan.k != world:
+        raise SystemExit(f"pp_stage.py: {args.plan} has {plan.k} blocks; run it with torchrun --nproc-per-node {plan.k}")
+    local = fxlocal.convert(args.model, aux="dgl", input_size=size, num_classes=10, model_kwargs=args.model_kwargs, plan=plan)
     stage_module = StageModule(local.blocks[rank])
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=nn.functional.cross_entropy)

@@ -435,6 +435,12 @@ def convert(
         analyzed = analyze_model(model_or_name, input_size or (3, 224, 224), num_classes, model_kwargs, timed,
                                  replace=replace, task=task)
     gm, analysis = analyzed.gm, analyzed.analysis
+    if plan is not None and tuple(plan.input_size) != tuple(analyzed.input_size):
+        # its cuts are named by node, and the names may stay while the shapes change
+        raise PlanMismatchError(
+            f"the plan was made at input size {tuple(plan.input_size)} and {analyzed.model_name} is converted at "
+            f"{tuple(analyzed.input_size)}: make the plan at that size (fxlocal convert --input-size ... --save-plan)"
+        )
     k = plan.k if plan is not None else k
     if analyzed.task is not None and method.final_objective() is not None:
         raise TaskError(

@@ -176,7 +176,7 @@ class _Measured:
     """One forward and backward of a piece, at the batch it ran."""
 
     output: Any
-    flops: float  # a _Stopwatch's: seconds
+    flops: float
     saved: float = 0.0  # bytes saved for backward
     kept: float = 0.0  # bytes output by the ops a "cheap" recompute keeps (fxlocal.graph.recompute.KEPT_OPS)
     largest: float = 0.0  # bytes of the largest activation an op output
@@ -200,31 +200,6 @@ class _Outputs(TorchDispatchMode):
         activations = [t for t in tensors if t.is_floating_point() and t.dim() and t.shape[0] == self.batch]
         self.largest = max([self.largest, *(t.untyped_storage().nbytes() for t in activations)])
         return out
-
-
-class _Stopwatch(_Meter):
-    """Times a forward and backward of real tensors instead of counting them."""
-
-    class _KeepNothing(list):
-        # Real tensors are told apart by their storages alone: nothing needs keeping alive
-        # (keeping every stand-in would hold the whole model's activations at once).
-        def __iadd__(self, other):
-            return self
-
-        def append(self, item):
-            pass
-
-    def __init__(self, device: torch.device):
-        super().__init__()
-        self.keep_alive = self._KeepNothing()
-        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def measure(self, fn: Callable[[], Any]) -> _Measured:
-        self.synchronize()
-        start = time.perf_counter()
-        out = _forward_backward(fn)
-        self.synchronize()
-        return _Measured(out, time.perf_counter() - start)
 
 
 def _forward_backward(fn: Callable[[], Any]) -> Any:

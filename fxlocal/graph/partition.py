@@ -453,10 +453,9 @@ def partition(
 NEAR_CUT_SHARE = 1 / 8
 
 
-def _seconds_per_flop_near(analysis: GraphAnalysis, position: int) -> float:
-    """The measured seconds per FLOP of the segments around candidate ``position``."""
-    costs = analysis.segment_costs
-    total = sum(costs, Cost())
+def _seconds_per_flop_near(costs: Sequence[Cost], total: Cost, position: int) -> float:
+    """The measured seconds per FLOP of the segments ``costs`` (summing to ``total``) around
+    candidate ``position``."""
     first, last = position, position + 1  # the segments ending at the cut and starting after it
     window = costs[first] + costs[last]
     while window.flops < NEAR_CUT_SHARE * total.flops and (first > 0 or last < len(costs) - 1):
@@ -478,7 +477,7 @@ def _timed_head(analysis: GraphAnalysis, head: Cost, position: int) -> Cost:
     untimed = head.flops - head.timed_flops
     if not total.seconds or not total.flops or untimed <= 0:
         return head
-    rate = _seconds_per_flop_near(analysis, position)
+    rate = _seconds_per_flop_near(analysis.segment_costs, total, position)
     return replace(head, seconds=head.seconds + untimed * rate, timed_flops=head.flops)
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from ..aux import get_aux
 from ..convert import convert
-from ..errors import PlanMismatchError, TaskError
+from ..errors import TaskError
 from ..graph.plan import Plan
 from ..local_model import LocalModel
 from .checkpoint import load_weights
@@ -37,11 +37,6 @@ def build_model(recipe: Recipe, plan: Plan | None = None) -> LocalModel:
     size = tuple(recipe.data.input_size)
     if plan is None and recipe.convert.plan is not None:
         plan = Plan.load(recipe.convert.plan)
-        if tuple(plan.input_size) != size:  # its cuts are named by node, and the names may stay while the shapes change
-            raise PlanMismatchError(
-                f"plan {recipe.convert.plan} was made at input size {tuple(plan.input_size)} and the recipe trains at {size}: "
-                "save a plan at data.input_size (fxlocal convert --input-size ... --save-plan)"
-            )
     states = 2 if recipe.optimizer.name.startswith(("adam", "lamb")) else 1
     per_block = recipe.optimizer.per_block
     priced = MemoryModel(

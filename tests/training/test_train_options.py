@@ -8,6 +8,7 @@ import torch
 import yaml
 
 import fxlocal
+from fxlocal.errors import PlanMismatchError
 from fxlocal.training.checkpoint import load_training_checkpoint
 from fxlocal.training.loop import fit
 from fxlocal.training.recipe import RecipeError, load_recipe
@@ -173,7 +174,10 @@ def test_a_recipe_trains_the_blocks_of_a_saved_plan(tmp_path):
 
     with pytest.raises(RecipeError, match="'convert.cuts' and 'convert.plan' both choose the blocks"):
         tiny(tmp_path, convert__plan=str(path), convert__cuts=["layer1.0"])
-    fxlocal.convert("resnet32_cifar", k=2, aux="dgl", input_size=(1, 32, 32), num_classes=10).plan.save(tmp_path / "at32.json")
+    at32 = fxlocal.convert("resnet32_cifar", k=2, aux="dgl", input_size=(1, 32, 32), num_classes=10).plan
+    at32.save(tmp_path / "at32.json")
+    with pytest.raises(PlanMismatchError, match=r"made at input size \(1, 32, 32\)"):  # convert's own check
+        fxlocal.convert("resnet32_cifar", aux="dgl", input_size=(1, 28, 28), num_classes=10, plan=at32)
     recipe_file = tmp_path / "recipe.yaml"
     for plan, fragment in ((tmp_path / "at32.json", "was made at input size (1, 32, 32)"), (tmp_path / "none.json", "cannot read plan")):
         recipe = tiny(tmp_path, convert__plan=str(plan))
