@@ -118,12 +118,16 @@ def saved_plan(data: dict, path: Path) -> Path:
     measurements can differ)."""
     from fxlocal.training.build import build_model
     from fxlocal.training.recipe import load_recipe
+    from fxlocal.training.runtime import keep_freed_memory
 
     if not path.exists():
+        recipe = load_recipe(data=data)
+        if recipe.keep_freed_memory:  # as the runs' fit() does before it plans
+            keep_freed_memory()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            build_model(load_recipe(data=data)).plan.save(path)
+            build_model(recipe).plan.save(path)
         finally:
             torch.set_num_threads(threads)
     return path

@@ -6,7 +6,7 @@ and stage ``r`` is block ``r`` without its aux head and without the detach: the 
 1F1B schedule on ``--microbatches`` micro-batches of ``--batch`` images per step, cross-entropy
 on the last stage, one optimizer step per stage and step (as the end-to-end model's), with PPLL's
 optimizer (fxlocal's, from the same recipe section: timm's Nesterov SGD, ``--fused`` as
-``optimizer.fused``). Stage 0 reads
+``optimizer.fused``), and fxlocal train's host memory (freed memory kept for reuse). Stage 0 reads
 the data (``--dataset``, in its own process, as PPLL's recipe reads it) and sends the labels to
 the last stage. The last rank
 prints one JSON line: images/s over the timed steps (after ``--warmup``) and each stage's peak
@@ -33,6 +33,7 @@ import fxlocal
 from fxlocal.graph.plan import Plan
 from fxlocal.training.optim import make_optimizer
 from fxlocal.training.recipe import load_recipe
+from fxlocal.training.runtime import keep_freed_memory
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -78,6 +79,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as fxlocal train does by default (recipe field keep_freed_memory)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     size = tuple(args.input_size)

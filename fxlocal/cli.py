@@ -197,6 +197,7 @@ def convert(
 
     from .graph.cost import MemoryModel
     from .training.checkpoint import save_converted
+    from .training.runtime import keep_freed_memory
 
     _check_writable(save_plan, "plan")
     _check_writable(output, "converted model")
@@ -205,6 +206,8 @@ def convert(
     options["backbone_recompute"] = backbone_recompute
     replace_options = _replace_options(replace)
     priced = MemoryModel(batch=batch)
+    if balance == "time":  # measured under the allocator fxlocal train runs with (its recipe's default)
+        keep_freed_memory()
     if max_memory is not None:
         original = fxlocal.create_model(model, num_classes, input_size)
         k, local = _fit_k(original, max_memory, aux, input_size, balance, priced, "sgd", "fake",

@@ -42,6 +42,7 @@ from .runtime import (
     device_kind,
     grad_allreduce,
     init_distributed,
+    keep_freed_memory,
     leave_distributed,
     peak_memory_mib,
     replicas_in_sync,
@@ -65,6 +66,8 @@ def fit(recipe: Recipe, resume: bool = False, reporter: Reporter | None = None) 
     Raises:
         TrainingDiverged: a loss became NaN or infinite (the last good checkpoint is kept).
     """
+    if recipe.keep_freed_memory:  # before build_model: balance: time measures under it too
+        keep_freed_memory()
     if recipe.pipeline.enabled:
         from .pipeline import fit_pipeline
 

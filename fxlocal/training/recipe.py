@@ -144,6 +144,9 @@ class Recipe(_Section):
     # (inductor) or the name of a torch.compile backend
     compile: Union[bool, str] = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # keep freed host memory for reuse instead of returning it to the OS (glibc; runtime.keep_freed_memory):
+    # a CPU step then does not fault its activations' pages in again every step
+    keep_freed_memory: bool = True
     seed: int = 0
     workers: int = Field(default=2, ge=0)
     output_dir: str = "runs/fxlocal"
