@@ -9,8 +9,10 @@ what the step added on top of everything else the process holds, plus the weight
 what the prediction counts.
 
 ``OMP_NUM_THREADS=1 python benchmarks/cpu_peak.py`` (torchvision ResNet-101, batch 64, 224²);
-``--channels-last`` runs model and batch in that layout; ``MALLOC_MMAP_THRESHOLD_=BYTES`` in the
-environment fixes glibc's mmap threshold (it is recorded with the rows).
+``--channels-last`` runs model and batch in that layout; ``--keep-freed-memory`` keeps freed
+memory for reuse, as ``fxlocal train`` does by default (``keep_freed_memory``); otherwise glibc
+runs as it is, and ``MALLOC_MMAP_THRESHOLD_=BYTES`` in the environment fixes its mmap threshold
+(both are recorded with the rows).
 """
 
 import argparse
@@ -29,6 +31,7 @@ from record import ROOT, append_rows, provenance  # noqa: E402
 import fxlocal  # noqa: E402
 from fxlocal.graph.cost import MemoryModel  # noqa: E402
 from fxlocal.memory import e2e_step, local_step, make_step_optimizers, predict_memory  # noqa: E402
+from fxlocal.training.runtime import keep_freed_memory  # noqa: E402
 
 MIB = 2**20
 # glibc reads it at start: a fixed threshold stops freed blocks below it staying resident
@@ -83,22 +86,29 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--configs", nargs="+", default=["e2e", "dgl:memory", "mlaan:memory"])
     p.add_argument("--channels-last", action="store_true", help="model and batch in channels_last memory format")
+    p.add_argument("--keep-freed-memory", action="store_true", help="as fxlocal train runs by default")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--record", default=str(ROOT / "benchmarks/results/cpu_peak.jsonl"))
     args = p.parse_args()
     size = tuple(args.input_size)
     if args.one:
+        if args.keep_freed_memory:
+            keep_freed_memory()
         print(json.dumps(one(args.one, args.model, size, args.batch, args.k, args.channels_last)))
         return
+    allocator = ("freed memory kept" if args.keep_freed_memory
+                 else f"MALLOC_MMAP_THRESHOLD_={THRESHOLD or 'unset (glibc: dynamic)'}")
     print(f"`{' '.join(['python benchmarks/cpu_peak.py', *sys.argv[1:]])}` — {args.model}, batch {args.batch}, "
           f"{size}, K={args.k}, SGD momentum, {'channels_last' if args.channels_last else 'NCHW'}, "
-          f"{torch.get_num_threads()} thread(s), MALLOC_MMAP_THRESHOLD_={THRESHOLD or 'unset (glibc: dynamic)'}\n")
+          f"{torch.get_num_threads()} thread(s), "
+          f"{allocator}\n")
     print("| configuration | K | predicted MiB | measured MiB | error | measured × e2e |")
     print("|---|---|---|---|---|---|", flush=True)
     rows = []
     for config in args.configs:
         argv = [sys.executable, __file__, "--one", config, "--model", args.model, "--input-size", *map(str, size),
-                "--batch", str(args.batch), "--k", str(args.k), *(["--channels-last"] if args.channels_last else [])]
+                "--batch", str(args.batch), "--k", str(args.k), *(["--channels-last"] if args.channels_last else []),
+                *(["--keep-freed-memory"] if args.keep_freed_memory else [])]
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -109,7 +119,8 @@ def main() -> None:
         if args.record:
             meta = provenance("cpu") | {"benchmark": "cpu_peak", "model": args.model, "batch": args.batch,
                                         "input_size": list(size), "threads": torch.get_num_threads(),
-                                        "channels_last": args.channels_last, "malloc_mmap_threshold": THRESHOLD}
+                                        "channels_last": args.channels_last, "malloc_mmap_threshold": THRESHOLD,
+                                        "keep_freed_memory": args.keep_freed_memory}
             append_rows(args.record, [meta | row])
 
 
