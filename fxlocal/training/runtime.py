@@ -80,10 +80,10 @@ def keep_freed_memory() -> bool:
     glibc serves an allocation above its mmap threshold (128 KiB, raised as such blocks are freed)
     with fresh pages from the kernel, and returns a heap's freed top once it exceeds the trim
     threshold. A CPU training step that allocates and frees tens of MiB of activations then
-    faults every page in again each step, each fault zeroing 4 KiB: 6,300 faults and 12.6 ms of
-    system time in each 65 ms step of MLAAN's first ResNet-32 block at batch 16 (``docs/pipeline.md``).
-    Here allocations up to 32 MiB (glibc's limit) come from the heap, and the heap is never trimmed,
-    so the resident size stays at its peak. Process-wide, like ``torch.set_num_threads``.
+    faults those pages in again every step, the kernel zeroing each (measured by
+    ``benchmarks/host_memory.py``, ``docs/memory.md``). Here allocations up to 32 MiB (glibc's
+    limit) come from the heap, and the heap is never trimmed, so the resident size stays at its
+    peak. Process-wide, like ``torch.set_num_threads``; GPU memory is not affected (torch caches it).
 
     Returns:
         Whether it applied: False where the C library is not glibc (nothing changed).
