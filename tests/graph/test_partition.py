@@ -1,5 +1,6 @@
 import itertools
 import random
+import statistics
 
 import pytest
 import torch
@@ -164,13 +165,16 @@ def test_time_gives_each_segment_its_own_backward():
     segment the backward of its own nodes (a gradient hook marks where the backward crosses a
     cut): the 30 sines before the ReLU cost about three times the 10 after it, forward and
     backward alike. Charged to the segment the backward starts in (the last), the ratio would
-    be below 1."""
+    be below 1. The median of three measurements: a box busier than its cores can preempt one
+    step long enough to blur it."""
     gm = fxlocal.trace(_ManyThenFewSines(), SIZE_TIMED)
-    analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
-    relu = next(i for i, c in enumerate(analysis.candidates) if c.node == "relu")
-    seconds = [c.seconds for c in analysis.segment_costs]
-    before, after = sum(seconds[: relu + 1]), sum(seconds[relu + 1 :])
-    assert 1.5 < before / after < 6, seconds
+    ratios = []
+    for _ in range(3):
+        analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
+        relu = next(i for i, c in enumerate(analysis.candidates) if c.node == "relu")
+        seconds = [c.seconds for c in analysis.segment_costs]
+        ratios.append(sum(seconds[: relu + 1]) / sum(seconds[relu + 1 :]))
+    assert 1.5 < statistics.median(ratios) < 6, ratios
     assert all(p.grad is None for p in gm.parameters())
 
 
