@@ -26,6 +26,21 @@ def test_convert_prints_plan_and_saves(tmp_path):
     assert local(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
 
+
+def test_convert_times_its_balance_under_the_allocator_training_uses(monkeypatch):
+    """balance=time measures the blocks as fxlocal train will run them: with freed memory kept
+    (the recipe's default keep_freed_memory); other balances measure nothing and leave it."""
+    import fxlocal.training.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True))
+    size = ["--input-size", "1", "28", "28", "--num-classes", "10"]
+    assert run("convert", "resnet32_cifar", "--k", "2", *size).exit_code == 0
+    assert calls == []
+    result = run("convert", "resnet32_cifar", "--k", "2", "--balance", "time", *size)
+    assert result.exit_code == 0, result.output
+    assert calls == [True]
+
 def test_convert_names_tied_parameters_and_saves_them_once(tmp_path):
     out = tmp_path / "local.pt"
     result = run(
