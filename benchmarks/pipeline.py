@@ -192,9 +192,15 @@ def main() -> None:
                                             Path(tmp)) for r in range(args.repeats)]
                         for aux, delay in runs(args.aux, args.cascade_delay):
                             line, row = summary(args, rounds, model, k, balance, batch, aux, delay)
+                            row["cuts"] = json.loads(plan_file(Path(tmp), model, k, balance, batch, aux).read_text())["cuts"]
                             print(line, flush=True)
                             if args.record:
                                 append_rows(args.record, [{**origin, **row}])
+
+
+def plan_file(plans: Path, model: str, k: int, balance: str, batch: int, aux: str) -> Path:
+    """Where one method's plan for one configuration is saved (:func:`saved_plan`)."""
+    return plans / f"{model}-{k}-{balance}-{batch}-{aux}.json"
 
 
 def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path, plans: Path) -> dict:
@@ -207,7 +213,7 @@ def one_round(args, model: str, k: int, balance: str, batch: int, folder: Path, 
 
     def plan(aux: str) -> Path:
         planned = recipe(model, k, balance, batch, args.epochs, args.device, folder, aux)
-        return saved_plan(planned, plans / f"{model}-{k}-{balance}-{batch}-{aux}.json")
+        return saved_plan(planned, plan_file(plans, model, k, balance, batch, aux))
 
     if args.pp:  # end to end, one process, at PP's step batch
         data = recipe(model, 1, balance, batch * args.microbatches, args.epochs, args.device, folder, "none", fused=args.fused)
