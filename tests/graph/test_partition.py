@@ -399,19 +399,24 @@ class _SlowThenFast(torch.nn.Module):
 
 def test_time_prices_a_heads_flops_at_the_rate_around_its_cut():
     """A head works on its cut's maps: the same untimed FLOPs cost more at a cut among the slow
-    convolutions than at one among the fast Linears, each at the rate measured around it."""
+    convolutions than at one among the fast Linears, each at the rate measured around it (about
+    4.6× on a quiet machine). The median of three measurements: a busy box can blur one."""
     from fxlocal.graph.cost import Cost
     from fxlocal.graph.partition import plan_from_cuts
 
     gm = fxlocal.trace(_SlowThenFast(), SIZE_TIMED)
-    analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
-    names = [c.node for c in analysis.candidates]
-    slow, fast = names.index("sin_31"), names.index("relu_1")
     head = Cost(flops=1e6)
+    ratios = []
+    for _ in range(3):
+        analysis = fxlocal.analyze(gm, SIZE_TIMED, timed=True)
+        names = [c.node for c in analysis.candidates]
 
-    def head_seconds(cut: int) -> float:
-        def block0(h: Cost) -> float:
-            return plan_from_cuts(gm, analysis, [cut], "time", [h] * len(names)).blocks[0].cost
-        return block0(head) - block0(Cost())
+        def head_seconds(node: str) -> float:
+            def block0(h: Cost) -> float:
+                return plan_from_cuts(gm, analysis, [names.index(node)], "time", [h] * len(names)).blocks[0].cost
+            return block0(head) - block0(Cost())
 
-    assert head_seconds(slow) > 2 * head_seconds(fast) > 0
+        slow, fast = head_seconds("sin_31"), head_seconds("relu_1")
+        assert fast > 0
+        ratios.append(slow / fast)
+    assert statistics.median(ratios) > 2, ratios
